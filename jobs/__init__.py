@@ -1,0 +1,1 @@
+"""Driver side of the batch-inference runner: spec, CLI, sharding, actor pool, commit."""

@@ -1,0 +1,29 @@
+"""Entry point plumbing: parse, run, one clear line on error, exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jobs.spec import build_parser, spec_from_args
+from workers.errors import RunnerError
+
+
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
+         extra: Mapping[str, Any] | None = None) -> int:
+    """Run a job from flags; returns the exit code (2 for a bad spec, 1 for failed shards)."""
+    from jobs.driver import run_job
+
+    try:
+        spec = spec_from_args(argv, parser or build_parser(), extra)
+        report = run_job(spec)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: committed parts are kept; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 130
+    return report.exit_code

@@ -1,0 +1,250 @@
+"""The job from spec to manifest: validate, shard, claim the output, run the pool, commit."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+
+from jobs.output import MANIFEST_FILE, SUCCESS_FILE, OutputDir
+from jobs.pool import PoolConfig, ShardFailure, ShardPool
+from jobs.progress import Progress
+from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers
+from jobs.spec import JobSpec
+from jobs.validate import check_keep, resolve_bindings, schema_problem
+from workers.backends import BackendConfig
+from workers.errors import SpecError, StorageError
+from workers.storage import read_bytes
+from workers.tensors import ModelInfo, describe_onnx
+from workers.types import Shard, ShardResult, WorkerConfig
+
+
+@dataclass
+class JobReport:
+    """What the job did; `exit_code` is 0 when failures are within `max_failed_shards`."""
+
+    output: str
+    shards: int
+    committed: int
+    skipped: int
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    exit_code: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """Everything known before any actor starts."""
+
+    spec: JobSpec
+    model_bytes: bytes
+    model: ModelInfo
+    model_sha256: str
+    files: list[InputFile]
+    bad_files: list[BadFile]
+    shards: list[Shard]
+    bindings: tuple[tuple[str, str], ...]
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same job (so parts of one can be reused by the other)."""
+        key = {
+            "model_sha256": self.model_sha256,
+            "input": self.spec.input,
+            "bindings": [list(b) for b in self.bindings],
+            "keep": list(self.spec.keep),
+            "precision": self.spec.precision,
+        }
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        return {"fingerprint": fingerprint, "model": self.spec.model, **key}
+
+
+def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
+    try:
+        data = read_bytes(spec.model, spec.storage)
+    except StorageError as exc:
+        raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
+    return data, describe_onnx(data, source=f"model '{spec.model}'")
+
+
+def prepare(spec: JobSpec) -> PreparedJob:
+    """Load the model's metadata, list and shard the input, check every column binding."""
+    model_bytes, model = load_model(spec)
+    fs, listing = list_input(spec.input, spec.storage)
+    footers = read_footers(fs, listing)
+    files = [f for f in footers if isinstance(f, InputFile)]
+    bad = [f for f in footers if isinstance(f, BadFile)]
+    if not files:
+        reasons = "; ".join(f"'{b.url}': {b.reason}" for b in bad[:3])
+        raise SpecError(f"input '{spec.input}' has no readable Parquet file ({reasons})")
+    reference = files[0]
+    source = f"input '{reference.url}'"
+    bindings = resolve_bindings(spec.column_map, model, reference.schema, source)
+    check_keep(spec.keep, model, reference.schema, source)
+    good = []
+    for f in files:
+        problem = schema_problem(bindings, spec.keep, model, f.schema)
+        if problem:
+            bad.append(BadFile(f.url, problem))
+        else:
+            good.append(f)
+    return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
+                       model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
+                       bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
+                       bindings=bindings)
+
+
+def init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def resolve_backend(requested: str) -> str:
+    """`auto` -> the best backend the cluster can run; an impossible request fails here."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if requested == "tensorrt":
+        if not gpus:
+            raise SpecError("backend 'tensorrt' needs GPU nodes, and this Ray cluster has none; "
+                            "add GPU workers or pass --backend onnxruntime")
+        raise SpecError("backend 'tensorrt' is not available in this build yet; "
+                        "pass --backend onnxruntime")
+    return "onnxruntime"
+
+
+def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    default = gpus if gpus else max(1, cpus // spec.cpus_per_worker)
+    workers = max(1, min(spec.workers or default, shards))
+    return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
+                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
+    """Run a job to the end; raises RunnerError only for problems found before work starts."""
+    stream = stream or sys.stderr
+    started, started_at = time.monotonic(), _now()
+    job = prepare(spec)
+    out = OutputDir(spec.output, spec.storage)
+    committed = out.claim(job.identity, spec.overwrite)
+    out.clear_tmp()
+    todo = [s for s in job.shards if s.id not in committed]
+    skipped = [s for s in job.shards if s.id in committed]
+    current = {s.id for s in job.shards}
+    stale = sorted(name for sid, name in committed.items() if sid not in current)
+    print(f"job: {len(job.files)} file(s), {sum(s.rows for s in job.shards):,} rows in "
+          f"{len(job.shards)} shard(s); {len(skipped)} already committed (skipped), "
+          f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else ""),
+          file=stream, flush=True)
+
+    init_ray()
+    backend = resolve_backend(spec.backend)
+    outcome = None
+    worker_info: dict[str, Any] = {}
+    if todo:
+        pool_config = _pool_config(spec, len(todo))
+        worker_config = WorkerConfig(
+            backend=backend,
+            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision),
+            output_url=spec.output, bindings=job.bindings, keep=spec.keep,
+            batch_size=spec.batch_size, storage_options=spec.storage_options)
+        pool = ShardPool(pool_config, worker_config, ray.put(job.model_bytes))
+        worker_info = pool.start(pool_config.workers)
+        print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
+              f"{worker_info['device']}", file=stream, flush=True)
+        progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
+                            stream=stream)
+
+        def on_result(result: ShardResult | None, failure: ShardFailure | None) -> None:
+            if result is not None:
+                progress.update(rows=result.rows, shards=1)
+            else:
+                progress.update(failed=1)
+
+        try:
+            outcome = pool.run(todo, on_result, on_tick=progress.render)
+            outcome.worker_stats = pool.stats()
+        finally:
+            progress.close()
+            pool.shutdown()
+
+    results = outcome.results if outcome else {}
+    failures = outcome.failures if outcome else {}
+    if stale and not failures:
+        # Parts of shards that no longer exist (the input changed): never mix them with new ones.
+        out.remove(stale)
+    failed: list[dict[str, Any]] = [{"file": b.url, "shard": None, "reason": b.reason}
+                                    for b in job.bad_files]
+    failed += [{"file": f.shard.url, "shard": f.shard.id, "row_groups": list(f.shard.row_groups),
+                "reason": f.reason, "attempts": f.attempts, "actor_deaths": f.actor_deaths}
+               for f in failures.values()]
+    seconds = time.monotonic() - started
+    shard_rows = []
+    for s in job.shards:
+        entry: dict[str, Any] = {**s.to_json(), "part": s.part_name}
+        if s.id in results:
+            r = results[s.id]
+            entry.update(status="committed", worker=r.worker, seconds=vars(r.times),
+                         bytes=r.part_bytes)
+        elif s.id in committed:
+            entry["status"] = "skipped"
+        else:
+            entry.update(status="failed", part=None,
+                         reason=failures[s.id].reason if s.id in failures else "not run")
+        shard_rows.append(entry)
+    done_rows = sum(s.rows for s in job.shards if s.id in results or s.id in committed)
+    manifest = {
+        "job": job.identity, "spec": spec.to_json(), "backend": backend,
+        "model": {"uri": spec.model, "sha256": job.model_sha256,
+                  "inputs": [m.to_json() for m in job.model.inputs],
+                  "outputs": [m.to_json() for m in job.model.outputs]},
+        "started": started_at, "finished": _now(), "seconds": round(seconds, 3),
+        "rows": done_rows, "shards_total": len(job.shards), "shards_committed": len(results),
+        "shards_skipped": len(skipped), "shards_failed": len(failures),
+        "failures": failed, "stale_parts_removed": stale if stale and not failures else [],
+        "workers": outcome.worker_stats if outcome else [],
+        "actors_replaced": outcome.actors_replaced if outcome else 0,
+        "shards": shard_rows,
+    }
+    out.clear_tmp()
+    out.write_json(MANIFEST_FILE, manifest)
+    complete = not failed
+    if complete:
+        out.write_json(SUCCESS_FILE, {"finished": manifest["finished"], "rows": done_rows})
+    exit_code = 0 if len(failed) <= spec.max_failed_shards else 1
+    report = JobReport(output=spec.output, shards=len(job.shards), committed=len(results),
+                       skipped=len(skipped), failed=failed, rows=done_rows, seconds=seconds,
+                       backend=backend, exit_code=exit_code, manifest=manifest)
+    print(summary(report), file=stream, flush=True)
+    return report
+
+
+def summary(report: JobReport) -> str:
+    lines = [f"done: {report.rows:,} rows in {report.seconds:.1f}s; shards: {report.committed} "
+             f"committed, {report.skipped} skipped (already committed), {len(report.failed)} "
+             f"failed; backend {report.backend}; output {report.output}"]
+    for f in report.failed:
+        where = f"{f['file']}" + (f" row groups {f['row_groups'][0]}-{f['row_groups'][1] - 1}"
+                                  if f.get("row_groups") else "")
+        lines.append(f"failed: {where}: {f['reason']}")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""Listing input files, reading their footers (never their data), cutting row-group shards."""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.errors import SpecError, StorageError
+from workers.storage import file_version, filesystem, storage_errors
+from workers.types import Shard
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One Parquet file as its footer describes it."""
+
+    url: str
+    size: int
+    version: str
+    schema: pa.Schema
+    row_group_rows: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.row_group_rows)
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """An input file that cannot be sharded, and why."""
+
+    url: str
+    reason: str
+
+
+def _hidden(path: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in path.split("/") if part)
+
+
+def list_input(url: str, storage_options: Mapping[str, Any] | None = None
+               ) -> tuple[fsspec.AbstractFileSystem, dict[str, dict[str, Any]]]:
+    """Files under a file, directory or glob URL (hidden `_`/`.` names skipped), with their info."""
+    fs, path = filesystem(url, storage_options)
+    with storage_errors(f"cannot list input '{url}'"):
+        if fs.isfile(path):
+            return fs, {path: fs.info(path)}
+        if any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
+        elif fs.isdir(path):
+            found = fs.find(path, detail=True)
+        else:
+            raise SpecError(f"input '{url}' does not exist; check --input (a Parquet file, "
+                            "a directory or a glob)")
+    root = path.rstrip("/") if not any(ch in path for ch in "*?[") else ""
+    files = {p: info for p, info in sorted(found.items())
+             if info.get("type", "file") == "file"
+             and not _hidden(p[len(root):] if root and p.startswith(root) else posixpath.basename(p))}
+    if not files:
+        raise SpecError(f"input '{url}' holds no files; check --input (hidden names starting "
+                        "with '_' or '.' are skipped)")
+    return fs, files
+
+
+def read_footer(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any]
+                ) -> InputFile | BadFile:
+    """Read one file's footer; a file that is not Parquet becomes a BadFile, not an exception."""
+    url = fs.unstrip_protocol(path)
+    try:
+        with fs.open(path, "rb") as handle:
+            meta = pq.ParquetFile(handle).metadata
+            schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        return BadFile(url, f"not a readable Parquet file ({exc})")
+    except FileNotFoundError:
+        return BadFile(url, "deleted while the job was listing its input")
+    except OSError as exc:
+        raise StorageError(f"cannot read the footer of '{url}': {exc}") from exc
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return InputFile(url=url, size=int(info.get("size") or 0), version=file_version(info),
+                     schema=schema, row_group_rows=rows)
+
+
+def read_footers(fs: fsspec.AbstractFileSystem, files: Mapping[str, Mapping[str, Any]],
+                 threads: int = 16) -> list[InputFile | BadFile]:
+    """Footers of many files, read concurrently (object-store latency dominates), in path order."""
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        return list(pool.map(lambda item: read_footer(fs, *item), files.items()))
+
+
+def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
+    """Cut each file into runs of whole row groups of about `rows_per_shard` rows (empty ones skipped)."""
+    shards: list[Shard] = []
+    for f in files:
+        start, rows = 0, 0
+        for i, n in enumerate(f.row_group_rows):
+            rows += n
+            if rows >= rows_per_shard or i == len(f.row_group_rows) - 1:
+                if rows:
+                    shards.append(Shard(url=f.url, size=f.size, version=f.version,
+                                        row_groups=(start, i + 1), rows=rows))
+                start, rows = i + 1, 0
+    return shards

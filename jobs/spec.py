@@ -1,0 +1,230 @@
+"""The job spec: command-line flags and a YAML file merged into one validated, frozen value."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from workers.backends import BACKEND_NAMES
+from workers.errors import SpecError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
+
+
+def _freeze(value: Any) -> Any:
+    """JSON-like value made hashable: dicts become sorted item tuples, lists tuples."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2
+                                        and isinstance(v[0], str) for v in value):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job; `None` fields mean "the default", resolved by the driver."""
+
+    model: str
+    input: str
+    output: str
+    columns: tuple[tuple[str, str], ...] = ()
+    keep: tuple[str, ...] = ()
+    batch_size: int = 256
+    workers: int | None = None
+    rows_per_shard: int = 100_000
+    backend: str = "auto"
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    max_failed_shards: int = 0
+    max_retries: int = 2
+    overwrite: bool = False
+    precision: str = "fp32"
+    cpus_per_worker: int = 1
+    shards_in_flight: int = 2
+    plan_cache: str | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "input", "output"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
+        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight"):
+            _positive(name, getattr(self, name))
+        if self.workers is not None:
+            _positive("workers", self.workers)
+        for name in ("max_failed_shards", "max_retries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SpecError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise SpecError(f"backend must be one of {', '.join(BACKEND_NAMES)}, "
+                            f"got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                            f"got {self.precision!r}")
+        inputs = [name for name, _ in self.columns]
+        duplicated = sorted({n for n in inputs if inputs.count(n) > 1})
+        if duplicated:
+            raise SpecError(f"model input(s) {duplicated} are mapped more than once in columns; "
+                            "map each input to one column")
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        return dict(self.columns)
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        return _thaw(self.storage_options) if self.storage_options else {}
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "columns":
+                value = dict(value)
+            elif f.name == "storage_options":
+                value = sorted(self.storage)  # keys only: values may be credentials
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise SpecError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def build_parser(prog: str = "python -m jobs.run", description: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """The flags every entrypoint shares; defaults are None so the YAML file can fill them."""
+    p = argparse.ArgumentParser(prog=prog, description=description or (
+        "Run an ONNX model over a Parquet dataset on a Ray cluster; write Parquet parts."))
+    p.add_argument("--config", metavar="job.yaml", help="YAML file with the same settings; "
+                   "flags override it")
+    p.add_argument("--model", metavar="URI", help="ONNX model (any fsspec URI)")
+    p.add_argument("--input", metavar="URI", help="a Parquet file, a directory, or a glob")
+    p.add_argument("--output", metavar="URI", help="directory that will hold the parts")
+    p.add_argument("--column", action="append", metavar="INPUT=COLUMN", dest="columns",
+                   help="feed model input INPUT from column COLUMN (repeatable); unmapped "
+                   "inputs read the column of the same name")
+    p.add_argument("--keep", action="append", metavar="COLUMN",
+                   help="copy COLUMN into the output unchanged (repeatable)")
+    p.add_argument("--batch-size", type=int, metavar="N")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="actors (default: one per GPU, or one per CPU on a CPU-only cluster)")
+    p.add_argument("--rows-per-shard", type=int, metavar="N",
+                   help="target rows per shard; shards are whole row groups (default 100000)")
+    p.add_argument("--backend", choices=BACKEND_NAMES)
+    p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="fsspec storage options as a JSON object; AWS_* variables also apply")
+    p.add_argument("--max-failed-shards", type=int, metavar="N",
+                   help="exit 0 even if up to N shards fail (default 0)")
+    p.add_argument("--max-retries", type=int, metavar="N",
+                   help="retries of a shard that fails on its data or storage (default 2)")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N")
+    p.add_argument("--shards-in-flight", type=int, metavar="N",
+                   help="shards queued per actor (default 2)")
+    p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
+                   "(default OUTPUT/_plans)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace another job's parts in OUTPUT")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress bar (default: when stderr is a terminal)")
+    return p
+
+
+_FIELDS = {f.name for f in fields(JobSpec)}
+
+
+def _parse_columns(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, column = item.partition("=")
+        if not sep or not name or not column:
+            raise SpecError(f"--column {item!r} is not INPUT=COLUMN; for example --column x=pixels")
+        out[name] = column
+    return out
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    from workers.storage import read_bytes
+
+    try:
+        text = read_bytes(path)
+    except OSError as exc:
+        raise SpecError(f"cannot read config '{path}': {exc}") from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"config '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"config '{path}' must be a mapping of settings, got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise SpecError(f"config '{path}' has unknown setting(s) {unknown}; "
+                        f"known settings are {sorted(_FIELDS)}")
+    return data
+
+
+def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") -> JobSpec:
+    """Build a JobSpec from a dict of settings (YAML shape), with type errors named."""
+    data = dict(settings)
+    columns = data.pop("columns", None) or {}
+    if not isinstance(columns, Mapping):
+        raise SpecError(f"columns in {source} must be a mapping of model input to column, "
+                        f"got {type(columns).__name__}")
+    keep = data.pop("keep", None) or []
+    if isinstance(keep, str) or not isinstance(keep, Sequence):
+        raise SpecError(f"keep in {source} must be a list of column names, got {keep!r}")
+    storage = data.pop("storage_options", None) or {}
+    if isinstance(storage, str):
+        try:
+            storage = json.loads(storage)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"storage_options is not valid JSON ({exc}); "
+                            """pass an object such as '{"anon": true}'""") from exc
+    if not isinstance(storage, Mapping):
+        raise SpecError(f"storage_options must be a JSON object, got {type(storage).__name__}")
+    for name in ("model", "input", "output"):
+        data.setdefault(name, "")
+    try:
+        return JobSpec(columns=tuple((str(k), str(v)) for k, v in columns.items()),
+                       keep=tuple(str(k) for k in keep),
+                       storage_options=_freeze(storage), **data)
+    except TypeError as exc:
+        raise SpecError(f"bad setting in {source}: {exc}") from exc
+
+
+def spec_from_args(argv: Sequence[str] | None = None,
+                   parser: argparse.ArgumentParser | None = None,
+                   extra: Mapping[str, Any] | None = None) -> JobSpec:
+    """Parse flags (and the YAML file they name) into a JobSpec; flags override the file."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    settings: dict[str, Any] = _load_yaml(args.config) if args.config else {}
+    settings.update(extra or {})
+    flags = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
+    if "columns" in flags:
+        merged = dict(settings.get("columns") or {})
+        merged.update(_parse_columns(flags.pop("columns")))
+        settings["columns"] = merged
+    settings.update(flags)
+    return spec_from_settings(settings, source=f"config '{args.config}'" if args.config
+                              else "flags")

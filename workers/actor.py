@@ -1,0 +1,55 @@
+"""The shard worker: one per GPU (or CPU slot), holding one loaded backend for its lifetime.
+
+Plain Python; the driver wraps it with `ray.remote`, so this package never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from workers.backends import create_backend
+from workers.pipeline import process_shard
+from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
+
+
+class ShardWorker:
+    """Loads the model once, then processes shards one after another."""
+
+    def __init__(self, config: WorkerConfig, model: bytes) -> None:
+        # Loading waits for `load()`, so a model that fails to load raises a task error whose
+        # cause the driver can report, instead of an actor-creation failure.
+        self.config = config
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.backend = create_backend(config.backend, model, config.backend_config)
+        self.times = StageTimes()
+        self.shards = 0
+        self.rows = 0
+        self.batches = 0
+
+    def process(self, shard: Shard) -> ShardResult:
+        """Process and commit one shard (loading the backend first if `load()` was not called)."""
+        self.backend.load()
+        result = process_shard(shard, self.config, self.backend, worker=self.name)
+        self.times.add(result.times)
+        self.shards += 1
+        self.rows += result.rows
+        self.batches += result.batches
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over the shards this worker committed."""
+        return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
+                "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy()}
+
+    def load(self) -> dict[str, Any]:
+        """Load the backend; returns the worker's name, backend and I/O tensors."""
+        self.backend.load()
+        return {"worker": self.name, "backend": self.backend.name,
+                "inputs": [m.to_json() for m in self.backend.inputs],
+                "outputs": [m.to_json() for m in self.backend.outputs],
+                "device": getattr(self.backend, "device", "cpu")}
+
+    def close(self) -> None:
+        self.backend.close()

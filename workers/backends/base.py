@@ -1,0 +1,138 @@
+"""The backend interface: load once, describe inputs/outputs, infer batches, close.
+
+Shaped like Polygraphy's runners: the base class owns the lifecycle and input checking; each
+backend implements only the hooks `_load`, `_infer` and `_close`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from workers.errors import BackendError, DataError
+from workers.tensors import TensorMeta
+
+Batch = dict[str, np.ndarray]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """How a backend runs: which device, how many CPU threads, numeric precision.
+
+    `device="auto"` takes the GPU when the actor was given one and the backend can use it.
+    """
+
+    device: Device = "auto"
+    threads: int = 1
+    precision: str = "fp32"
+    device_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"BackendConfig.threads must be >= 1, got {self.threads}")
+
+
+class Backend(ABC):
+    """Base of every backend; use as a context manager or call `load()` and `close()`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: bytes, config: BackendConfig | None = None) -> None:
+        self._model = model
+        self.config = config or BackendConfig()
+        self._inputs: tuple[TensorMeta, ...] = ()
+        self._outputs: tuple[TensorMeta, ...] = ()
+        self.is_loaded = False
+
+    # lifecycle -----------------------------------------------------------------------------
+    def load(self) -> Backend:
+        """Load the model; idempotent."""
+        if not self.is_loaded:
+            self._inputs, self._outputs = self._load()
+            self.is_loaded = True
+        return self
+
+    def close(self) -> None:
+        """Release everything the backend holds; idempotent."""
+        if self.is_loaded:
+            self._close()
+            self.is_loaded = False
+
+    def __enter__(self) -> Backend:
+        return self.load()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # metadata ------------------------------------------------------------------------------
+    @property
+    def inputs(self) -> tuple[TensorMeta, ...]:
+        self._require_loaded()
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorMeta, ...]:
+        self._require_loaded()
+        return self._outputs
+
+    # inference -----------------------------------------------------------------------------
+    def infer(self, batch: Batch) -> Batch:
+        """Run one batch: inputs by name, each `[N, ...]` of the input's dtype; outputs by name."""
+        self._require_loaded()
+        self.check_batch(batch)
+        return self._infer(batch)
+
+    def check_batch(self, batch: Batch) -> int:
+        """Check names, dtypes and shapes of a batch against the inputs; return its row count."""
+        expected = {meta.name for meta in self.inputs}
+        missing = sorted(expected - batch.keys())
+        if missing:
+            raise DataError(f"batch is missing model input(s) {missing}; it has {sorted(batch)}")
+        extra = sorted(batch.keys() - expected)
+        if extra:
+            raise DataError(f"batch has {extra}, which the model has no input for; "
+                            f"its inputs are {sorted(expected)}")
+        rows: int | None = None
+        for meta in self.inputs:
+            array = batch[meta.name]
+            if array.dtype != meta.dtype:
+                raise DataError(f"input '{meta.name}' got {array.dtype.name}, "
+                                f"the model wants {meta.describe()}")
+            if array.ndim != len(meta.shape) or any(
+                want is not None and got != want
+                for got, want in zip(array.shape[1:], meta.row_shape, strict=True)
+            ):
+                raise DataError(f"input '{meta.name}' got shape {list(array.shape)}, "
+                                f"the model wants {meta.describe()}")
+            if rows is None:
+                rows = array.shape[0]
+            elif array.shape[0] != rows:
+                raise DataError(f"input '{meta.name}' has {array.shape[0]} rows, "
+                                f"other inputs have {rows}; every input needs the same batch")
+        return rows or 0
+
+    def _require_loaded(self) -> None:
+        if not self.is_loaded:
+            raise BackendError(f"{self.name} backend is not loaded; call load() or use `with`")
+
+    # hooks ---------------------------------------------------------------------------------
+    @abstractmethod
+    def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
+        """Load the model and return (inputs, outputs)."""
+
+    @abstractmethod
+    def _infer(self, batch: Batch) -> Batch:
+        """Run a checked batch."""
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        """Free what `_load` took."""

@@ -1,0 +1,68 @@
+"""Writing one part so it appears only complete: temp file + rename, or one upload."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workers.storage import filesystem, is_local, storage_errors
+
+TMP_DIR = "_tmp"  # under the output; the leading underscore keeps Parquet readers out
+
+
+class PartWriter:
+    """Streams tables into a Parquet file that becomes `OUTPUT/name` only on `commit()`."""
+
+    def __init__(self, output_url: str, name: str,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        self.fs, root = filesystem(output_url, storage_options)
+        self.final_path = f"{root.rstrip('/')}/{name}"
+        self.url = self.fs.unstrip_protocol(self.final_path)
+        if is_local(self.fs):
+            # Same directory tree as the final file, so the rename is atomic.
+            tmp_dir = os.path.join(root, TMP_DIR)
+            os.makedirs(tmp_dir, exist_ok=True)
+        else:
+            tmp_dir = tempfile.gettempdir()
+        self.tmp_path = os.path.join(tmp_dir, f"{name}.{uuid.uuid4().hex}")
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append a table (one row group per call)."""
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp_path, table.schema, compression="zstd")
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def commit(self) -> int:
+        """Make the part visible, complete; returns its size in bytes."""
+        if self._writer is None:
+            raise ValueError("PartWriter.commit() before any write: a part needs a schema")
+        self._writer.close()
+        self._writer = None
+        size = os.path.getsize(self.tmp_path)
+        with storage_errors(f"cannot commit part '{self.url}'"):
+            if is_local(self.fs):
+                os.replace(self.tmp_path, self.final_path)
+            else:
+                # A single PUT, or a multipart upload completed in one call: all or nothing.
+                self.fs.put_file(self.tmp_path, self.final_path)
+                os.unlink(self.tmp_path)
+        return size
+
+    def abort(self) -> None:
+        """Drop the temporary file; the final part, if an earlier attempt made one, stays."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)

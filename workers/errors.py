@@ -1,0 +1,31 @@
+"""The runner's exceptions: one root, a few children that also subclass the built-in they resemble."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Root of every error the runner raises on purpose; its message is meant for the user."""
+
+
+class SpecError(RunnerError, ValueError):
+    """The job spec (flags, YAML, model or input schema) cannot be honoured."""
+
+
+class StorageError(RunnerError, OSError):
+    """Reading or writing object storage failed."""
+
+
+class DataError(RunnerError, ValueError):
+    """A shard's data cannot be turned into model input (corrupt file, wrong shape, bad values)."""
+
+
+class BackendError(RunnerError, RuntimeError):
+    """A backend failed to load a model or run a batch."""
+
+
+class MissingDependencyError(RunnerError, ImportError):
+    """An optional package is needed and not installed; the message says how to install it."""
+
+
+class OutputConflictError(RunnerError, FileExistsError):
+    """The output already holds another job's parts, or another job is writing it."""

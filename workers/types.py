@@ -1,0 +1,96 @@
+"""Values that cross from the driver to actors and back: shards, worker config, shard results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from workers.backends.base import BackendConfig
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A row-group range `[start, stop)` of one Parquet file, identified by content, not position."""
+
+    url: str
+    size: int
+    version: str
+    row_groups: tuple[int, int]
+    rows: int
+
+    @property
+    def id(self) -> str:
+        """Stable id from the file's path, size, version and row-group range."""
+        key = json.dumps([self.url, self.size, self.version, list(self.row_groups)])
+        return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+    @property
+    def part_name(self) -> str:
+        """The output file this shard commits to; deterministic, so retries overwrite."""
+        return f"part-{self.id}.parquet"
+
+    def describe(self) -> str:
+        start, stop = self.row_groups
+        return f"{self.url} row groups {start}-{stop - 1}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, **asdict(self), "row_groups": list(self.row_groups)}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything an actor needs to process shards; built and validated by the driver."""
+
+    backend: str
+    backend_config: BackendConfig
+    output_url: str
+    bindings: tuple[tuple[str, str], ...]  # (model input, column)
+    keep: tuple[str, ...] = ()
+    batch_size: int = 256
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    prefetch: int = 2
+
+    @property
+    def columns(self) -> list[str]:
+        """Input columns to read, in a stable order, each once."""
+        seen: dict[str, None] = {}
+        for _, column in self.bindings:
+            seen[column] = None
+        for column in self.keep:
+            seen[column] = None
+        return list(seen)
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        return dict(self.storage_options)
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per pipeline stage in one shard (or summed over many)."""
+
+    read: float = 0.0
+    convert: float = 0.0
+    infer: float = 0.0
+    write: float = 0.0
+    commit: float = 0.0
+    total: float = 0.0
+
+    def add(self, other: StageTimes) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+
+@dataclass
+class ShardResult:
+    """What an actor reports for a committed shard."""
+
+    shard_id: str
+    rows: int
+    part_url: str
+    part_bytes: int
+    batches: int
+    worker: str
+    times: StageTimes = field(default_factory=StageTimes)
