@@ -37,10 +37,41 @@ class BackendConfig:
             raise ValueError(f"BackendConfig.threads must be >= 1, got {self.threads}")
 
 
+class DeviceSlot(ABC):
+    """One batch in flight on a GPU: pinned host inputs and outputs, device buffers, a stream.
+
+    The GPU pipeline keeps K slots busy: it fills `host_inputs[name][:rows]` on the host,
+    calls `submit(rows)` (async H2D, execute, D2H, event; returns at once) and later `wait()`,
+    which returns the outputs as views `[:rows]` of pinned host buffers, valid until the slot's
+    next `submit`. Buffers are sized once for `max_rows`.
+    """
+
+    max_rows: int
+    host_inputs: dict[str, np.ndarray]
+
+    @abstractmethod
+    def submit(self, rows: int) -> None:
+        """Enqueue copy-in, execution and copy-out of the first `rows` rows on the slot's stream."""
+
+    @abstractmethod
+    def wait(self) -> Batch:
+        """Block until the submitted batch is done; its outputs, as pinned host views."""
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds of the last batch spent in h2d/compute/d2h, from CUDA events (if measured)."""
+        return {}
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the slot's buffers, stream and events."""
+
+
 class Backend(ABC):
     """Base of every backend; use as a context manager or call `load()` and `close()`."""
 
     name: ClassVar[str]
+    #: True when `open_slot` works: the backend runs asynchronously on a GPU stream.
+    supports_slots: ClassVar[bool] = False
 
     def __init__(self, model: bytes, config: BackendConfig | None = None) -> None:
         self._model = model
@@ -120,6 +151,10 @@ class Backend(ABC):
                 raise DataError(f"input '{meta.name}' has {array.shape[0]} rows, "
                                 f"other inputs have {rows}; every input needs the same batch")
         return rows or 0
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        """A new in-flight slot for batches of up to `max_rows` rows (GPU backends only)."""
+        raise BackendError(f"{self.name} backend runs synchronously; it has no device slots")
 
     def _require_loaded(self) -> None:
         if not self.is_loaded:
