@@ -41,6 +41,8 @@ class OutputDir:
     def committed(self) -> dict[str, str]:
         """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
         with storage_errors(f"cannot list output '{self.url}'"):
+            # Parts are written by other processes: never trust this process's listing cache.
+            self.fs.invalidate_cache(self.root)
             try:
                 names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
             except FileNotFoundError:

@@ -49,6 +49,7 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None = None
     """Files under a file, directory or glob URL (hidden `_`/`.` names skipped), with their info."""
     fs, path = filesystem(url, storage_options)
     with storage_errors(f"cannot list input '{url}'"):
+        fs.invalidate_cache()  # files may have changed since this process last listed them
         if fs.isfile(path):
             return fs, {path: fs.info(path)}
         if any(ch in path for ch in "*?["):
