@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -48,6 +48,9 @@ class DeviceSlot(ABC):
 
     max_rows: int
     host_inputs: dict[str, np.ndarray]
+    #: Optional `workers.cuda.SlotTimer` whose events mark the last batch's stages; the
+    #: pipeline reads it for the GPU busy fraction. None: the slot does not time itself.
+    timer: Any = None
 
     @abstractmethod
     def submit(self, rows: int) -> None:
@@ -151,6 +154,11 @@ class Backend(ABC):
                 raise DataError(f"input '{meta.name}' has {array.shape[0]} rows, "
                                 f"other inputs have {rows}; every input needs the same batch")
         return rows or 0
+
+    @property
+    def uses_slots(self) -> bool:
+        """True when this loaded backend should run through `open_slot` (on a GPU stream)."""
+        return self.supports_slots
 
     def open_slot(self, max_rows: int) -> DeviceSlot:
         """A new in-flight slot for batches of up to `max_rows` rows (GPU backends only)."""
