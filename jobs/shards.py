@@ -69,23 +69,44 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None = None
     return fs, files
 
 
+_TAIL = 64 * 1024  # one ranged read usually holds the whole footer
+
+
 def read_footer(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any]
                 ) -> InputFile | BadFile:
-    """Read one file's footer; a file that is not Parquet becomes a BadFile, not an exception."""
+    """Read one file's footer; a file that is not Parquet becomes a BadFile, not an exception.
+
+    The footer's bytes are fetched through fsspec (so storage failures raise StorageError) and
+    parsed from memory (so a parse failure can only mean the file is bad: pyarrow reports both
+    as OSError).
+    """
     url = fs.unstrip_protocol(path)
+    size = int(info.get("size") or 0)
+    if size < 12:
+        return BadFile(url, f"not a readable Parquet file ({size} bytes, too small)")
     try:
-        with fs.open(path, "rb") as handle:
-            meta = pq.ParquetFile(handle).metadata
-            schema = meta.schema.to_arrow_schema()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        with storage_errors(f"cannot read the footer of '{url}'"):
+            tail = fs.cat_file(path, start=max(0, size - _TAIL), end=size)
+            if tail[-4:] != b"PAR1":
+                return BadFile(url, "not a readable Parquet file (no PAR1 magic at its end)")
+            length = int.from_bytes(tail[-8:-4], "little") + 8
+            if length > size - 4:
+                return BadFile(url, f"not a readable Parquet file (footer of {length} bytes in a "
+                               f"{size}-byte file)")
+            if length > len(tail):
+                tail = fs.cat_file(path, start=size - length, end=size)
+    except StorageError as exc:
+        if isinstance(exc.__cause__, FileNotFoundError):
+            return BadFile(url, "deleted while the job was listing its input")
+        raise
+    try:
+        meta = pq.read_metadata(pa.BufferReader(b"PAR1" + tail[-length:]))
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError, ValueError) as exc:
         return BadFile(url, f"not a readable Parquet file ({exc})")
-    except FileNotFoundError:
-        return BadFile(url, "deleted while the job was listing its input")
-    except OSError as exc:
-        raise StorageError(f"cannot read the footer of '{url}': {exc}") from exc
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return InputFile(url=url, size=int(info.get("size") or 0), version=file_version(info),
-                     schema=schema, row_group_rows=rows)
+    return InputFile(url=url, size=size, version=file_version(info), schema=schema,
+                     row_group_rows=rows)
 
 
 def read_footers(fs: fsspec.AbstractFileSystem, files: Mapping[str, Mapping[str, Any]],

@@ -77,3 +77,30 @@ def write_dataset(directory: str, files: int, rows_per_file: int, row_group_rows
         pq.write_table(table, path, row_group_size=row_group_rows)
         paths.append(path)
     return paths
+
+
+def chain_model(path: str | None = None, width: int = 256, depth: int = 24, seed: int = 0) -> bytes:
+    """x [N,width] -> y [N,width] through `depth` MatMul+Tanh layers: compute that takes real time."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+        out = "y" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="tests.models")
+    model.ir_version = 8
+    return _save(model, path)
+
+
+def chain_table(rows: int, width: int = 256, seed: int = 0, start: int = 0) -> pa.Table:
+    """uid + x (fixed-size list float32 of `width`)."""
+    x = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    return pa.table({"uid": pa.array(np.arange(start, start + rows, dtype=np.int64)),
+                     "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), width)})

@@ -138,7 +138,9 @@ def tensor_to_arrow(name: str, array: np.ndarray) -> pa.Array:
     row_shape = array.shape[1:]
     if math.prod(row_shape) == 1:
         return pa.array(array.reshape(rows))
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(array))
+    flat = pa.array(np.ascontiguousarray(array).reshape(-1))
+    storage = pa.FixedSizeListArray.from_arrays(flat, math.prod(row_shape))
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(flat.type, list(row_shape)), storage)
 
 
 def output_type(meta: TensorMeta) -> pa.DataType | None:

@@ -1,0 +1,143 @@
+"""The job end to end on a local Ray cluster: local files and the S3 server, resume, conflicts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+
+from jobs.driver import run_job
+from jobs.spec import JobSpec
+from tests.models import two_input_model, write_dataset
+from workers.errors import OutputConflictError
+
+pytestmark = pytest.mark.ray
+
+
+def spec_for(model: str, data: str, out: str, **kw: object) -> JobSpec:
+    settings: dict[str, object] = dict(
+        model=model, input=data, output=out, columns=(("image", "img"), ("meta", "features")),
+        keep=("uid", "name"), batch_size=64, rows_per_shard=240, backend="onnxruntime",
+        workers=2, progress=False)
+    settings.update(kw)
+    return JobSpec(**settings)  # type: ignore[arg-type]
+
+
+def read_output(url: str) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    parts = sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+    return ds.dataset(parts, filesystem=fs, format="parquet").to_table()
+
+
+def read_input(url: str) -> pa.Table:
+    fs, path = fsspec.core.url_to_fs(url)
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def check_exact(model: bytes, source: pa.Table, result: pa.Table) -> None:
+    """One output row per input row, kept columns unchanged, outputs equal to ONNX Runtime's."""
+    assert result.num_rows == source.num_rows
+    source, result = source.sort_by("uid"), result.sort_by("uid")
+    assert result.column("uid").equals(source.column("uid"))
+    assert result.column("name").equals(source.column("name"))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    image = source.column("img").combine_chunks().to_numpy_ndarray()
+    meta = np.stack(source.column("features").to_numpy(zero_copy_only=False)).astype(np.float32)
+    logits, score = session.run(["logits", "score"], {"image": image, "meta": meta})
+    got_logits = result.column("logits").combine_chunks().to_numpy_ndarray()
+    assert isinstance(result.schema.field("logits").type, pa.FixedShapeTensorType)
+    assert result.schema.field("score").type == pa.float32()
+    assert np.abs(got_logits - logits).max() <= 1e-4
+    assert np.abs(result.column("score").to_numpy() - score[:, 0]).max() <= 1e-4
+
+
+def test_local_job_exact(ray_cluster: None, two_input_onnx: Path, dataset: Path, tmp_path: Path
+                         ) -> None:
+    out = tmp_path / "out"
+    report = run_job(spec_for(str(two_input_onnx), str(dataset), str(out)))
+    assert report.exit_code == 0 and report.committed == report.shards == 9 and not report.failed
+    check_exact(two_input_onnx.read_bytes(), read_input(str(dataset)), read_output(str(out)))
+    names = sorted(p.name for p in out.iterdir())
+    assert "_SUCCESS" in names and "_manifest.json" in names
+    assert not [n for n in names if not (n.startswith("part-") or n.startswith("_"))]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == 1500 and manifest["shards_committed"] == 9
+    assert manifest["model"]["sha256"] and manifest["backend"] == "onnxruntime"
+    assert {s["status"] for s in manifest["shards"]} == {"committed"}
+    assert sum(w["rows"] for w in manifest["workers"]) == 1500
+
+
+def test_rerun_skips_committed_parts(ray_cluster: None, two_input_onnx: Path, dataset: Path,
+                                     tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = spec_for(str(two_input_onnx), str(dataset), str(out))
+    run_job(spec)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    victims = sorted(before)[:3]
+    for name in victims:
+        (out / name).unlink()
+    report = run_job(spec)
+    assert (report.skipped, report.committed) == (6, 3)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert sorted(after) == sorted(before)
+    assert all(after[n] == before[n] for n in before if n not in victims)
+    check_exact(two_input_onnx.read_bytes(), read_input(str(dataset)), read_output(str(out)))
+
+
+def test_other_job_into_same_output_is_refused(ray_cluster: None, two_input_onnx: Path,
+                                               dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_job(spec_for(str(two_input_onnx), str(dataset), str(out)))
+    other_model = tmp_path / "other.onnx"
+    other_model.write_bytes(two_input_model(seed=42))
+    with pytest.raises(OutputConflictError, match=r"already holds 9 part\(s\) of another job .*"
+                       r"choose another --output, or pass --overwrite"):
+        run_job(spec_for(str(other_model), str(dataset), str(out)))
+    report = run_job(spec_for(str(other_model), str(dataset), str(out), overwrite=True))
+    assert report.committed == 9 and report.skipped == 0
+    check_exact(other_model.read_bytes(), read_input(str(dataset)), read_output(str(out)))
+
+
+def test_corrupt_file_among_good_ones(ray_cluster: None, two_input_onnx: Path, dataset: Path,
+                                      tmp_path: Path) -> None:
+    (dataset / "data-001.parquet").write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")
+    out = tmp_path / "out"
+    report = run_job(spec_for(str(two_input_onnx), str(dataset), str(out)))
+    assert report.exit_code == 1 and report.committed == 6
+    assert [f["file"].rsplit("/", 1)[-1] for f in report.failed] == ["data-001.parquet"]
+    assert "not a readable Parquet file" in report.failed[0]["reason"]
+    assert not (out / "_SUCCESS").exists()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["failures"][0]["file"].endswith("data-001.parquet")
+    source = pa.concat_tables(read_input(str(dataset / f"data-00{i}.parquet")) for i in (0, 2))
+    check_exact(two_input_onnx.read_bytes(), source, read_output(str(out)))
+
+
+@pytest.mark.s3
+def test_s3_model_input_output(ray_cluster: None, s3_bucket: str, tmp_path: Path) -> None:
+    """Model, input and output on the S3 server on 127.0.0.1, reached over HTTP by s3fs."""
+    fs = fsspec.filesystem("s3")
+    local = tmp_path / "data"
+    write_dataset(str(local), files=2, rows_per_file=300, row_group_rows=100, seed=5)
+    fs.put(str(local) + "/", f"{s3_bucket}/table/", recursive=True)
+    model = two_input_model(seed=8)
+    fs.pipe(f"{s3_bucket}/models/m.onnx", model)
+    out = f"{s3_bucket}/scored"
+    report = run_job(spec_for(f"{s3_bucket}/models/m.onnx", f"{s3_bucket}/table/", out,
+                              rows_per_shard=200))
+    assert report.exit_code == 0 and report.committed == 4
+    check_exact(model, read_input(f"{s3_bucket}/table/"), read_output(out))
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(out))
+    assert "_SUCCESS" in names and "_manifest.json" in names
+    assert not [n for n in names if n.startswith("part-") and not n.endswith(".parquet")]
+    rerun = run_job(spec_for(f"{s3_bucket}/models/m.onnx", f"{s3_bucket}/table/", out,
+                             rows_per_shard=200))
+    assert (rerun.skipped, rerun.committed) == (4, 0)
