@@ -10,7 +10,7 @@ import socket
 from typing import Any
 
 from workers.backends import create_backend
-from workers.pipeline import process_shard
+from workers.pipeline import SlotPool, process_shard
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 
@@ -27,11 +27,17 @@ class ShardWorker:
         self.shards = 0
         self.rows = 0
         self.batches = 0
+        # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened on
+        # the first shard and reused for every later one.
+        self.slots: SlotPool | None = None
 
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
         self.backend.load()
-        result = process_shard(shard, self.config, self.backend, worker=self.name)
+        if self.slots is None and self.backend.uses_slots:
+            self.slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
+        result = process_shard(shard, self.config, self.backend, worker=self.name,
+                               slots=self.slots)
         self.times.add(result.times)
         self.shards += 1
         self.rows += result.rows
@@ -41,7 +47,9 @@ class ShardWorker:
     def stats(self) -> dict[str, Any]:
         """Totals over the shards this worker committed."""
         return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
-                "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy()}
+                "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
+                "slots": len(self.slots.slots) if self.slots else 0,
+                "gpu_busy_fraction": round(self.times.gpu_busy_fraction, 4)}
 
     def load(self) -> dict[str, Any]:
         """Load the backend; returns the worker's name, backend and I/O tensors."""
@@ -52,4 +60,7 @@ class ShardWorker:
                 "device": getattr(self.backend, "device", "cpu")}
 
     def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+            self.slots = None
         self.backend.close()

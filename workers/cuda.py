@@ -352,3 +352,50 @@ def copy_dtod_async(dst_ptr: int, src_ptr: int, nbytes: int, stream: Stream | in
     check(rt.cudaMemcpyAsync(dst_ptr, src_ptr, nbytes,
                              rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
                              _stream_handle(stream)), "cudaMemcpyAsync(device to device)")
+
+
+class SlotTimer(_Resource):
+    """Four timing events around one batch on a stream: start, copied in, executed, copied out.
+
+    A slot marks them in order with `mark(0..3, stream)`; once the batch is done (the last
+    event completed), `stage_seconds` and `compute_span` read them.
+    """
+
+    STAGES = ("h2d", "compute", "d2h")
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        try:
+            for _ in range(4):
+                self._events.append(Event(timing=True))
+        except BaseException:
+            for event in self._events:
+                event.close()
+            raise
+        self._closed = False
+
+    @property
+    def done(self) -> Event:
+        """The last event: recorded after the copy-out, so it completes with the batch."""
+        self._require_open()
+        return self._events[3]
+
+    def mark(self, index: int, stream: Stream | int) -> None:
+        """Record event `index` (0 start, 1 copied in, 2 executed, 3 copied out) on `stream`."""
+        self._require_open()
+        self._events[index].record(stream)
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds in h2d, compute and d2h for the last batch (which must be done)."""
+        self._require_open()
+        ev = self._events
+        return {stage: elapsed_ms(ev[i], ev[i + 1]) / 1e3 for i, stage in enumerate(self.STAGES)}
+
+    def compute_span(self, clock: Event) -> tuple[float, float]:
+        """Start and end of the last batch's execution, in seconds after the `clock` event."""
+        self._require_open()
+        return elapsed_ms(clock, self._events[1]) / 1e3, elapsed_ms(clock, self._events[2]) / 1e3
+
+    def _free(self) -> None:
+        for event in self._events:
+            event.close()

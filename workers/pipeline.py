@@ -1,17 +1,25 @@
-"""One shard, start to commit: read and convert ahead on a thread, infer, write behind on a thread."""
+"""One shard, start to commit: read and convert ahead on a thread, infer, write behind on a thread.
+
+On a backend that runs on a GPU stream (`backend.uses_slots`), K batches are in flight at once,
+each in its own device slot (stream, pinned host and device buffers): while the GPU copies and
+executes them, the host reads and converts the next batch and writes finished ones.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import numpy as np
 import pyarrow as pa
 
-from workers.backends.base import Backend, Batch
+from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.commit import PartWriter
 from workers.convert import column_to_tensor, tensor_to_arrow
 from workers.errors import DataError
@@ -86,9 +94,155 @@ def output_table(kept: pa.Table, outputs: Batch, rows: int) -> pa.Table:
     return pa.table(columns)
 
 
-def process_shard(shard: Shard, config: WorkerConfig, backend: Backend,
-                  worker: str = "") -> ShardResult:
-    """Run one shard through `backend` and commit its part; raises on any failure, committing nothing."""
+class SlotPool:
+    """K device slots for batches of up to `max_rows` rows: opened once, reused for every shard.
+
+    Buffers are sized for the largest batch, so a shard's last, shorter batch uses the same ones.
+    """
+
+    def __init__(self, backend: Backend, count: int, max_rows: int) -> None:
+        if count < 1:
+            raise ValueError(f"SlotPool needs at least one slot, got {count}")
+        self.max_rows = max_rows
+        self.slots: list[DeviceSlot] = []
+        self.clock: Any = None
+        try:
+            for _ in range(count):
+                self.slots.append(backend.open_slot(max_rows))
+            if all(slot.timer is not None for slot in self.slots):
+                from workers import cuda
+
+                # Reference point for every slot's events, so their spans share one timeline.
+                self.clock = cuda.Event(timing=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close every slot (each waits for its stream first)."""
+        errors: list[BaseException] = []
+        if self.clock is not None:
+            self.clock.close()
+            self.clock = None
+        while self.slots:
+            try:
+                self.slots.pop().close()
+            except Exception as exc:  # close the rest, then report the first failure
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> SlotPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def busy_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of `[start, end)` spans: time at least one batch was executing."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
+Batches = Callable[[], Iterator[tuple[Batch, pa.Table]]]
+
+
+def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], None],
+              config: WorkerConfig, times: StageTimes) -> int:
+    """The CPU path: infer each batch in turn while the next is read and the last is written."""
+    count = 0
+    with Prefetcher(batches, config.prefetch) as ahead, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
+        pending: Future[None] | None = None
+        for feeds, kept in ahead:
+            t0 = time.perf_counter()
+            outputs = backend.infer(feeds)
+            times.infer += time.perf_counter() - t0
+            table = output_table(kept, outputs, kept.num_rows)
+            if pending is not None:
+                pending.result()
+            pending = behind.submit(write, table)
+            count += 1
+        if pending is not None:
+            pending.result()
+    return count
+
+
+def _run_slots(pool: SlotPool, batches: Batches,
+               write_outputs: Callable[[pa.Table, Batch], None], config: WorkerConfig,
+               times: StageTimes) -> int:
+    """The GPU path: keep every slot of `pool` busy; collect batches in submission order."""
+    free: deque[DeviceSlot] = deque(pool.slots)
+    in_flight: deque[tuple[DeviceSlot, pa.Table]] = deque()
+    spans: list[tuple[float, float]] = []
+    count = 0
+    if pool.clock is not None:
+        pool.clock.record(0)  # the legacy stream: idle here, so this marks "now" on the GPU
+
+    with Prefetcher(batches, config.prefetch) as ahead, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
+        pending: Future[None] | None = None
+
+        def collect() -> None:
+            nonlocal pending
+            slot, kept = in_flight.popleft()
+            t0 = time.perf_counter()
+            views = slot.wait()
+            times.infer += time.perf_counter() - t0
+            for stage, seconds in slot.stage_seconds().items():
+                setattr(times, stage, getattr(times, stage) + seconds)
+            if pool.clock is not None:
+                spans.append(slot.timer.compute_span(pool.clock))
+            # The views alias the slot's pinned buffers, which its next batch overwrites.
+            outputs = {name: np.array(view) for name, view in views.items()}
+            free.append(slot)
+            if pending is not None:
+                pending.result()
+            pending = behind.submit(write_outputs, kept, outputs)
+
+        try:
+            for feeds, kept in ahead:
+                if not free:
+                    collect()
+                slot = free.popleft()
+                rows = kept.num_rows
+                t0 = time.perf_counter()
+                for name, array in feeds.items():
+                    np.copyto(slot.host_inputs[name][:rows], array)
+                t1 = time.perf_counter()
+                times.convert += t1 - t0
+                slot.submit(rows)
+                times.infer += time.perf_counter() - t1
+                in_flight.append((slot, kept))
+                count += 1
+            while in_flight:
+                collect()
+            if pending is not None:
+                pending.result()
+        finally:
+            # After a failure, leave no batch in flight: the pool's slots serve the next shard.
+            while in_flight:
+                slot, _ = in_flight.popleft()
+                # The failure already propagating is the one to report.
+                with contextlib.suppress(Exception):
+                    slot.wait()
+    times.gpu_busy += busy_seconds(spans)
+    return count
+
+
+def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
+                  slots: SlotPool | None = None) -> ShardResult:
+    """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
+
+    A backend with `uses_slots` runs with `config.slots` batches in flight, in `slots` when given
+    (an actor keeps one pool for all its shards) or in a pool opened for this shard.
+    """
     started = time.perf_counter()
     times = StageTimes()
     metas = {meta.name: meta for meta in backend.inputs}
@@ -114,23 +268,22 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend,
         writer.write(table)
         times.write += time.perf_counter() - t0
 
+    def write_outputs(kept: pa.Table, outputs: Batch) -> None:
+        write(output_table(kept, outputs, kept.num_rows))
+
     writer = PartWriter(config.output_url, shard.part_name, config.storage)
     count = 0
     try:
-        with Prefetcher(batches, config.prefetch) as ahead, \
-                ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
-            pending: Future[None] | None = None
-            for feeds, kept in ahead:
-                t0 = time.perf_counter()
-                outputs = backend.infer(feeds)
-                times.infer += time.perf_counter() - t0
-                table = output_table(kept, outputs, kept.num_rows)
-                if pending is not None:
-                    pending.result()
-                pending = behind.submit(write, table)
-                count += 1
-            if pending is not None:
-                pending.result()
+        if backend.uses_slots:
+            pool = slots if slots is not None else SlotPool(backend, config.slots,
+                                                            config.batch_size)
+            try:
+                count = _run_slots(pool, batches, write_outputs, config, times)
+            finally:
+                if slots is None:
+                    pool.close()
+        else:
+            count = _run_sync(backend, batches, write, config, times)
         if writer.rows != shard.rows:
             raise DataError(f"{shard.describe()} gave {writer.rows} rows, its footer says "
                             f"{shard.rows}; the file may have changed or be corrupt")

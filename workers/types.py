@@ -51,6 +51,12 @@ class WorkerConfig:
     batch_size: int = 256
     storage_options: tuple[tuple[str, Any], ...] = ()
     prefetch: int = 2
+    #: Batches in flight on the GPU (each with its own stream and buffers); GPU backends only.
+    slots: int = 2
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"WorkerConfig.slots must be >= 1 (batches in flight), got {self.slots}")
 
     @property
     def columns(self) -> list[str]:
@@ -77,10 +83,21 @@ class StageTimes:
     write: float = 0.0
     commit: float = 0.0
     total: float = 0.0
+    # GPU path only, from CUDA events: summed copy-in, execution and copy-out time of every
+    # batch, and `gpu_busy`, the time at least one batch was executing (overlaps counted once).
+    h2d: float = 0.0
+    compute: float = 0.0
+    d2h: float = 0.0
+    gpu_busy: float = 0.0
 
     def add(self, other: StageTimes) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def gpu_busy_fraction(self) -> float:
+        """Share of the wall time the GPU was executing the model (0 on the CPU path)."""
+        return self.gpu_busy / self.total if self.total > 0 else 0.0
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.backends.base import Backend, Batch
+from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.errors import BackendError, MissingDependencyError
 from workers.tensors import TensorMeta, describe_onnx
 
@@ -41,6 +41,7 @@ class OnnxRuntimeBackend(Backend):
     """Runs an ONNX model with ONNX Runtime; `config.device` picks the CPU or CUDA provider."""
 
     name: ClassVar[str] = "onnxruntime"
+    supports_slots: ClassVar[bool] = True
     session: Any
 
     def _providers(self) -> list[Any]:
@@ -58,23 +59,38 @@ class OnnxRuntimeBackend(Backend):
         return ["CPUExecutionProvider"]
 
     def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
-        ort = import_onnxruntime()
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
+        self.session = self._new_session(self._providers())
+        self._output_names = [meta.name for meta in info.outputs]
+        self.providers = list(self.session.get_providers())
+        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        return info.inputs, info.outputs
+
+    def _new_session(self, providers: list[Any]) -> Any:
+        ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.config.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(self._model, options, providers=self._providers())
-        except MissingDependencyError:
-            raise
+            return ort.InferenceSession(self._model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise BackendError(f"ONNX Runtime could not load the model: {exc}") from exc
-        self._output_names = [meta.name for meta in info.outputs]
-        self.providers = list(self.session.get_providers())
-        self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-        return info.inputs, info.outputs
+
+    @property
+    def uses_slots(self) -> bool:
+        """On the CUDA provider with fixed row shapes: batches run on slots' streams."""
+        return (self.is_loaded and self.device == "cuda"
+                and all(m.row_size is not None for m in (*self.inputs, *self.outputs)))
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        """A slot with its own CUDA stream, ORT session on that stream, and I/O bound on the GPU."""
+        self._require_loaded()
+        if self.device != "cuda":
+            raise BackendError(f"{self.name} backend runs on the CPU here, so it has no device "
+                               "slots; install onnxruntime-gpu and run with device 'cuda'")
+        return OrtCudaSlot(self, max_rows)
 
     def _infer(self, batch: Batch) -> Batch:
         try:
@@ -85,3 +101,129 @@ class OnnxRuntimeBackend(Backend):
 
     def _close(self) -> None:
         del self.session
+
+
+class OrtCudaSlot(DeviceSlot):
+    """One batch in flight through ONNX Runtime's CUDA provider, on a stream the slot owns.
+
+    The provider's `user_compute_stream` is a session-wide setting, so each slot runs its own
+    session on its own stream (the weights are on the GPU once per slot). Inputs and outputs
+    are bound with IOBinding to the slot's device buffers; runs skip ORT's end-of-run stream
+    synchronization, so `submit` returns once the work is enqueued and `wait` blocks on an event.
+    """
+
+    def __init__(self, backend: OnnxRuntimeBackend, max_rows: int) -> None:
+        from workers import cuda
+
+        if max_rows < 1:
+            raise BackendError(f"a device slot needs max_rows >= 1, got {max_rows}")
+        for meta in (*backend.inputs, *backend.outputs):
+            if meta.row_size is None:
+                raise BackendError(f"'{meta.name}' is {meta.describe()}: device slots need fixed "
+                                   "row shapes; export the model with static non-batch dims")
+        self.max_rows = max_rows
+        self._device_id = backend.config.device_id
+        self._resources: list[Any] = []
+        self._rows: int | None = None
+        self._bound_rows: int | None = None
+        try:
+            cuda.set_device(self._device_id)
+            self.stream = self._own(cuda.Stream())
+            self.timer = self._own(cuda.SlotTimer())
+            self._inputs = [self._buffers(meta) for meta in backend.inputs]
+            self._outputs = [self._buffers(meta) for meta in backend.outputs]
+            self.host_inputs = {meta.name: host for meta, host, _, _ in self._inputs}
+            self.host_outputs = {meta.name: host for meta, host, _, _ in self._outputs}
+            options = {"device_id": str(self._device_id),
+                       "user_compute_stream": str(self.stream.handle),
+                       "has_user_compute_stream": "1"}
+            self.session = backend._new_session([("CUDAExecutionProvider", options)])
+            if "CUDAExecutionProvider" not in self.session.get_providers():
+                raise BackendError("ONNX Runtime did not enable its CUDA provider for a device slot "
+                                   f"(it has {self.session.get_providers()}); check the CUDA and "
+                                   "cuDNN libraries onnxruntime-gpu needs")
+            self.binding = self.session.io_binding()
+            ort = import_onnxruntime()
+            self.run_options = ort.RunOptions()
+            # The slot's event says when the batch is done; ORT's own end-of-run sync would
+            # block the host for the whole execution and serialize the slots.
+            self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, resource: Any) -> Any:
+        self._resources.append(resource)
+        return resource
+
+    def _buffers(self, meta: TensorMeta) -> tuple[TensorMeta, np.ndarray, Any, Any]:
+        from workers import cuda
+
+        row_shape = tuple(int(d) for d in meta.row_shape if d is not None)
+        nbytes = self.max_rows * (meta.row_size or 0) * meta.dtype.itemsize
+        pinned = self._own(cuda.PinnedBuffer(max(nbytes, 1)))
+        device = self._own(cuda.DeviceBuffer(max(nbytes, 1)))
+        return meta, pinned.view(meta.dtype, (self.max_rows, *row_shape)), pinned, device
+
+    def _bind(self, rows: int) -> None:
+        if rows == self._bound_rows:
+            return
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
+        for meta, host, _, device in self._inputs:
+            self.binding.bind_input(meta.name, "cuda", self._device_id, meta.dtype.type,
+                                    [rows, *host.shape[1:]], device.ptr)
+        for meta, host, _, device in self._outputs:
+            self.binding.bind_output(meta.name, "cuda", self._device_id, meta.dtype.type,
+                                     [rows, *host.shape[1:]], device.ptr)
+        self._bound_rows = rows
+
+    def execute(self, rows: int) -> None:
+        """Enqueue only the model's execution on the slot's device buffers (no copies)."""
+        self._bind(rows)
+        try:
+            self.session.run_with_iobinding(self.binding, self.run_options)
+        except Exception as exc:
+            raise BackendError(f"ONNX Runtime failed on a batch of {rows} rows: {exc}") from exc
+
+    def submit(self, rows: int) -> None:
+        from workers import cuda
+
+        if not 0 < rows <= self.max_rows:
+            raise BackendError(f"a batch of {rows} rows does not fit a device slot of "
+                               f"{self.max_rows} rows; keep batches within the batch size")
+        if self._rows is not None:
+            raise BackendError("submit() on a slot whose batch was not collected; call wait() first")
+        stream = self.stream.handle
+        self.timer.mark(0, stream)
+        for _, host, pinned, device in self._inputs:
+            cuda.copy_htod_async(device.ptr, pinned.ptr, rows * host[0].nbytes, stream)
+        self.timer.mark(1, stream)
+        self.execute(rows)
+        self.timer.mark(2, stream)
+        for _, host, pinned, device in self._outputs:
+            cuda.copy_dtoh_async(pinned.ptr, device.ptr, rows * host[0].nbytes, stream)
+        self.timer.mark(3, stream)
+        self._rows = rows
+
+    def wait(self) -> Batch:
+        if self._rows is None:
+            raise BackendError("wait() on a slot with no batch submitted; call submit() first")
+        self.timer.done.synchronize()
+        rows, self._rows = self._rows, None
+        return {name: host[:rows] for name, host in self.host_outputs.items()}
+
+    def stage_seconds(self) -> dict[str, float]:
+        return dict(self.timer.stage_seconds())
+
+    def close(self) -> None:
+        """Wait for anything in flight, then free the session and every buffer, stream and event."""
+        stream = self._resources[0] if self._resources else None
+        try:
+            if stream is not None and not stream.closed:
+                stream.synchronize()
+        finally:
+            self.__dict__.pop("binding", None)
+            self.__dict__.pop("session", None)
+            while self._resources:
+                self._resources.pop().close()

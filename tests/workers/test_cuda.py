@@ -1,0 +1,213 @@
+"""The CUDA layer (workers/cuda.py) and ONNX Runtime's CUDA device slot.
+
+Status checking and the no-GPU answers run everywhere; tests marked `gpu` need a CUDA device
+(and, for the slot, onnxruntime-gpu) and skip, saying why, where there is none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.models import two_input_model, write_dataset
+from workers import cuda
+from workers.backends.base import BackendConfig
+from workers.backends.onnxruntime import OnnxRuntimeBackend, cuda_provider_available
+from workers.errors import BackendError
+from workers.pipeline import SlotPool, process_shard
+
+rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
+
+HAS_GPU = cuda.device_count() > 0
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device visible to this process")
+needs_ort_cuda = pytest.mark.skipif(
+    not (HAS_GPU and cuda_provider_available()),
+    reason="needs a CUDA device and onnxruntime-gpu (ONNX Runtime's CUDA provider)")
+
+
+# Everywhere --------------------------------------------------------------------------------
+def test_check_returns_values() -> None:
+    ok = rt.cudaError_t.cudaSuccess
+    assert cuda.check((ok,)) is None
+    assert cuda.check((ok, 7)) == 7
+    assert cuda.check((ok, 1, 2)) == (1, 2)
+
+
+def test_check_names_the_call_and_cuda_error() -> None:
+    with pytest.raises(cuda.CudaError, match=r"cudaMalloc\(64\) failed: cudaErrorMemoryAllocation "
+                                             r"\(out of memory\)") as info:
+        cuda.check((rt.cudaError_t.cudaErrorMemoryAllocation, None), "cudaMalloc(64)")
+    assert info.value.code == int(rt.cudaError_t.cudaErrorMemoryAllocation)
+    assert isinstance(info.value, BackendError)
+
+
+def test_device_count_is_zero_or_more() -> None:
+    assert cuda.device_count() >= 0
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the answer on a machine without a GPU")
+def test_without_gpu_set_device_says_how_many() -> None:
+    with pytest.raises(cuda.CudaError, match="CUDA device 0 does not exist: this process sees 0"):
+        cuda.set_device(0)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the answer on a machine without a GPU")
+def test_without_gpu_a_stream_fails_clearly() -> None:
+    with pytest.raises(cuda.CudaError, match="cudaStreamCreateWithFlags failed: cudaError"):
+        cuda.Stream()
+
+
+def test_buffers_reject_empty_sizes() -> None:
+    with pytest.raises(ValueError, match="DeviceBuffer needs a positive size, got 0 bytes"):
+        cuda.DeviceBuffer(0)
+    with pytest.raises(ValueError, match="PinnedBuffer needs a positive size, got -1 bytes"):
+        cuda.PinnedBuffer(-1)
+
+
+# On a GPU ----------------------------------------------------------------------------------
+@pytest.mark.gpu
+@needs_gpu
+def test_device_facts() -> None:
+    cuda.set_device(0)
+    major, minor = cuda.compute_capability(0)
+    assert major >= 5 and minor >= 0
+    assert cuda.device_name(0)
+    free, total = cuda.memory_info()
+    assert 0 < free <= total
+    with pytest.raises(cuda.CudaError, match=f"CUDA device {cuda.device_count()} does not exist"):
+        cuda.compute_capability(cuda.device_count())
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_round_trip_through_the_device_on_a_stream() -> None:
+    cuda.set_device(0)
+    rng = np.random.default_rng()
+    data = rng.standard_normal((257, 3, 5)).astype(np.float32)
+    nbytes = data.nbytes
+    with cuda.Stream() as stream, cuda.PinnedBuffer(nbytes) as src, \
+            cuda.PinnedBuffer(nbytes) as dst, cuda.DeviceBuffer(nbytes) as a, \
+            cuda.DeviceBuffer(nbytes) as b, cuda.Event() as done:
+        src.view(np.float32, data.shape)[:] = data
+        out = dst.view(np.float32, data.shape)
+        out[:] = np.nan  # poison: every element must be written back
+        cuda.copy_htod_async(a.ptr, src.ptr, nbytes, stream)
+        cuda.copy_dtod_async(b.ptr, a.ptr, nbytes, stream)
+        cuda.copy_dtoh_async(dst.ptr, b.ptr, nbytes, stream.handle)
+        done.record(stream)
+        done.synchronize()
+        assert done.query()
+        np.testing.assert_array_equal(out, data)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_events_time_work_and_memset_writes() -> None:
+    cuda.set_device(0)
+    nbytes = 64 << 20
+    with cuda.Stream() as stream, cuda.DeviceBuffer(nbytes) as buf, \
+            cuda.PinnedBuffer(nbytes) as host, cuda.SlotTimer() as timer:
+        timer.mark(0, stream)
+        buf.memset_async(7, stream)
+        timer.mark(1, stream)
+        cuda.copy_dtoh_async(host.ptr, buf.ptr, nbytes, stream)
+        timer.mark(2, stream)
+        timer.mark(3, stream)
+        stream.synchronize()
+        seconds = timer.stage_seconds()
+        assert set(seconds) == {"h2d", "compute", "d2h"}
+        assert seconds["compute"] > 0  # the 64 MiB copy takes measurable time
+        assert np.all(host.view(np.uint8, (nbytes,)) == 7)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_closed_resources_refuse_use_and_close_is_idempotent() -> None:
+    cuda.set_device(0)
+    stream = cuda.Stream()
+    stream.close()
+    stream.close()
+    with pytest.raises(cuda.CudaError, match="Stream is closed"):
+        stream.synchronize()
+    pinned = cuda.PinnedBuffer(16)
+    with pytest.raises(ValueError, match=r"needs 32 bytes; the pinned buffer has 16"):
+        pinned.view(np.float32, (8,))
+    pinned.close()
+    with pytest.raises(cuda.CudaError, match="PinnedBuffer is closed"):
+        pinned.view(np.uint8, (4,))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_device_out_of_memory_says_what_to_lower() -> None:
+    cuda.set_device(0)
+    _, total = cuda.memory_info()
+    with pytest.raises(cuda.CudaError, match=r"cudaMalloc.*failed: cudaErrorMemoryAllocation.*"
+                                             r"lower the batch size"):
+        cuda.DeviceBuffer(total * 4)
+
+
+# ONNX Runtime's CUDA slot --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model() -> bytes:
+    return two_input_model(seed=31)
+
+
+@pytest.mark.gpu
+@needs_ort_cuda
+@pytest.mark.parametrize("rows", [1, 37, 64])
+def test_ort_cuda_slot_matches_cpu(model: bytes, rows: int) -> None:
+    rng = np.random.default_rng()
+    batch = {"image": rng.standard_normal((rows, 3, 4, 4)).astype(np.float32),
+             "meta": rng.standard_normal((rows, 8)).astype(np.float32)}
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as cpu:
+        want = cpu.infer(batch)
+    with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as gpu:
+        assert gpu.uses_slots
+        slot = gpu.open_slot(64)
+        try:
+            for value in slot.host_outputs.values():  # type: ignore[attr-defined]
+                value[:] = np.nan
+            for name, value in batch.items():
+                slot.host_inputs[name][:rows] = value
+            slot.submit(rows)
+            got = slot.wait()
+            with pytest.raises(BackendError, match="no batch submitted"):
+                slot.wait()
+            with pytest.raises(BackendError, match="does not fit a device slot of 64 rows"):
+                slot.submit(65)
+            assert all(v >= 0 for v in slot.stage_seconds().values())
+        finally:
+            slot.close()
+    for name, value in want.items():
+        assert got[name].shape == value.shape
+        assert np.isfinite(got[name]).all()
+        err = np.linalg.norm(got[name] - value) / np.linalg.norm(value)
+        assert err < 1e-3, f"{name}: relative error {err}"
+
+
+@pytest.mark.gpu
+@needs_ort_cuda
+def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from tests.workers.test_pipeline import whole_file_shard, worker_config
+
+    path = write_dataset(str(tmp_path / "in"), files=1, rows_per_file=500, row_group_rows=120,
+                         seed=2)[0]
+    shard = whole_file_shard(path)
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as cpu:
+        want = pq.read_table(process_shard(shard, worker_config(tmp_path / "cpu"), cpu).part_url)
+    config = worker_config(tmp_path / "gpu", slots=3)
+    with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as gpu, \
+            SlotPool(gpu, 3, config.batch_size) as pool:
+        result = process_shard(shard, config, gpu, slots=pool)
+    got = pq.read_table(result.part_url)
+    assert got.column("uid").equals(want.column("uid"))
+    a = np.stack(got.column("logits").combine_chunks().to_numpy_ndarray())
+    b = np.stack(want.column("logits").combine_chunks().to_numpy_ndarray())
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
+    assert result.times.compute > 0 and result.times.h2d > 0
+    assert 0 < result.times.gpu_busy <= result.times.total

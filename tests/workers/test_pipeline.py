@@ -1,0 +1,245 @@
+"""The shard pipeline: CPU path, and the K-slots-in-flight GPU path driven by a CPU slot backend.
+
+`ThreadSlotBackend` runs real ONNX Runtime (CPU) inference behind the `DeviceSlot` interface:
+each slot owns preallocated host input and output buffers and runs its batch on its own thread,
+so batches finish out of order and the pipeline's in-order collection, buffer reuse and partial
+last batch are exercised with real numbers, without a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.models import two_input_model, write_dataset
+from workers.backends.base import BackendConfig, Batch, DeviceSlot
+from workers.backends.onnxruntime import OnnxRuntimeBackend
+from workers.errors import BackendError, DataError
+from workers.pipeline import SlotPool, busy_seconds, process_shard
+from workers.storage import file_version, filesystem
+from workers.types import Shard, StageTimes, WorkerConfig
+
+
+def whole_file_shard(path: str) -> Shard:
+    fs, p = filesystem(path)
+    info = fs.info(p)
+    meta = pq.read_metadata(path)
+    return Shard(url=fs.unstrip_protocol(p), size=int(info["size"]), version=file_version(info),
+                 row_groups=(0, meta.num_row_groups), rows=meta.num_rows)
+
+
+class ThreadSlot(DeviceSlot):
+    """A slot whose batch runs on its own thread; finishes in whatever order the threads do."""
+
+    def __init__(self, backend: ThreadSlotBackend, max_rows: int) -> None:
+        self.backend = backend
+        self.max_rows = max_rows
+        self.host_inputs = {m.name: np.full((max_rows, *m.row_shape), np.nan, m.dtype)
+                            for m in backend.inputs}
+        self.host_outputs = {m.name: np.full((max_rows, *m.row_shape), np.nan, m.dtype)
+                             for m in backend.outputs}
+        self._future: Future[int] | None = None
+        self.submitted: list[int] = []
+        self.closed = False
+
+    def _run(self, rows: int, future: Future[int]) -> None:
+        try:
+            feeds = {name: host[:rows].copy() for name, host in self.host_inputs.items()}
+            outputs = OnnxRuntimeBackend._infer(self.backend, feeds)
+            for name, value in outputs.items():
+                self.host_outputs[name][:rows] = value
+            future.set_result(rows)
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def submit(self, rows: int) -> None:
+        assert self._future is None, "submit before the previous batch was collected"
+        assert 0 < rows <= self.max_rows
+        if self.backend.fail_at is not None and self.backend.submits == self.backend.fail_at:
+            raise BackendError("injected failure")
+        self.backend.submits += 1
+        self.submitted.append(rows)
+        future: Future[int] = Future()
+        threading.Thread(target=self._run, args=(rows, future)).start()
+        self._future = future
+
+    def wait(self) -> Batch:
+        assert self._future is not None, "wait without a submitted batch"
+        rows = self._future.result()
+        self._future = None
+        return {name: host[:rows] for name, host in self.host_outputs.items()}
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ThreadSlotBackend(OnnxRuntimeBackend):
+    """ONNX Runtime on the CPU, run through device slots."""
+
+    name: ClassVar[str] = "thread-slots"
+    supports_slots: ClassVar[bool] = True
+
+    def __init__(self, model: bytes, fail_at: int | None = None) -> None:
+        super().__init__(model, BackendConfig(device="cpu"))
+        self.opened: list[ThreadSlot] = []
+        self.submits = 0
+        self.fail_at = fail_at
+
+    @property
+    def uses_slots(self) -> bool:
+        return True
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        slot = ThreadSlot(self, max_rows)
+        self.opened.append(slot)
+        return slot
+
+    def _infer(self, batch: Batch) -> Batch:
+        raise AssertionError("the slot path must not call infer()")
+
+
+@pytest.fixture(scope="module")
+def model() -> bytes:
+    return two_input_model(seed=21)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """One file of 500 rows in row groups of 120: batches of 64 end with a partial one of 52."""
+    write_dataset(str(tmp_path / "in"), files=1, rows_per_file=500, row_group_rows=120, seed=4)
+    return tmp_path / "in" / "data-000.parquet"
+
+
+def worker_config(out: Path, **kwargs: object) -> WorkerConfig:
+    return WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
+                        output_url=str(out), bindings=(("image", "img"), ("meta", "features")),
+                        keep=("uid",), batch_size=64, **kwargs)  # type: ignore[arg-type]
+
+
+def expected(model: bytes, path: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(path)
+    image = np.stack(table.column("img").combine_chunks().to_numpy_ndarray())
+    meta = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as backend:
+        out = backend.infer({"image": image.astype(np.float32), "meta": meta})
+    return {"uid": table.column("uid").to_numpy(), **out}
+
+
+def check_part(part_url: str, want: dict[str, np.ndarray]) -> None:
+    part = pq.read_table(part_url)
+    np.testing.assert_array_equal(part.column("uid").to_numpy(), want["uid"])
+    logits = np.stack(part.column("logits").combine_chunks().to_numpy_ndarray())
+    np.testing.assert_allclose(logits, want["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(part.column("score").to_numpy(), want["score"].reshape(-1),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_path_unchanged(model: bytes, data: Path, tmp_path: Path) -> None:
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as backend:
+        assert not backend.uses_slots
+        result = process_shard(whole_file_shard(str(data)), worker_config(tmp_path / "out"),
+                               backend)
+    assert (result.rows, result.batches) == (500, 8)
+    assert result.times.gpu_busy == 0 and result.times.h2d == 0
+    check_part(result.part_url, expected(model, data))
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_slots_keep_order_reuse_buffers_and_run_partial_batch(
+        model: bytes, data: Path, tmp_path: Path, slots: int) -> None:
+    backend = ThreadSlotBackend(model)
+    with backend:
+        result = process_shard(whole_file_shard(str(data)),
+                               worker_config(tmp_path / "out", slots=slots), backend)
+    # K slots opened once, each used for several batches, the last one 500 - 7 * 64 rows.
+    assert len(backend.opened) == slots
+    assert all(slot.closed for slot in backend.opened)
+    submitted = sorted(rows for slot in backend.opened for rows in slot.submitted)
+    assert submitted == [52] + [64] * 7
+    assert all(slot.submitted for slot in backend.opened)
+    assert (result.rows, result.batches) == (500, 8)
+    check_part(result.part_url, expected(model, data))
+
+
+def test_pool_is_reused_across_shards(model: bytes, tmp_path: Path) -> None:
+    paths = write_dataset(str(tmp_path / "in"), files=3, rows_per_file=150, row_group_rows=50,
+                          seed=8)
+    backend = ThreadSlotBackend(model)
+    with backend, SlotPool(backend, 2, 64) as pool:
+        for i, path in enumerate(paths):
+            result = process_shard(whole_file_shard(path), worker_config(tmp_path / "out"),
+                                   backend, slots=pool)
+            check_part(result.part_url, expected(model, Path(path)))
+            assert len(backend.opened) == 2, f"shard {i} opened new slots"
+        assert not any(slot.closed for slot in backend.opened)
+    assert all(slot.closed for slot in backend.opened)
+
+
+def test_slot_failure_commits_nothing_and_leaves_pool_usable(
+        model: bytes, data: Path, tmp_path: Path) -> None:
+    backend = ThreadSlotBackend(model, fail_at=3)
+    shard = whole_file_shard(str(data))
+    out = tmp_path / "out"
+    with backend, SlotPool(backend, 2, 64) as pool:
+        with pytest.raises(BackendError, match="injected failure"):
+            process_shard(shard, worker_config(out), backend, slots=pool)
+        assert not (out / shard.part_name).exists()
+        backend.fail_at = None
+        result = process_shard(shard, worker_config(out), backend, slots=pool)
+    check_part(result.part_url, expected(model, data))
+
+
+def test_data_error_in_a_later_batch_drains_slots(model: bytes, tmp_path: Path) -> None:
+    """A bad row group mid-shard: the error surfaces and no slot keeps a batch in flight."""
+    import pyarrow as pa
+
+    path = tmp_path / "bad.parquet"
+    write_dataset(str(tmp_path / "src"), files=1, rows_per_file=200, row_group_rows=100, seed=1)
+    table = pq.read_table(tmp_path / "src" / "data-000.parquet")
+    features = table.column("features").combine_chunks()
+    nulls = pa.array([None if i >= 150 else row for i, row in enumerate(features.to_pylist())],
+                     type=features.type)
+    table = table.set_column(table.schema.get_field_index("features"), "features", nulls)
+    pq.write_table(table, path, row_group_size=100)
+    backend = ThreadSlotBackend(model)
+    with backend, SlotPool(backend, 3, 64) as pool:
+        with pytest.raises(DataError, match="column 'features'"):
+            process_shard(whole_file_shard(str(path)), worker_config(tmp_path / "out"), backend,
+                          slots=pool)
+        assert all(slot._future is None for slot in backend.opened)
+
+
+def test_worker_config_rejects_zero_slots(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"WorkerConfig\.slots must be >= 1"):
+        worker_config(tmp_path, slots=0)
+
+
+def test_slot_pool_rejects_zero_slots(model: bytes) -> None:
+    with ThreadSlotBackend(model) as backend, \
+            pytest.raises(ValueError, match="at least one slot, got 0"):
+        SlotPool(backend, 0, 8)
+
+
+def test_cpu_onnxruntime_has_no_slots(model: bytes) -> None:
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as backend, \
+            pytest.raises(BackendError, match="runs on the CPU here, so it has no device slots"):
+        backend.open_slot(8)
+
+
+def test_busy_seconds_counts_overlaps_once() -> None:
+    assert busy_seconds([]) == 0
+    assert busy_seconds([(0.0, 1.0), (2.0, 3.0)]) == pytest.approx(2.0)
+    assert busy_seconds([(0.0, 2.0), (1.0, 3.0), (1.5, 2.5)]) == pytest.approx(3.0)
+    assert busy_seconds([(4.0, 5.0), (0.0, 1.0), (0.5, 0.7)]) == pytest.approx(2.0)
+
+
+def test_stage_times_busy_fraction() -> None:
+    times = StageTimes(total=4.0, gpu_busy=3.0)
+    assert times.gpu_busy_fraction == pytest.approx(0.75)
+    assert StageTimes().gpu_busy_fraction == 0.0
