@@ -146,6 +146,9 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     started, started_at = time.monotonic(), _now()
     job = prepare(spec)
     out = OutputDir(spec.output, spec.storage)
+    out.check(job.identity, spec.overwrite)  # refuse another job's output before starting Ray
+    init_ray()
+    backend = resolve_backend(spec.backend)  # before the output is touched or GPUs reserved
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
@@ -157,8 +160,6 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
           f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else ""),
           file=stream, flush=True)
 
-    init_ray()
-    backend = resolve_backend(spec.backend)
     outcome = None
     worker_info: dict[str, Any] = {}
     if todo:

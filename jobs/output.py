@@ -79,11 +79,10 @@ class OutputDir:
             if self.fs.exists(self.path(TMP_DIR)):
                 self.fs.rm(self.path(TMP_DIR), recursive=True)
 
-    def claim(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
-        """Make OUTPUT this job's; return the parts already committed by an earlier run of it.
+    def check(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
+        """Parts of an earlier run of this job; refuses another job's parts unless `overwrite`.
 
-        Refuses (OutputConflictError) when OUTPUT holds parts of a different job, unless
-        `overwrite`, which removes them first.
+        Read-only, so the driver can call it before it starts Ray.
         """
         parts = self.committed()
         previous = self.read_json(JOB_FILE)
@@ -96,8 +95,20 @@ class OutputDir:
                     f"output '{self.url}' already holds {len(parts)} part(s) of another job "
                     f"({whose}); choose another --output, or pass --overwrite to replace them"
                 )
-            self.remove([*parts.values(), MANIFEST_FILE, SUCCESS_FILE])
-            parts = {}
+            return {}
+        return parts
+
+    def claim(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
+        """Make OUTPUT this job's; return the parts already committed by an earlier run of it.
+
+        Refuses (OutputConflictError) when OUTPUT holds parts of a different job, unless
+        `overwrite`, which removes them first.
+        """
+        parts = self.check(identity, overwrite)
+        if not parts:
+            others = self.committed()
+            if others:  # another job's, and overwrite was given
+                self.remove([*others.values(), MANIFEST_FILE, SUCCESS_FILE])
         self.remove([SUCCESS_FILE])
         self.write_json(JOB_FILE, identity)
         return parts

@@ -1,0 +1,172 @@
+"""The CLI as users run it: one clear line per bad input, exit codes, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.models import chain_model, chain_table, two_input_model
+
+pytestmark = pytest.mark.subprocess
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobs.run", *args], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def job_args(two_input_onnx: Path, dataset: Path, tmp_path: Path) -> list[str]:
+    return ["--model", str(two_input_onnx), "--input", str(dataset), "--output",
+            str(tmp_path / "out"), "--column", "image=img", "--column", "meta=features",
+            "--keep", "uid", "--rows-per-shard", "240", "--backend", "onnxruntime",
+            "--workers", "2", "--no-progress"]
+
+
+def replace(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def swap(args: list[str], old: str, new: str) -> list[str]:
+    return [new if a == old else a for a in args]
+
+
+def one_error_line(result: subprocess.CompletedProcess[str], only: bool = True) -> str:
+    """The CLI's error: exit 2, one `error:` line (the only line, unless Ray had started), no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.stderr
+    if only:
+        assert len(lines) == 1, result.stderr
+    return lines[-1]
+
+
+def test_nonexistent_input(job_args: list[str], tmp_path: Path) -> None:
+    line = one_error_line(run_cli(*replace(job_args, "--input", str(tmp_path / "missing"))))
+    assert line == f"error: input '{tmp_path / 'missing'}' does not exist; check --input " \
+                   "(a Parquet file, a directory or a glob)"
+
+
+def test_missing_model(job_args: list[str], tmp_path: Path) -> None:
+    line = one_error_line(run_cli(*replace(job_args, "--model", str(tmp_path / "nope.onnx"))))
+    assert line.startswith(f"error: model '{tmp_path / 'nope.onnx'}' cannot be read")
+    assert line.endswith("check --model")
+
+
+def test_file_that_is_not_onnx(job_args: list[str], tmp_path: Path) -> None:
+    fake = tmp_path / "model.onnx"
+    fake.write_text("definitely not a protobuf\n" * 20)
+    line = one_error_line(run_cli(*replace(job_args, "--model", str(fake))))
+    assert f"model '{fake}' is not an ONNX model" in line
+    assert "pass a .onnx file exported by" in line
+
+
+def test_unknown_column(job_args: list[str]) -> None:
+    line = one_error_line(run_cli(*swap(job_args, "image=img", "image=pixels")))
+    assert "column 'pixels' (for model input 'image', mapped by --column) is not in input" in line
+    assert line.endswith("map it with --column image=COLUMN")
+
+
+def test_column_of_the_wrong_type(job_args: list[str]) -> None:
+    line = one_error_line(run_cli(*swap(job_args, "image=img", "image=uid")))
+    assert "column 'uid' is int64 (one value per row), but input 'image' of the model wants " \
+           "float32 [N,3,4,4]" in line
+
+
+def test_bad_flag_value(job_args: list[str]) -> None:
+    line = one_error_line(run_cli(*replace(job_args, "--rows-per-shard", "0")))
+    assert line == "error: rows_per_shard must be an integer >= 1, got 0"
+
+
+def test_tensorrt_without_gpu(job_args: list[str]) -> None:
+    # Ray has to start to learn the cluster has no GPUs; nothing is reserved or written.
+    line = one_error_line(run_cli(*replace(job_args, "--backend", "tensorrt")), only=False)
+    assert "backend 'tensorrt' needs" in line and "--backend onnxruntime" in line
+
+
+def test_corrupt_file_among_good_ones(job_args: list[str], dataset: Path, tmp_path: Path) -> None:
+    (dataset / "data-002.parquet").write_bytes(b"garbage" * 100)
+    result = run_cli(*job_args)
+    assert result.returncode == 1, result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "data-002.parquet" in failed[0]
+    assert "not a readable Parquet file" in failed[0]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["shards_committed"] == 6 and manifest["rows"] == 1000
+    assert [f["file"].rsplit("/", 1)[-1] for f in manifest["failures"]] == ["data-002.parquet"]
+    assert pq.read_table(tmp_path / "out").num_rows == 1000
+    # Within --max-failed-shards the job counts as done.
+    assert run_cli(*job_args, "--max-failed-shards", "1").returncode == 0
+
+
+def test_other_job_into_output(job_args: list[str], tmp_path: Path) -> None:
+    assert run_cli(*job_args).returncode == 0
+    other = tmp_path / "other.onnx"
+    other.write_bytes(two_input_model(seed=77))
+    line = one_error_line(run_cli(*replace(job_args, "--model", str(other))))
+    assert "already holds 7 part(s) of another job" in line or "part(s) of another job" in line
+    assert line.endswith("choose another --output, or pass --overwrite to replace them")
+
+
+def test_resume_after_the_whole_job_is_killed(tmp_path: Path) -> None:
+    """SIGKILL the driver and its local Ray mid-job; the rerun finishes exactly, reusing parts."""
+    model = tmp_path / "chain.onnx"
+    chain_model(str(model), width=256, depth=32)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        pq.write_table(chain_table(1200, seed=i, start=i * 1200), data / f"f{i}.parquet",
+                       row_group_size=60)
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--input", str(data), "--output", str(out), "--keep", "uid",
+            "--rows-per-shard", "60", "--batch-size", "20", "--workers", "1",
+            "--shards-in-flight", "1", "--backend", "onnxruntime", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, all at once
+    proc.wait()
+    assert not (out / "_SUCCESS").exists(), "the job finished before it could be killed"
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 3 <= len(before) < 80
+    for part in before:
+        assert pq.read_metadata(out / part).num_rows == 60  # every visible part is complete
+
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"{len(before)} already committed (skipped)" in result.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(after) == 80 and all(after[n] == t for n, t in before.items())
+    table = pq.read_table(out).sort_by("uid")
+    assert table.column("uid").to_pylist() == list(range(4800))
+    import numpy as np
+    import onnxruntime as ort
+
+    source = pq.read_table(data).sort_by("uid")
+    x = np.stack(source.column("x").to_numpy(zero_copy_only=False)).astype(np.float32)
+    (want,) = ort.InferenceSession(str(model)).run(["y"], {"x": x})
+    got = table.column("y").combine_chunks().to_numpy_ndarray()
+    assert np.abs(got - want).max() <= 1e-4
+    assert not (out / "_tmp").exists() or not list((out / "_tmp").iterdir())
