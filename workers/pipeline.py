@@ -24,6 +24,7 @@ from workers.commit import PartWriter
 from workers.convert import column_to_tensor, tensor_to_arrow
 from workers.errors import DataError
 from workers.reader import read_batches
+from workers.rowgroups import Piece, RowGroupReader, exact_batches
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 T = TypeVar("T")
@@ -174,24 +175,22 @@ def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], No
     return count
 
 
-def _run_slots(pool: SlotPool, batches: Batches,
-               write_outputs: Callable[[pa.Table, Batch], None], config: WorkerConfig,
-               times: StageTimes) -> int:
+def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
+               write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes) -> int:
     """The GPU path: keep every slot of `pool` busy; collect batches in submission order."""
     free: deque[DeviceSlot] = deque(pool.slots)
-    in_flight: deque[tuple[DeviceSlot, pa.Table]] = deque()
+    in_flight: deque[tuple[DeviceSlot, pa.Table, int]] = deque()
     spans: list[tuple[float, float]] = []
     count = 0
     if pool.clock is not None:
         pool.clock.record(0)  # the legacy stream: idle here, so this marks "now" on the GPU
 
-    with Prefetcher(batches, config.prefetch) as ahead, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
         pending: Future[None] | None = None
 
         def collect() -> None:
             nonlocal pending
-            slot, kept = in_flight.popleft()
+            slot, kept, rows = in_flight.popleft()
             t0 = time.perf_counter()
             views = slot.wait()
             times.infer += time.perf_counter() - t0
@@ -204,22 +203,27 @@ def _run_slots(pool: SlotPool, batches: Batches,
             free.append(slot)
             if pending is not None:
                 pending.result()
-            pending = behind.submit(write_outputs, kept, outputs)
+            pending = behind.submit(write_outputs, kept, outputs, rows)
 
         try:
-            for feeds, kept in ahead:
+            for pieces in batches:
                 if not free:
                     collect()
                 slot = free.popleft()
-                rows = kept.num_rows
                 t0 = time.perf_counter()
-                for name, array in feeds.items():
-                    np.copyto(slot.host_inputs[name][:rows], array)
+                rows = 0
+                for feeds, kept in pieces:
+                    n = kept.num_rows
+                    for name, array in feeds.items():
+                        np.copyto(slot.host_inputs[name][rows:rows + n], array)
+                    rows += n
                 t1 = time.perf_counter()
                 times.convert += t1 - t0
                 slot.submit(rows)
                 times.infer += time.perf_counter() - t1
-                in_flight.append((slot, kept))
+                kept = pieces[0][1] if len(pieces) == 1 else \
+                    pa.concat_tables([kept for _, kept in pieces])
+                in_flight.append((slot, kept, rows))
                 count += 1
             while in_flight:
                 collect()
@@ -228,7 +232,7 @@ def _run_slots(pool: SlotPool, batches: Batches,
         finally:
             # After a failure, leave no batch in flight: the pool's slots serve the next shard.
             while in_flight:
-                slot, _ = in_flight.popleft()
+                slot = in_flight.popleft()[0]
                 # The failure already propagating is the one to report.
                 with contextlib.suppress(Exception):
                     slot.wait()
@@ -248,6 +252,12 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     metas = {meta.name: meta for meta in backend.inputs}
     bindings = dict(config.bindings)
 
+    def convert(table: pa.Table) -> Piece:
+        """Model inputs and kept columns of a table; both paths convert through here."""
+        feeds = {name: column_to_tensor(column, table.column(column), metas[name])
+                 for name, column in bindings.items()}
+        return feeds, table.select(list(config.keep))
+
     def batches() -> Iterator[tuple[Batch, pa.Table]]:
         tables = read_batches(shard, config.columns, config.batch_size, config.storage)
         while True:
@@ -257,19 +267,23 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
             times.read += t1 - t0
             if table is None:
                 return
-            feeds = {name: column_to_tensor(column, table.column(column), metas[name])
-                     for name, column in bindings.items()}
-            kept = table.select(list(config.keep))
+            piece = convert(table)
             times.convert += time.perf_counter() - t1
-            yield feeds, kept
+            yield piece
 
     def write(table: pa.Table) -> None:
         t0 = time.perf_counter()
         writer.write(table)
         times.write += time.perf_counter() - t0
 
-    def write_outputs(kept: pa.Table, outputs: Batch) -> None:
-        write(output_table(kept, outputs, kept.num_rows))
+    def write_outputs(kept: pa.Table, outputs: Batch, rows: int) -> None:
+        write(output_table(kept, outputs, rows))
+
+    def row_groups(reader: RowGroupReader) -> Iterator[Piece]:
+        for feeds, kept, read_seconds, convert_seconds in reader:
+            times.read += read_seconds
+            times.convert += convert_seconds
+            yield feeds, kept
 
     writer = PartWriter(config.output_url, shard.part_name, config.storage)
     count = 0
@@ -278,7 +292,10 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
             pool = slots if slots is not None else SlotPool(backend, config.slots,
                                                             config.batch_size)
             try:
-                count = _run_slots(pool, batches, write_outputs, config, times)
+                with RowGroupReader(shard, config.columns, convert, config.readers,
+                                    config.prefetch, config.storage) as reader:
+                    count = _run_slots(pool, exact_batches(row_groups(reader), config.batch_size),
+                                       write_outputs, times)
             finally:
                 if slots is None:
                     pool.close()

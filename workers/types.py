@@ -53,10 +53,15 @@ class WorkerConfig:
     prefetch: int = 2
     #: Batches in flight on the GPU (each with its own stream and buffers); GPU backends only.
     slots: int = 2
+    #: Threads decoding row groups in parallel on the GPU path (the CPU path reads on one).
+    readers: int = 4
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"WorkerConfig.slots must be >= 1 (batches in flight), got {self.slots}")
+        if self.readers < 1:
+            raise ValueError(f"WorkerConfig.readers must be >= 1 (reading threads), "
+                             f"got {self.readers}")
 
     @property
     def columns(self) -> list[str]:

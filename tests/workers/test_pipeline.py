@@ -150,13 +150,14 @@ def test_cpu_path_unchanged(model: bytes, data: Path, tmp_path: Path) -> None:
     check_part(result.part_url, expected(model, data))
 
 
-@pytest.mark.parametrize("slots", [1, 2, 3])
+@pytest.mark.parametrize(("slots", "readers"), [(1, 1), (2, 4), (3, 2)])
 def test_slots_keep_order_reuse_buffers_and_run_partial_batch(
-        model: bytes, data: Path, tmp_path: Path, slots: int) -> None:
+        model: bytes, data: Path, tmp_path: Path, slots: int, readers: int) -> None:
     backend = ThreadSlotBackend(model)
     with backend:
         result = process_shard(whole_file_shard(str(data)),
-                               worker_config(tmp_path / "out", slots=slots), backend)
+                               worker_config(tmp_path / "out", slots=slots, readers=readers),
+                               backend)
     # K slots opened once, each used for several batches, the last one 500 - 7 * 64 rows.
     assert len(backend.opened) == slots
     assert all(slot.closed for slot in backend.opened)
@@ -218,6 +219,11 @@ def test_data_error_in_a_later_batch_drains_slots(model: bytes, tmp_path: Path) 
 def test_worker_config_rejects_zero_slots(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"WorkerConfig\.slots must be >= 1"):
         worker_config(tmp_path, slots=0)
+
+
+def test_worker_config_rejects_zero_readers(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"WorkerConfig\.readers must be >= 1"):
+        worker_config(tmp_path, readers=0)
 
 
 def test_slot_pool_rejects_zero_slots(model: bytes) -> None:

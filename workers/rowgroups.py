@@ -1,0 +1,132 @@
+"""Reading a shard's row groups on several threads at once, handed out in order as exact batches.
+
+The GPU path uses this: one thread decoding Parquet cannot keep up with a GPU fed large tensors,
+and pyarrow's decoder releases the GIL, so row groups decode in parallel. Each thread reads
+through its own `ShardFile` (file handles are not safe to share), with its retries.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from workers.reader import ShardFile
+from workers.types import Shard
+
+Batch = dict[str, np.ndarray]
+#: One row group (or part of one) after conversion: model inputs and the columns to keep.
+Piece = tuple[Batch, pa.Table]
+#: A converted row group with the seconds its thread spent reading and converting it.
+Converted = tuple[Batch, pa.Table, float, float]
+
+
+class RowGroupReader:
+    """Reads and converts a shard's row groups on `threads` threads, at most `ahead` in waiting.
+
+    Iterating yields `(feeds, kept, read_seconds, convert_seconds)` per row group, in order.
+    An error in any row group is raised where that row group would have been yielded.
+    """
+
+    def __init__(self, shard: Shard, columns: list[str], convert: Callable[[pa.Table], Piece],
+                 threads: int = 4, ahead: int = 2,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        if threads < 1:
+            raise ValueError(f"RowGroupReader needs at least one thread, got {threads}")
+        self.shard = shard
+        self.columns = columns
+        self._convert = convert
+        self._storage = storage_options
+        self._window = threads + max(0, ahead)
+        self._local = threading.local()
+        self._files: list[ShardFile] = []
+        self._lock = threading.Lock()
+        # Checks the file is unchanged and has the columns before any thread starts.
+        first = ShardFile(shard, storage_options)
+        self._files.append(first)
+        try:
+            first.check_columns(columns)
+        except BaseException:
+            first.close()
+            raise
+        self._local.file = first
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
+
+    def _file(self) -> ShardFile:
+        file: ShardFile | None = getattr(self._local, "file", None)
+        if file is None:
+            # File handles are not safe to share between threads: one per reading thread.
+            file = ShardFile(self.shard, self._storage)
+            with self._lock:
+                self._files.append(file)
+            self._local.file = file
+        return file
+
+    def _read(self, index: int) -> Converted:
+        t0 = time.perf_counter()
+        table = self._file().read_row_group(index, self.columns)
+        t1 = time.perf_counter()
+        feeds, kept = self._convert(table)
+        return feeds, kept, t1 - t0, time.perf_counter() - t1
+
+    def __iter__(self) -> Iterator[Converted]:
+        start, stop = self.shard.row_groups
+        indices = iter(range(start, stop))
+        pending: deque[Future[Converted]] = deque()
+        for index in indices:
+            pending.append(self._pool.submit(self._read, index))
+            if len(pending) >= self._window:
+                break
+        while pending:
+            result = pending.popleft().result()
+            following = next(indices, None)
+            if following is not None:
+                pending.append(self._pool.submit(self._read, following))
+            yield result
+
+    def close(self) -> None:
+        """Stop reading (queued row groups are dropped), then close every thread's file."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            files, self._files = self._files, []
+        for file in files:
+            file.close()
+
+    def __enter__(self) -> RowGroupReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def exact_batches(pieces: Iterator[Piece], batch_size: int) -> Iterator[list[Piece]]:
+    """Regroup row groups into batches of exactly `batch_size` rows (the last may be shorter).
+
+    A batch is a list of pieces (views, no copies) that together hold its rows, in order; a
+    batch that spans a row-group boundary has more than one.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch: list[Piece] = []
+    have = 0
+    for feeds, kept in pieces:
+        rows, start = kept.num_rows, 0
+        while start < rows:
+            take = min(batch_size - have, rows - start)
+            batch.append(({name: array[start:start + take] for name, array in feeds.items()},
+                          kept.slice(start, take)))
+            have += take
+            start += take
+            if have == batch_size:
+                yield batch
+                batch, have = [], 0
+    if batch:
+        yield batch
