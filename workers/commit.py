@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workers.storage import filesystem, is_local, storage_errors
+from workers.storage import DEFAULT_RETRY, RetryPolicy, filesystem, is_local, retrying
 
 TMP_DIR = "_tmp"  # under the output; the leading underscore keeps Parquet readers out
 
@@ -20,7 +20,9 @@ class PartWriter:
     """Streams tables into a Parquet file that becomes `OUTPUT/name` only on `commit()`."""
 
     def __init__(self, output_url: str, name: str,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None,
+                 policy: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.policy = policy
         self.fs, root = filesystem(output_url, storage_options)
         self.final_path = f"{root.rstrip('/')}/{name}"
         self.url = self.fs.unstrip_protocol(self.final_path)
@@ -48,13 +50,18 @@ class PartWriter:
         self._writer.close()
         self._writer = None
         size = os.path.getsize(self.tmp_path)
-        with storage_errors(f"cannot commit part '{self.url}'"):
+
+        def publish() -> None:
             if is_local(self.fs):
                 os.replace(self.tmp_path, self.final_path)
             else:
                 # A single PUT, or a multipart upload completed in one call: all or nothing.
+                # Retrying it is safe: the part's name and bytes are the same every time.
                 self.fs.put_file(self.tmp_path, self.final_path)
-                os.unlink(self.tmp_path)
+
+        retrying(f"cannot commit part '{self.url}'", publish, self.policy)
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
         return size
 
     def abort(self) -> None:

@@ -15,6 +15,10 @@ class StorageError(RunnerError, OSError):
     """Reading or writing object storage failed."""
 
 
+class TransientStorageError(StorageError):
+    """Storage kept failing in a way that may pass (timeouts, throttling, 5xx): worth a later retry."""
+
+
 class DataError(RunnerError, ValueError):
     """A shard's data cannot be turned into model input (corrupt file, wrong shape, bad values)."""
 

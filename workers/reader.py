@@ -1,16 +1,24 @@
-"""Reading a shard's row groups straight from storage, as tables of exactly `batch_size` rows."""
+"""Reading a shard's row groups from storage, as tables of exactly `batch_size` rows.
+
+Storage failures are retried (`workers.storage.retrying`); bytes that do not decode are a
+DataError, never retried. pyarrow reports both as OSError, so the file object handed to pyarrow
+remembers what the storage raised, and only that counts as a storage failure.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.errors import DataError
-from workers.storage import file_version, filesystem, storage_errors
+from workers.storage import DEFAULT_RETRY, RetryPolicy, file_version, filesystem, retrying
 from workers.types import Shard
+
+T = TypeVar("T")
 
 
 def _check_unchanged(shard: Shard, info: Mapping[str, Any]) -> None:
@@ -23,40 +31,141 @@ def _check_unchanged(shard: Shard, info: Mapping[str, Any]) -> None:
         )
 
 
-def read_batches(shard: Shard, columns: list[str], batch_size: int,
-                 storage_options: Mapping[str, Any] | None = None) -> Iterator[pa.Table]:
-    """Yield the shard's rows (only `columns`) in order, as tables of `batch_size` rows (last may be short)."""
-    fs, path = filesystem(shard.url, storage_options)
-    with storage_errors(f"cannot read '{shard.url}'"):
-        _check_unchanged(shard, fs.info(path))
-        handle = fs.open(path, "rb")
-    with handle:
+class _TrackedFile:
+    """A file object that remembers the last exception its storage raised."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.error: BaseException | None = None
+
+    def _track(self, call: Callable[[], T]) -> T:
         try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise DataError(f"'{shard.url}' is not a readable Parquet file ({exc}); "
-                            "replace or remove the file") from exc
-        names = set(parquet.schema_arrow.names)
+            return call()
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def read(self, size: int = -1) -> bytes:
+        return self._track(lambda: self._handle.read(size))
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._track(lambda: self._handle.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._handle.tell())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+class ShardFile:
+    """One input file opened for a shard: checked unchanged, footer read once, row groups
+    read with retries. Use as a context manager."""
+
+    def __init__(self, shard: Shard, storage_options: Mapping[str, Any] | None = None,
+                 policy: RetryPolicy = DEFAULT_RETRY) -> None:
+        self.shard = shard
+        self.policy = policy
+        self.fs, self.path = filesystem(shard.url, storage_options)
+        self._handle: _TrackedFile | None = None
+        self._parquet: pq.ParquetFile | None = None
+        info = retrying(f"cannot read '{shard.url}'", lambda: self.fs.info(self.path), policy)
+        _check_unchanged(shard, info)
+        self.metadata: pq.FileMetaData = self._call(
+            f"cannot read the footer of '{shard.url}'", lambda p: p.metadata,
+            lambda exc: f"'{shard.url}' is not a readable Parquet file ({exc}); "
+                        "replace or remove the file")
+        self.schema: pa.Schema = self.metadata.schema.to_arrow_schema()
+
+    def _open(self) -> pq.ParquetFile:
+        if self._parquet is None:
+            self._handle = _TrackedFile(self.fs.open(self.path, "rb"))
+            # A reopened file reuses the footer read the first time.
+            metadata = getattr(self, "metadata", None)
+            self._parquet = pq.ParquetFile(self._handle, metadata=metadata)
+        return self._parquet
+
+    def _drop(self) -> None:
+        """Close the handle after a storage failure, so the next attempt starts clean."""
+        handle, self._handle, self._parquet = self._handle, None, None
+        if handle is not None:
+            # The connection may already be broken; the next attempt opens a new one anyway.
+            with contextlib.suppress(Exception):
+                handle.close()
+
+    def _call(self, action: str, read: Callable[[pq.ParquetFile], T],
+              corrupt: Callable[[BaseException], str]) -> T:
+        """`read(parquet)` with retries of storage failures; undecodable bytes -> DataError."""
+
+        def attempt() -> T:
+            try:
+                parquet = self._open()
+                assert self._handle is not None
+                self._handle.error = None
+                return read(parquet)
+            except DataError:
+                raise
+            except Exception as exc:
+                handle = self._handle
+                if handle is None or handle.error is not None:
+                    # The storage failed (opening, or under pyarrow): retried as storage.
+                    self._drop()
+                    raise (handle.error if handle is not None and handle.error is not None
+                           else exc) from None
+                if isinstance(exc, pa.ArrowException | OSError | ValueError):
+                    raise DataError(corrupt(exc)) from exc
+                raise
+
+        return retrying(action, attempt, self.policy)
+
+    def check_columns(self, columns: list[str]) -> None:
+        """Raise DataError naming the columns this file lacks."""
+        names = set(self.schema.names)
         missing = [c for c in columns if c not in names]
         if missing:
-            raise DataError(f"'{shard.url}' has no column(s) {missing} (it has "
+            raise DataError(f"'{self.shard.url}' has no column(s) {missing} (it has "
                             f"{sorted(names)}); every input file needs the same schema")
+
+    def read_row_group(self, index: int, columns: list[str]) -> pa.Table:
+        """Row group `index` (only `columns`), read with retries."""
+        return self._call(
+            f"cannot read row group {index} of '{self.shard.url}'",
+            lambda p: p.read_row_group(index, columns=columns, use_threads=False),
+            lambda exc: f"'{self.shard.url}' has a corrupt row group {index} ({exc}); "
+                        "replace or remove the file")
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_batches(shard: Shard, columns: list[str], batch_size: int,
+                 storage_options: Mapping[str, Any] | None = None,
+                 policy: RetryPolicy = DEFAULT_RETRY) -> Iterator[pa.Table]:
+    """Yield the shard's rows (only `columns`) in order, as tables of `batch_size` rows (last may be short).
+
+    Reads one row group at a time, so a storage failure retries one row group, not the shard.
+    """
+    with ShardFile(shard, storage_options, policy) as source:
+        source.check_columns(columns)
         start, stop = shard.row_groups
-        pending: list[pa.RecordBatch] = []
-        buffered = 0
-        try:
-            for record_batch in parquet.iter_batches(batch_size=batch_size,
-                                                     row_groups=list(range(start, stop)),
-                                                     columns=columns, use_threads=False):
-                pending.append(record_batch)
-                buffered += record_batch.num_rows
-                while buffered >= batch_size:
-                    table = pa.Table.from_batches(pending).combine_chunks()
-                    yield table.slice(0, batch_size)
-                    rest = table.slice(batch_size)
-                    pending, buffered = rest.to_batches(), rest.num_rows
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise DataError(f"'{shard.url}' has a corrupt row group in {start}-{stop - 1} "
-                            f"({exc}); replace or remove the file") from exc
-        if buffered:
-            yield pa.Table.from_batches(pending).combine_chunks()
+        carry: pa.Table | None = None  # fewer than batch_size rows left from earlier groups
+        for index in range(start, stop):
+            group = source.read_row_group(index, columns)
+            # Zero-copy: the carried rows and the new group become chunks of one table.
+            table = group if carry is None else pa.concat_tables([carry, group])
+            offset = 0
+            while table.num_rows - offset >= batch_size:
+                yield table.slice(offset, batch_size).combine_chunks()
+                offset += batch_size
+            carry = table.slice(offset) if offset < table.num_rows else None
+        if carry is not None:
+            yield carry.combine_chunks()

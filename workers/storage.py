@@ -1,20 +1,84 @@
-"""Storage through fsspec only: opening filesystems, versions of files, error translation."""
+"""Storage through fsspec only: filesystems, file versions, error translation, retries."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from workers.errors import MissingDependencyError, StorageError
+from workers.errors import (
+    MissingDependencyError,
+    RunnerError,
+    StorageError,
+    TransientStorageError,
+)
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Keys that fsspec implementations put in `info()` and that change when a file is rewritten,
 # most specific first: S3 ETag, GCS generation/md5, local and others' modification time.
 _VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified",
                  "created")
+
+# errno values that mean "try again later": S3's SlowDown/503 (EBUSY) and 500 (EREMOTEIO) as
+# s3fs translates them, codes it does not know (EIO), and the network's own failures.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EBUSY", "EREMOTEIO", "EIO", "EAGAIN", "ETIMEDOUT", "ECONNRESET", "ECONNABORTED",
+        "ECONNREFUSED", "EPIPE", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "ENETRESET")
+    if hasattr(errno, name))
+
+# Exceptions that storage clients raise without subclassing OSError (botocore, aiohttp,
+# urllib3, fsspec), matched by class name so that none of those packages is imported here.
+_TRANSIENT_CLASSES = frozenset({
+    "HTTPClientError", "ConnectionError", "ConnectionClosedError", "EndpointConnectionError",
+    "ReadTimeoutError", "ConnectTimeoutError", "Timeout", "IncompleteReadError", "IncompleteRead",
+    "ResponseStreamingError", "ResponseParserError", "ClientPayloadError", "ClientConnectionError",
+    "ServerDisconnectedError", "ServerTimeoutError", "FSTimeoutError", "ProtocolError",
+})
+
+# Errors that no retry can fix: the object is missing, access is denied, the request is wrong.
+_PERMANENT_OSERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError,
+                       NotADirectoryError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a storage call is retried: `attempts` in all, exponential backoff with jitter between.
+
+    Applies on top of the storage client's own retries (botocore retries 5xx and throttling a
+    few times itself; set them with `storage_options: {config_kwargs: {retries: ...}}`).
+    """
+
+    attempts: int = 5
+    backoff: float = 0.25  # seconds before the second attempt; doubles each time
+    max_backoff: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+        if self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"RetryPolicy backoff must be >= 0, got {self.backoff}, "
+                             f"{self.max_backoff}")
+
+    def wait(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based): half fixed, half random."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** (retry - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+DEFAULT_RETRY = RetryPolicy()
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None
@@ -44,46 +108,159 @@ def file_version(info: Mapping[str, Any]) -> str:
     return ""
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True for a storage failure that may pass on its own: timeouts, dropped connections,
+    throttling, server errors. False for missing objects, denied access and bad requests."""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, (RunnerError, *_PERMANENT_OSERRORS)):
+        return False
+    if isinstance(exc, TimeoutError | ConnectionError):
+        return True
+    status = getattr(exc, "status", None)  # aiohttp/HTTP filesystems: the response status
+    if isinstance(status, int):
+        return status >= 500 or status == 429
+    if {cls.__name__ for cls in type(exc).__mro__} & _TRANSIENT_CLASSES:
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno is None or exc.errno in _TRANSIENT_ERRNOS
+    return False
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """True for exceptions that come from storage (OSError or a storage client's own types)."""
+    if isinstance(exc, RunnerError):
+        return isinstance(exc, StorageError)
+    return isinstance(exc, OSError) or is_transient(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or repr(exc)
+    return f"{exc.__class__.__name__}: {text}"
+
+
+def storage_error(action: str, exc: BaseException) -> StorageError:
+    """The StorageError a user reads for `exc`, raised while doing `action`."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return StorageError(f"{action}: not found ({exc})")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{action}: permission denied ({exc}); check the credentials and "
+                            "the bucket policy")
+    if is_transient(exc):
+        return TransientStorageError(f"{action}: {_describe(exc)}")
+    return StorageError(f"{action}: {_describe(exc)}")
+
+
 @contextlib.contextmanager
 def storage_errors(action: str) -> Iterator[None]:
-    """Turn filesystem exceptions into a StorageError that says what was being done."""
+    """Turn storage exceptions into a StorageError that says what was being done (no retry)."""
     try:
         yield
     except StorageError:
         raise
-    except FileNotFoundError as exc:
-        raise StorageError(f"{action}: not found ({exc})") from exc
-    except PermissionError as exc:
-        raise StorageError(f"{action}: permission denied ({exc}); check the credentials") from exc
-    except OSError as exc:
-        raise StorageError(f"{action}: {exc.__class__.__name__}: {exc}") from exc
+    except Exception as exc:
+        if not is_storage_failure(exc):
+            raise
+        raise storage_error(action, exc) from exc
 
 
-def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+def retrying(action: str, call: Callable[[], T], policy: RetryPolicy = DEFAULT_RETRY) -> T:
+    """Run `call`, retrying transient storage failures with backoff.
+
+    A permanent failure raises StorageError at once; a transient one that outlasts
+    `policy.attempts` raises TransientStorageError, both naming `action` and the storage's error.
+    """
+    started = time.monotonic()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except StorageError:
+            raise
+        except Exception as exc:
+            if not is_storage_failure(exc):
+                raise
+            if not is_transient(exc):
+                raise storage_error(action, exc) from exc
+            if attempt == policy.attempts:
+                raise TransientStorageError(
+                    f"{action}: {_describe(exc)}; still failing after {attempt} attempt(s) over "
+                    f"{time.monotonic() - started:.1f}s (the storage is unavailable or "
+                    "throttling); rerun the job to resume") from exc
+            wait = policy.wait(attempt)
+            log.warning("%s: %s; retry %d/%d in %.2fs", action, _describe(exc), attempt,
+                        policy.attempts - 1, wait)
+            time.sleep(wait)  # backoff, not synchronization: give the store time to recover
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None,
+               policy: RetryPolicy = DEFAULT_RETRY) -> bytes:
     """Read a whole object."""
     fs, path = filesystem(url, storage_options)
-    with storage_errors(f"cannot read '{url}'"):
-        data: bytes = fs.cat_file(path)
+    data: bytes = retrying(f"cannot read '{url}'", lambda: fs.cat_file(path), policy)
     return data
 
 
-def write_bytes_atomic(url: str, data: bytes,
-                       storage_options: Mapping[str, Any] | None = None) -> None:
+def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None,
+                       policy: RetryPolicy = DEFAULT_RETRY) -> None:
     """Write a small object so that readers see the old or the new bytes, never a mix."""
-    import os
-    import uuid
-
     fs, path = filesystem(url, storage_options)
-    with storage_errors(f"cannot write '{url}'"):
+
+    def write() -> None:
         if is_local(fs):
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:
             # One PUT: object stores make it visible whole or not at all.
             fs.pipe_file(path, data)
+
+    retrying(f"cannot write '{url}'", write, policy)
+
+
+def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None,
+                     policy: RetryPolicy = DEFAULT_RETRY) -> bool:
+    """Create an object only if none exists; False if one does.
+
+    Atomic where the filesystem honours fsspec's `mode="create"` (local files: O_EXCL; S3 and
+    GCS: a conditional PUT). A retried create whose first attempt did land returns False too:
+    callers read the object back to tell that case apart.
+    """
+    fs, path = filesystem(url, storage_options)
+
+    def create() -> bool:
+        if is_local(fs):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    return retrying(f"cannot create '{url}'", create, policy)
+
+
+def remove_file(url: str, storage_options: Mapping[str, Any] | None = None,
+                policy: RetryPolicy = DEFAULT_RETRY) -> bool:
+    """Delete one object; False if it did not exist."""
+    fs, path = filesystem(url, storage_options)
+
+    def remove() -> bool:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    return retrying(f"cannot remove '{url}'", remove, policy)
