@@ -71,7 +71,7 @@ def test_bad_yaml(tmp_path: Path, yaml: str, message: str) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="cannot read config .*nope.yaml"):
+    with pytest.raises(SpecError, match=r"cannot read config .*nope\.yaml"):
         spec_from_args(["--config", str(tmp_path / "nope.yaml")])
 
 

@@ -26,7 +26,7 @@ def test_unknown_column_names_the_input_and_fix() -> None:
 
 
 def test_unmapped_input_without_column() -> None:
-    with pytest.raises(SpecError, match="column 'meta' .*of the same name"):
+    with pytest.raises(SpecError, match=r"column 'meta' .*of the same name"):
         resolve_bindings({"image": "img"}, MODEL, SCHEMA, "input 'x'")
 
 

@@ -67,7 +67,7 @@ def test_wrong_element_count_is_a_spec_error() -> None:
 
 
 def test_string_column_is_a_spec_error() -> None:
-    with pytest.raises(SpecError, match="column 'name' is string, but input 'x'.*preprocessor"):
+    with pytest.raises(SpecError, match=r"column 'name' is string, but input 'x'.*preprocessor"):
         check_feed("name", pa.string(), IMAGE)
 
 
