@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.backends.base import Backend, Batch, DeviceSlot
+from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot
 from workers.errors import BackendError, MissingDependencyError
 from workers.tensors import TensorMeta, describe_onnx
 
@@ -44,6 +45,12 @@ class OnnxRuntimeBackend(Backend):
     supports_slots: ClassVar[bool] = True
     session: Any
 
+    def __init__(self, model: bytes, config: BackendConfig | None = None,
+                 cuda_options: Mapping[str, str] | None = None) -> None:
+        """`cuda_options`: extra CUDA provider options (e.g. `{"use_tf32": "0"}`), for every session."""
+        super().__init__(model, config)
+        self.cuda_options = dict(cuda_options or {})
+
     def _providers(self) -> list[Any]:
         device = self.config.device
         if device == "auto":
@@ -54,7 +61,8 @@ class OnnxRuntimeBackend(Backend):
                     "ONNX Runtime has no CUDA provider here; pip install onnxruntime-gpu "
                     "(replacing onnxruntime), or run on the CPU"
                 )
-            return [("CUDAExecutionProvider", {"device_id": self.config.device_id}),
+            return [("CUDAExecutionProvider",
+                     {"device_id": str(self.config.device_id), **self.cuda_options}),
                     "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
@@ -134,7 +142,7 @@ class OrtCudaSlot(DeviceSlot):
             self._outputs = [self._buffers(meta) for meta in backend.outputs]
             self.host_inputs = {meta.name: host for meta, host, _, _ in self._inputs}
             self.host_outputs = {meta.name: host for meta, host, _, _ in self._outputs}
-            options = {"device_id": str(self._device_id),
+            options = {**backend.cuda_options, "device_id": str(self._device_id),
                        "user_compute_stream": str(self.stream.handle),
                        "has_user_compute_stream": "1"}
             self.session = backend._new_session([("CUDAExecutionProvider", options)])

@@ -1,0 +1,460 @@
+"""GPU pipeline benchmark: engine alone vs the actor pipeline from Parquet to Parquet, K = 1, 2, 3.
+
+Run on a machine with a CUDA GPU and onnxruntime-gpu:
+
+    python -m bench.gpu_pipeline --out bench/results
+
+In one run it builds a ResNet-50-style CNN (3x224x224 float32 input, random weights, batch norm
+folded into the convolutions), writes random images to Parquet on local disk, and reports:
+
+- (a) engine only: the same ONNX Runtime CUDA sessions, inputs already on the device, batches
+  back to back (one stream, and two streams alternating; the faster is the baseline);
+- reading only: the shard's row groups decoded and converted, no GPU, with 1 and R threads;
+- (b) the actor pipeline (`workers.pipeline.process_shard`) from Parquet to a committed Parquet
+  part, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots;
+- (c) = (b)/(a), and the per-stage seconds and GPU busy fraction of every (b) run;
+- correctness: every K's output for a shard with a partial last batch, written over poisoned
+  (NaN) buffers, against ONNX Runtime on the CPU (relative error, every element written).
+
+Each math mode (`--math tf32,fp32`: ONNX Runtime's default TF32 convolutions, or strict FP32)
+runs the whole set. A table is printed last; everything is also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+from onnx import TensorProto, helper, numpy_helper
+
+from workers import cuda
+from workers.backends.base import BackendConfig
+from workers.backends.onnxruntime import OnnxRuntimeBackend, OrtCudaSlot, import_onnxruntime
+from workers.convert import column_to_tensor
+from workers.pipeline import SlotPool, process_shard
+from workers.rowgroups import RowGroupReader
+from workers.storage import file_version, filesystem
+from workers.types import Shard, ShardResult, WorkerConfig
+
+IMAGE = (3, 224, 224)
+CLASSES = 1000
+
+
+# The model ------------------------------------------------------------------------------------
+def resnet(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int = CLASSES,
+           seed: int = 0) -> bytes:
+    """A ResNet-50-shaped CNN (bottleneck blocks) with random He-initialised weights.
+
+    Batch norm is folded into each convolution's bias, as exporters do for inference. Each
+    residual branch's last convolution is scaled down so activations stay O(1) through the
+    depth with random weights (no training to keep them in range).
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    count = [0]
+
+    def name(prefix: str) -> str:
+        count[0] += 1
+        return f"{prefix}{count[0]}"
+
+    def conv(x: str, cin: int, cout: int, k: int, stride: int = 1, relu: bool = True,
+             gain: float = 1.0) -> str:
+        w, b, y = name("w"), name("b"), name("conv")
+        std = gain * math.sqrt(2.0 / (cin * k * k))
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((cout, cin, k, k)) * std).astype(np.float32), w))
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal(cout) * 0.01).astype(np.float32), b))
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        if not relu:
+            return y
+        r = name("relu")
+        nodes.append(helper.make_node("Relu", [y], [r]))
+        return r
+
+    # Input normalisation, as exported image models start: (x - mean) / std.
+    inits.append(numpy_helper.from_array(np.full((1, IMAGE[0], 1, 1), 0.5, np.float32), "mean"))
+    inits.append(numpy_helper.from_array(np.full((1, IMAGE[0], 1, 1), 1 / 0.29, np.float32),
+                                         "inv_std"))
+    nodes.append(helper.make_node("Sub", ["image", "mean"], ["centered"]))
+    nodes.append(helper.make_node("Mul", ["centered", "inv_std"], ["normalized"]))
+    x = conv("normalized", IMAGE[0], width, 7, stride=2)
+    pooled = name("pool")
+    nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 1, 1, 1]))
+    x, cin = pooled, width
+    for stage, repeats in enumerate(blocks):
+        mid = width * 2 ** stage
+        cout = mid * 4
+        for i in range(repeats):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            branch = conv(x, cin, mid, 1)
+            branch = conv(branch, mid, mid, 3, stride=stride)
+            branch = conv(branch, mid, cout, 1, relu=False, gain=0.3)
+            shortcut = x if (i > 0) else conv(x, cin, cout, 1, stride=stride, relu=False)
+            added, out = name("add"), name("relu")
+            nodes.append(helper.make_node("Add", [branch, shortcut], [added]))
+            nodes.append(helper.make_node("Relu", [added], [out]))
+            x, cin = out, cout
+    gap, flat = name("gap"), name("flat")
+    nodes.append(helper.make_node("GlobalAveragePool", [x], [gap]))
+    nodes.append(helper.make_node("Flatten", [gap], [flat], axis=1))
+    inits.append(numpy_helper.from_array(
+        (rng.standard_normal((cin, classes)) / math.sqrt(cin)).astype(np.float32), "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(classes, np.float32), "fc_b"))
+    nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"]))
+    graph = helper.make_graph(
+        nodes, "resnet_bench",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *IMAGE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="bench.gpu_pipeline")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def model_flops(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64) -> float:
+    """Multiply-adds x 2 of one image through `resnet` (convolutions and the classifier)."""
+    h = IMAGE[1] // 2
+    flops = 2 * IMAGE[0] * width * 49 * h * h
+    h //= 2
+    cin = width
+    for stage, repeats in enumerate(blocks):
+        mid = width * 2 ** stage
+        cout = mid * 4
+        for i in range(repeats):
+            stride = 2 if (i == 0 and stage > 0) else 1
+            flops += 2 * cin * mid * h * h
+            h //= stride
+            flops += 2 * mid * mid * 9 * h * h + 2 * mid * cout * h * h
+            if i == 0:
+                flops += 2 * cin * cout * h * h
+            cin = cout
+    return float(flops + 2 * cin * CLASSES)
+
+
+# Data -----------------------------------------------------------------------------------------
+def write_images(path: Path, rows: int, row_group: int, seed: int, start: int = 0) -> Shard:
+    """`rows` random images (uniform [0,1) float32, a fixed-shape tensor column) and a uid."""
+    rng = np.random.default_rng(seed)
+    schema = pa.schema([("uid", pa.int64()),
+                        ("img", pa.fixed_shape_tensor(pa.float32(), list(IMAGE)))])
+    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+        for offset in range(0, rows, row_group):
+            n = min(row_group, rows - offset)
+            images = rng.random((n, *IMAGE), dtype=np.float32)
+            writer.write_table(pa.table({
+                "uid": pa.array(np.arange(start + offset, start + offset + n), pa.int64()),
+                "img": pa.FixedShapeTensorArray.from_numpy_ndarray(images)}, schema=schema))
+    fs, p = filesystem(str(path))
+    info = fs.info(p)
+    meta = pq.read_metadata(path)
+    return Shard(url=fs.unstrip_protocol(p), size=int(info["size"]), version=file_version(info),
+                 row_groups=(0, meta.num_row_groups), rows=meta.num_rows)
+
+
+def read_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    images = column_to_tensor("img", table.column("img"),
+                              _image_meta()).astype(np.float32, copy=False)
+    return table.column("uid").to_numpy(), images
+
+
+def _image_meta() -> Any:
+    from workers.tensors import TensorMeta
+
+    return TensorMeta("image", np.dtype(np.float32), (None, *IMAGE))
+
+
+# Measurements ---------------------------------------------------------------------------------
+def engine_only(backend: OnnxRuntimeBackend, batch: int, iters: int, streams: int,
+                repeats: int) -> dict[str, Any]:
+    """Rows/s of back-to-back executions on device-resident inputs, over `streams` slots."""
+    slots: list[OrtCudaSlot] = []
+    for _ in range(streams):
+        slot = backend.open_slot(batch)
+        assert isinstance(slot, OrtCudaSlot)
+        slots.append(slot)
+    try:
+        rng = np.random.default_rng(1)
+        for slot in slots:
+            slot.host_inputs["image"][:] = rng.random((batch, *IMAGE), dtype=np.float32)
+            slot.submit(batch)  # copies the inputs in (and warms the session up)
+            slot.wait()
+        for _ in range(2):  # further warm-up: algorithm caches, arena growth
+            for slot in slots:
+                slot.execute(batch)
+        for slot in slots:
+            slot.stream.synchronize()
+        rates = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(iters):
+                slots[i % streams].execute(batch)
+            for slot in slots:
+                slot.stream.synchronize()
+            rates.append(iters * batch / (time.perf_counter() - t0))
+        return {"streams": streams, "rows_per_s": statistics.median(rates),
+                "runs": rates, "iters": iters, "batch": batch}
+    finally:
+        for slot in slots:
+            slot.close()
+
+
+def read_only(shard: Shard, readers: int) -> dict[str, Any]:
+    """Rows/s of reading and converting the shard's row groups alone (no GPU)."""
+    meta = _image_meta()
+
+    def convert(table: pa.Table) -> tuple[dict[str, np.ndarray], pa.Table]:
+        return {"image": column_to_tensor("img", table.column("img"), meta)}, table.select(["uid"])
+
+    t0 = time.perf_counter()
+    rows = 0
+    with RowGroupReader(shard, ["img", "uid"], convert, threads=readers) as reader:
+        for _, kept, _, _ in reader:
+            rows += kept.num_rows
+    seconds = time.perf_counter() - t0
+    return {"readers": readers, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+
+
+def poison(pool: SlotPool) -> None:
+    """NaN in every slot's output buffers, host and device: an unwritten element shows."""
+    for slot in pool.slots:
+        assert isinstance(slot, OrtCudaSlot)
+        for _, host, _, device in slot._outputs:
+            host[...] = np.nan
+            device.memset_async(0xFF, slot.stream)  # all-ones bits: a float32 NaN
+        slot.stream.synchronize()
+
+
+def config_for(out: Path, batch: int, slots: int, readers: int) -> WorkerConfig:
+    return WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cuda"),
+                        output_url=str(out), bindings=(("image", "img"),), keep=("uid",),
+                        batch_size=batch, slots=slots, readers=readers)
+
+
+def check_part(result: ShardResult, uid: np.ndarray,
+               reference: np.ndarray | None = None) -> dict[str, Any]:
+    """Rows, order and completeness of a part; relative error against `reference` if given."""
+    table = pq.read_table(result.part_url)
+    logits = np.stack(table.column("logits").combine_chunks().to_numpy_ndarray())
+    out: dict[str, Any] = {
+        "rows": table.num_rows,
+        "uid_in_order": bool(np.array_equal(table.column("uid").to_numpy(), uid)),
+        "nan_elements": int(np.isnan(logits).sum()),
+        "elements": int(logits.size),
+    }
+    if reference is not None:
+        diff = logits.astype(np.float64) - reference
+        out["rel_error"] = float(np.linalg.norm(diff) / np.linalg.norm(reference))
+        # Random images give similar logits; the rows' deviations from the mean row are what
+        # tells one image from another, so their error is the stricter check.
+        centered = reference - reference.mean(axis=0)
+        out["rel_error_centered"] = float(np.linalg.norm(diff - diff.mean(axis=0))
+                                          / np.linalg.norm(centered))
+        out["max_abs_error"] = float(np.abs(diff).max())
+    return out
+
+
+def stage_summary(result: ShardResult) -> dict[str, float]:
+    t = result.times
+    return {"read": t.read, "convert": t.convert, "h2d": t.h2d, "compute": t.compute,
+            "d2h": t.d2h, "write": t.write, "host_infer": t.infer, "commit": t.commit,
+            "total": t.total, "gpu_busy": t.gpu_busy, "gpu_busy_fraction": t.gpu_busy_fraction}
+
+
+def run_mode(math_mode: str, model: bytes, data: dict[str, Shard], paths: dict[str, Path],
+             reference: np.ndarray, check_uid: np.ndarray, args: argparse.Namespace,
+             work: Path, log: Any) -> dict[str, Any]:
+    options = {"use_tf32": "1" if math_mode == "tf32" else "0"}
+    result: dict[str, Any] = {"math": math_mode, "cuda_options": options}
+    backend = OnnxRuntimeBackend(model, BackendConfig(device="cuda"), cuda_options=options)
+    backend.load()
+    try:
+        log(f"[{math_mode}] providers {backend.providers}")
+        engine = [engine_only(backend, args.batch, args.engine_iters, streams, args.repeats)
+                  for streams in (1, 2)]
+        for e in engine:
+            log(f"[{math_mode}] engine only, {e['streams']} stream(s): "
+                f"{e['rows_per_s']:.0f} rows/s (runs {[round(r) for r in e['runs']]})")
+        result["engine"] = engine
+        baseline = max(e["rows_per_s"] for e in engine)
+        result["engine_rows_per_s"] = baseline
+        pipelines = []
+        for k in args.slots:
+            with SlotPool(backend, k, args.batch) as pool:
+                out = work / f"out-{math_mode}-k{k}"
+                config = config_for(out, args.batch, k, args.readers)
+                process_shard(data["warm"], config, backend, slots=pool)  # warm-up
+                runs: list[dict[str, Any]] = []
+                for r in range(args.repeats):
+                    shutil.rmtree(out, ignore_errors=True)
+                    poison(pool)
+                    res = process_shard(data["main"], config, backend, slots=pool)
+                    check = check_part(res, np.arange(data["main"].rows))
+                    runs.append({"rows_per_s": res.rows / res.times.total,
+                                 "stages": stage_summary(res), "check": check})
+                    log(f"[{math_mode}] pipeline K={k} run {r}: "
+                        f"{res.rows / res.times.total:.0f} rows/s, stages "
+                        + json.dumps({s: round(v, 3) for s, v in stage_summary(res).items()})
+                        + f", check {check}")
+                # Correctness: a shard ending in a partial batch, over poisoned buffers.
+                shutil.rmtree(out, ignore_errors=True)
+                poison(pool)
+                res = process_shard(data["check"], config, backend, slots=pool)
+                correctness = check_part(res, check_uid, reference)
+                log(f"[{math_mode}] correctness K={k}: {correctness}")
+                shutil.rmtree(out, ignore_errors=True)
+            median = statistics.median(r["rows_per_s"] for r in runs)
+            pipelines.append({"slots": k, "rows_per_s": median, "ratio": median / baseline,
+                              "runs": runs, "correctness": correctness})
+        result["pipeline"] = pipelines
+    finally:
+        backend.close()
+    return result
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"card: {results['device']['name']} (cc {results['device']['cc']}), "
+        f"{results['host']['cpus']} CPUs; onnxruntime {results['onnxruntime']}; "
+        f"model: ResNet-50-style, {results['model']['gflops']:.1f} GFLOP/image, "
+        f"batch {results['batch']}, shard {results['rows']} rows",
+        "read only (Parquet on local disk -> model input, no GPU): "
+        + ", ".join(f"{r['readers']} thread(s) {r['rows_per_s']:.0f} rows/s"
+                    for r in results["read_only"]),
+        "",
+        "| math | K | (a) engine only rows/s | (b) pipeline rows/s | (c) = (b)/(a) | GPU busy | "
+        "rel. error vs CPU | (centered) | all written |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in results["modes"]:
+        for p in mode["pipeline"]:
+            busy = statistics.median(r["stages"]["gpu_busy_fraction"] for r in p["runs"])
+            c = p["correctness"]
+            written = (c["nan_elements"] == 0 and c["uid_in_order"]
+                       and all(r["check"]["nan_elements"] == 0 and r["check"]["uid_in_order"]
+                               for r in p["runs"]))
+            lines.append(f"| {mode['math']} | {p['slots']} | {mode['engine_rows_per_s']:.0f} | "
+                         f"{p['rows_per_s']:.0f} | {p['ratio']:.3f} | {busy:.3f} | "
+                         f"{c['rel_error']:.2e} | {c['rel_error_centered']:.2e} | "
+                         f"{'yes' if written else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"),
+                        help="folder for the JSON and log (default $OUT or bench/results)")
+    parser.add_argument("--work", default="/tmp/gpu_pipeline_bench",
+                        help="local-disk folder for the Parquet data and parts")
+    parser.add_argument("--rows", type=int, default=6144, help="rows in the timed shard")
+    parser.add_argument("--row-group", type=int, default=400, help="rows per Parquet row group")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--slots", default="1,2,3", help="K values to run")
+    parser.add_argument("--readers", type=int, default=4, help="reading threads per shard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--engine-iters", type=int, default=24)
+    parser.add_argument("--check-rows", type=int, default=300,
+                        help="rows of the correctness shard (one partial last batch)")
+    parser.add_argument("--math", default="tf32,fp32")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    args = parser.parse_args(argv)
+    args.slots = [int(k) for k in args.slots.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu_pipeline{('_' + args.tag) if args.tag else ''}"
+    log_file = open(out / f"{stem}.log", "w")  # noqa: SIM115 - open for the whole run
+
+    def log(message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    ort = import_onnxruntime()
+    if hasattr(ort, "preload_dlls"):
+        try:  # CUDA and cuDNN from the nvidia-* wheels, if that is where they are
+            ort.preload_dlls()
+        except Exception as exc:  # the libraries may be on the loader's path instead
+            print(f"onnxruntime.preload_dlls(): {exc}", flush=True)
+    if cuda.device_count() == 0 or "CUDAExecutionProvider" not in ort.get_available_providers():
+        log(f"needs a CUDA GPU and onnxruntime-gpu: {cuda.device_count()} device(s), "
+            f"providers {ort.get_available_providers()}")
+        return 2
+    cuda.set_device(0)
+    results: dict[str, Any] = {
+        "command": " ".join([sys.executable, "-m", "bench.gpu_pipeline", *(argv or sys.argv[1:])]),
+        "device": {"name": cuda.device_name(0), "cc": ".".join(map(str, cuda.compute_capability(0))),
+                   "driver": cuda.driver_version()},
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "onnxruntime": ort.__version__, "batch": args.batch, "rows": args.rows,
+        "row_group": args.row_group, "readers": args.readers,
+        "model": {"gflops": model_flops() / 1e9},
+    }
+    log(f"device {results['device']}, host {results['host']}, onnxruntime {ort.__version__}")
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    model = resnet()
+    log(f"model: {len(model) / 1e6:.0f} MB, {results['model']['gflops']:.2f} GFLOP/image, "
+        f"built in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    paths = {"main": work / "main.parquet", "warm": work / "warm.parquet",
+             "check": work / "check.parquet"}
+    data = {
+        "main": write_images(paths["main"], args.rows, args.row_group, seed=10),
+        "warm": write_images(paths["warm"], 4 * args.batch, args.row_group, seed=11),
+        "check": write_images(paths["check"], args.check_rows, 100, seed=12),
+    }
+    size = sum(p.stat().st_size for p in paths.values())
+    log(f"data: {size / 1e9:.2f} GB of Parquet written in {time.perf_counter() - t0:.1f} s")
+
+    results["read_only"] = [read_only(data["main"], n) for n in sorted({1, args.readers, 8})]
+    for r in results["read_only"]:
+        log(f"read only, {r['readers']} thread(s): {r['rows_per_s']:.0f} rows/s")
+
+    t0 = time.perf_counter()
+    check_uid, check_images = read_images(paths["check"])
+    with OnnxRuntimeBackend(model, BackendConfig(device="cpu", threads=os.cpu_count() or 1)) as cpu:
+        reference = np.concatenate([
+            cpu.infer({"image": check_images[i:i + 32]})["logits"]
+            for i in range(0, len(check_images), 32)]).astype(np.float64)
+    log(f"CPU reference for {len(check_uid)} rows in {time.perf_counter() - t0:.1f} s "
+        f"(|logits| rms {np.sqrt(np.mean(reference ** 2)):.3g})")
+
+    results["modes"] = []
+    for math_mode in args.math.split(","):
+        results["modes"].append(run_mode(math_mode, model, data, paths, reference, check_uid,
+                                         args, work, log))
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (out / f"{stem}.md").write_text(text + "\n")
+    log("\n" + text)
+    shutil.rmtree(work, ignore_errors=True)
+    log_file.close()
+    ok = all(p["correctness"]["rel_error"] <= 1e-3 and p["correctness"]["nan_elements"] == 0
+             for mode in results["modes"] for p in mode["pipeline"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
