@@ -13,7 +13,15 @@ from typing import Any, TextIO
 
 import ray
 
-from jobs.output import MANIFEST_FILE, SUCCESS_FILE, OutputDir
+from jobs.lease import OutputLock
+from jobs.output import (
+    INPUTS_FILE,
+    MANIFEST_FILE,
+    SUCCESS_FILE,
+    OutputDir,
+    diff_inputs,
+    inputs_record,
+)
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.progress import Progress
 from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers
@@ -133,7 +141,8 @@ def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
     default = gpus if gpus else max(1, cpus // spec.cpus_per_worker)
     workers = max(1, min(spec.workers or default, shards))
     return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
-                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries)
+                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries,
+                      max_actor_deaths=spec.max_actor_deaths)
 
 
 def _now() -> str:
@@ -146,7 +155,23 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     started, started_at = time.monotonic(), _now()
     job = prepare(spec)
     out = OutputDir(spec.output, spec.storage)
-    out.check(job.identity, spec.overwrite)  # refuse another job's output before starting Ray
+    lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
+                      job=job.identity["fingerprint"])
+    lock.acquire(takeover=spec.takeover)  # one job at a time writes OUTPUT
+    if lock.took_over is not None:
+        holder, why = lock.took_over
+        print(f"lock: took over the lock on {spec.output} from {holder.describe(time.time())} "
+              f"({why})", file=stream, flush=True)
+    try:
+        out.check(job.identity, spec.overwrite)  # refuse another job's output before Ray starts
+        return _run_locked(spec, job, out, lock, stream, started, started_at)
+    finally:
+        lock.release()
+
+
+def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLock,
+                stream: TextIO, started: float, started_at: str) -> JobReport:
+    """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
     init_ray()
     backend = resolve_backend(spec.backend)  # before the output is touched or GPUs reserved
     committed = out.claim(job.identity, spec.overwrite)
@@ -154,7 +179,17 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     todo = [s for s in job.shards if s.id not in committed]
     skipped = [s for s in job.shards if s.id in committed]
     current = {s.id for s in job.shards}
-    stale = sorted(name for sid, name in committed.items() if sid not in current)
+    # What changed in the input since the run that committed these parts. Parts of shards that
+    # are gone (a file rewritten or removed) are removed now, before any new part is written,
+    # so OUTPUT never holds parts of two versions of a file.
+    record = inputs_record(job.identity["fingerprint"],
+                           [(f.url, f.size, f.version) for f in job.files], job.shards)
+    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed)
+    out.remove([p["part"] for p in changes.stale])
+    committed = {sid: name for sid, name in committed.items() if sid in current}
+    out.write_json(INPUTS_FILE, record)
+    if changes:
+        print(f"input changed since the last run: {changes.summary()}", file=stream, flush=True)
     print(f"job: {len(job.files)} file(s), {sum(s.rows for s in job.shards):,} rows in "
           f"{len(job.shards)} shard(s); {len(skipped)} already committed (skipped), "
           f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else ""),
@@ -182,8 +217,12 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
             else:
                 progress.update(failed=1)
 
+        def on_tick() -> None:
+            lock.check()  # stop if another job took OUTPUT over
+            progress.render()
+
         try:
-            outcome = pool.run(todo, on_result, on_tick=progress.render)
+            outcome = pool.run(todo, on_result, on_tick=on_tick)
             outcome.worker_stats = pool.stats()
         finally:
             progress.close()
@@ -191,13 +230,12 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
 
     results = outcome.results if outcome else {}
     failures = outcome.failures if outcome else {}
-    if stale and not failures:
-        # Parts of shards that no longer exist (the input changed): never mix them with new ones.
-        out.remove(stale)
-    failed: list[dict[str, Any]] = [{"file": b.url, "shard": None, "reason": b.reason}
+    failed: list[dict[str, Any]] = [{"file": b.url, "shard": None, "reason": b.reason,
+                                     "kind": "bad_file"}
                                     for b in job.bad_files]
     failed += [{"file": f.shard.url, "shard": f.shard.id, "row_groups": list(f.shard.row_groups),
-                "reason": f.reason, "attempts": f.attempts, "actor_deaths": f.actor_deaths}
+                "reason": f.reason, "kind": f.kind, "attempts": f.attempts,
+                "actor_deaths": f.actor_deaths}
                for f in failures.values()]
     seconds = time.monotonic() - started
     shard_rows = []
@@ -222,11 +260,13 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
         "started": started_at, "finished": _now(), "seconds": round(seconds, 3),
         "rows": done_rows, "shards_total": len(job.shards), "shards_committed": len(results),
         "shards_skipped": len(skipped), "shards_failed": len(failures),
-        "failures": failed, "stale_parts_removed": stale if stale and not failures else [],
+        "failures": failed, "stale_parts_removed": changes.stale,
+        "input_changes": changes.to_json(), "lock": lock.to_json(),
         "workers": outcome.worker_stats if outcome else [],
         "actors_replaced": outcome.actors_replaced if outcome else 0,
         "shards": shard_rows,
     }
+    lock.check()  # a job that lost its lock must not write the manifest or _SUCCESS
     out.clear_tmp()
     out.write_json(MANIFEST_FILE, manifest)
     complete = not failed

@@ -1,10 +1,15 @@
-"""The output directory's own files: job identity, committed parts, manifest and success marker."""
+"""The output directory's own files: job identity, committed parts, manifest and success marker.
+
+Also the record of the input a run started from (`_inputs.json`), which tells a rerun what
+changed in between: parts of shards that are no longer in the input are stale and removed
+before any new part is written, so OUTPUT never holds parts of two versions of a file.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,11 +17,13 @@ import fsspec
 
 from workers.commit import TMP_DIR
 from workers.errors import OutputConflictError, StorageError
-from workers.storage import filesystem, storage_errors, write_bytes_atomic
+from workers.storage import filesystem, retrying, write_bytes_atomic
+from workers.types import Shard
 
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
+INPUTS_FILE = "_inputs.json"
 PART_RE = re.compile(r"^part-([0-9a-f]{24})\.parquet$")
 
 
@@ -40,21 +47,27 @@ class OutputDir:
 
     def committed(self) -> dict[str, str]:
         """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
-        with storage_errors(f"cannot list output '{self.url}'"):
+        def listing() -> list[str]:
             # Parts are written by other processes: never trust this process's listing cache.
             self.fs.invalidate_cache(self.root)
             try:
-                names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+                return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
             except FileNotFoundError:
-                return {}
+                return []
+
+        names = retrying(f"cannot list output '{self.url}'", listing)
         return {m.group(1): name for name in names if (m := PART_RE.match(name))}
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        with storage_errors(f"cannot read '{self.file_url(name)}'"):
+        def read() -> bytes | None:
             try:
-                data = self.fs.cat_file(self.path(name))
+                return bytes(self.fs.cat_file(self.path(name)))
             except FileNotFoundError:
                 return None
+
+        data = retrying(f"cannot read '{self.file_url(name)}'", read)
+        if data is None:
+            return None
         try:
             value = json.loads(data)
         except json.JSONDecodeError as exc:
@@ -68,16 +81,20 @@ class OutputDir:
         write_bytes_atomic(self.file_url(name), data, self.storage_options)
 
     def remove(self, names: list[str]) -> None:
-        with storage_errors(f"cannot remove files in output '{self.url}'"):
-            for name in names:
-                if self.fs.exists(self.path(name)):
-                    self.fs.rm(self.path(name))
+        for name in names:
+            def rm(path: str = self.path(name)) -> None:
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+
+            retrying(f"cannot remove '{self.file_url(name)}'", rm)
 
     def clear_tmp(self) -> None:
         """Drop temporary files an interrupted run left (never visible as parts)."""
-        with storage_errors(f"cannot clean '{self.file_url(TMP_DIR)}'"):
+        def rm() -> None:
             if self.fs.exists(self.path(TMP_DIR)):
                 self.fs.rm(self.path(TMP_DIR), recursive=True)
+
+        retrying(f"cannot clean '{self.file_url(TMP_DIR)}'", rm)
 
     def check(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
         """Parts of an earlier run of this job; refuses another job's parts unless `overwrite`.
@@ -108,7 +125,87 @@ class OutputDir:
         if not parts:
             others = self.committed()
             if others:  # another job's, and overwrite was given
-                self.remove([*others.values(), MANIFEST_FILE, SUCCESS_FILE])
+                self.remove([*others.values(), MANIFEST_FILE, SUCCESS_FILE, INPUTS_FILE])
         self.remove([SUCCESS_FILE])
         self.write_json(JOB_FILE, identity)
         return parts
+
+
+def inputs_record(fingerprint: str, files: Iterable[tuple[str, int, str]],
+                  shards: Iterable[Shard]) -> dict[str, Any]:
+    """What `_inputs.json` holds: each input file's size and version, and its shards' ids."""
+    record: dict[str, dict[str, Any]] = {
+        url: {"size": size, "version": version, "shards": []} for url, size, version in files}
+    for shard in shards:
+        # A shard of image files covers many files; a Parquet shard covers part of one.
+        for url, size, version in ([(f.url, f.size, f.version) for f in getattr(shard, "files", ())]
+                                   or [(shard.url, shard.size, shard.version)]):
+            entry = record.setdefault(url, {"size": size, "version": version, "shards": []})
+            if shard.id not in entry["shards"]:
+                entry["shards"].append(shard.id)
+    return {"job": fingerprint, "files": record}
+
+
+@dataclass
+class InputChanges:
+    """How the input differs from the one the previous run of this job started from."""
+
+    known: bool  # False when there is no record of the previous run's input
+    added: list[str] = field(default_factory=list)
+    rewritten: list[dict[str, Any]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    #: Committed parts of shards that are not in the current input: {part, file, reason}.
+    stale: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.rewritten or self.removed or self.stale)
+
+    def summary(self) -> str:
+        words = [f"{len(v)} file(s) {k}" for k, v in
+                 (("added", self.added), ("rewritten", self.rewritten), ("removed", self.removed))
+                 if v]
+        if self.stale:
+            words.append(f"{len(self.stale)} stale part(s) removed")
+        return ", ".join(words)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"previous_run_recorded": self.known, "added": self.added,
+                "rewritten": self.rewritten, "removed": self.removed}
+
+
+def diff_inputs(previous: Mapping[str, Any] | None, current: Mapping[str, Any],
+                committed: Mapping[str, str]) -> InputChanges:
+    """Compare the previous run's input record with the current one; find stale parts.
+
+    A part is stale when its shard id is not one of the current input's shards: shard ids
+    cover the file's path, size, version and row groups, so a rewritten file's old parts are.
+    """
+    same_job = previous is not None and previous.get("job") == current.get("job")
+    before: Mapping[str, Any] = previous.get("files", {}) if previous and same_job else {}
+    now: Mapping[str, Any] = current["files"]
+    changes = InputChanges(known=bool(same_job))
+    if same_job:
+        changes.added = sorted(u for u in now if u not in before)
+        changes.removed = sorted(u for u in before if u not in now)
+        changes.rewritten = [
+            {"file": u, "before": {"size": before[u]["size"], "version": before[u]["version"]},
+             "after": {"size": now[u]["size"], "version": now[u]["version"]}}
+            for u in sorted(now) if u in before and
+            (before[u]["size"], before[u]["version"]) != (now[u]["size"], now[u]["version"])]
+    owner = {sid: url for url, f in before.items() for sid in f.get("shards", [])}
+    current_ids = {sid for f in now.values() for sid in f["shards"]}
+    rewritten = {r["file"] for r in changes.rewritten}
+    for sid, name in sorted(committed.items()):
+        if sid in current_ids:
+            continue
+        url = owner.get(sid)
+        if url is None:
+            reason = "not a shard of the current input (no record of which file it came from)"
+        elif url in rewritten:
+            reason = "its file was rewritten"
+        elif url not in now:
+            reason = "its file is no longer in the input"
+        else:
+            reason = "its file was cut into different shards (rows_per_shard changed?)"
+        changes.stale.append({"part": name, "file": url, "reason": reason})
+    return changes

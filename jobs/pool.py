@@ -1,4 +1,18 @@
-"""The actor pool on Ray core: bounded shards in flight, retries, dead actors replaced."""
+"""The actor pool on Ray core: bounded shards in flight, retries, dead actors replaced.
+
+Failure handling, shard by shard:
+- a task error that cannot pass on another try (bad data, a missing or forbidden object, a bad
+  spec) fails the shard at once; any other error (a transient storage failure that outlasted the
+  worker's own retries, a backend failure, an unexpected exception) is retried up to
+  `max_retries` times, then fails the shard;
+- an actor death (SIGKILL, out of memory, a lost node) is blamed on the one shard the actor was
+  executing (Ray runs an actor's calls in order, so that is its oldest unfinished call): that
+  shard is requeued until it has killed `max_actor_deaths` workers, and is then reported as
+  doing so; the calls queued behind it are requeued without blame. The dead actor is replaced
+  and gets shards again once its model is loaded;
+- when no worker can be started at all (the cluster lost the nodes it needs) for
+  `start_timeout` seconds, the remaining shards fail with that reason instead of waiting forever.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +26,15 @@ import ray
 from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 
 from workers.actor import ShardWorker
-from workers.errors import BackendError, RunnerError
+from workers.errors import (
+    BackendError,
+    DataError,
+    MissingDependencyError,
+    RunnerError,
+    SpecError,
+    StorageError,
+    TransientStorageError,
+)
 from workers.types import Shard, ShardResult, WorkerConfig
 
 
@@ -24,6 +46,8 @@ class ShardFailure:
     reason: str
     attempts: int
     actor_deaths: int
+    #: data | storage | spec | backend | error | actor_died | no_workers
+    kind: str = "error"
 
 
 @dataclass
@@ -43,6 +67,8 @@ class PoolConfig:
     shards_in_flight: int
     max_retries: int
     max_actor_deaths: int = 3
+    #: Seconds to wait for a replacement worker when no worker is running, before giving up.
+    start_timeout: float = 600.0
 
 
 def error_text(exc: BaseException) -> str:
@@ -56,13 +82,44 @@ def error_text(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
 
 
+def failure_kind(exc: BaseException) -> str:
+    """What a task error was about: data, storage, spec, backend or error (anything else)."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, DataError):
+        return "data"
+    if isinstance(cause, StorageError):
+        return "storage"
+    if isinstance(cause, SpecError | MissingDependencyError):
+        return "spec"
+    if isinstance(cause, BackendError):
+        return "backend"
+    return "error"
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """False for task errors that fail the same way every time, so retrying only wastes time."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    if isinstance(cause, TransientStorageError):
+        return True
+    return not isinstance(cause, DataError | StorageError | SpecError | MissingDependencyError)
+
+
+def death_reason(deaths: int, exc: BaseException) -> str:
+    """Why a shard is given up after its workers died `deaths` times."""
+    last = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    if isinstance(exc, OutOfMemoryError):
+        return (f"Ray's memory monitor killed its worker {deaths} times while processing it (out "
+                "of memory); lower --batch-size or --shards-in-flight, cut smaller shards with "
+                f"--rows-per-shard, or give the workers more memory; last: {last}")
+    return (f"its worker process died {deaths} times while processing it (killed, out of "
+            f"memory, a crash in the backend, or its node was lost); last: {last}")
+
+
 class ShardPool:
     """Runs shards on a pool of `ShardWorker` actors.
 
     Each actor has at most `shards_in_flight` shards queued (Ray runs an actor's calls in order),
-    so the next shard goes to whichever actor frees a slot first. A shard whose call raised is
-    retried up to `max_retries` times; a shard whose actor died is requeued (up to
-    `max_actor_deaths` times) and the actor replaced.
+    so the next shard goes to whichever actor frees a slot first. Failures: see the module doc.
     """
 
     def __init__(self, config: PoolConfig, worker_config: WorkerConfig, model_ref: ray.ObjectRef,
@@ -95,71 +152,159 @@ class ShardPool:
     def run(self, shards: list[Shard],
             on_result: Callable[[ShardResult | None, ShardFailure | None], None],
             on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0) -> PoolOutcome:
-        """Process every shard; returns committed results and failures (never raises for a shard)."""
+        """Process every shard; returns committed results and failures (never raises for a shard).
+
+        `on_tick` runs at least every `tick_seconds`; an exception it raises stops the run.
+        """
         outcome = PoolOutcome()
         queue = collections.deque(shards)
         attempts: collections.Counter[str] = collections.Counter()
         deaths: collections.Counter[str] = collections.Counter()
-        errors: dict[str, str] = {}
         inflight: dict[ray.ObjectRef, tuple[int, Any, Shard]] = {}
+        # Per actor, its unfinished calls in submission order: the first is the one executing.
+        calls: list[list[ray.ObjectRef]] = [[] for _ in self.actors]
         load: list[int] = [0] * len(self.actors)
+        self._ready = [True] * len(self.actors)
+        self._starting: dict[ray.ObjectRef, int] = {}
+        waiting_since: float | None = None
 
         def fill() -> None:
             for index in sorted(range(len(self.actors)), key=lambda i: load[i]):
+                if not self._ready[index]:
+                    continue
                 while queue and load[index] < self.config.shards_in_flight:
                     shard = queue.popleft()
                     actor = self.actors[index]
-                    inflight[actor.process.remote(shard)] = (index, actor, shard)
+                    ref = actor.process.remote(shard)
+                    inflight[ref] = (index, actor, shard)
+                    calls[index].append(ref)
                     load[index] += 1
 
-        def give_up(shard: Shard, reason: str) -> None:
-            failure = ShardFailure(shard, reason, attempts[shard.id], deaths[shard.id])
+        def give_up(shard: Shard, reason: str, kind: str) -> None:
+            failure = ShardFailure(shard, reason, attempts[shard.id], deaths[shard.id], kind)
             outcome.failures[shard.id] = failure
             on_result(None, failure)
 
+        def finish(ref: ray.ObjectRef) -> tuple[int, Any, Shard]:
+            index, actor, shard = inflight.pop(ref)
+            if ref in calls[index]:
+                calls[index].remove(ref)
+                load[index] -= 1
+            return index, actor, shard
+
+        def succeeded(shard: Shard, result: ShardResult) -> None:
+            outcome.results[shard.id] = result
+            on_result(result, None)
+
+        def actor_died(index: int, actor: Any, exc: BaseException) -> None:
+            """Settle every call of a dead actor: blame the executing one, requeue the rest."""
+            refs = [r for r in calls[index] if r in inflight]
+            # Once an actor is dead its calls resolve quickly; don't hang on a straggler.
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+            blamed = False
+            for ref in refs:
+                _, _, shard = finish(ref)
+                try:
+                    result = ray.get(ref, timeout=0)
+                except (RayActorError, OutOfMemoryError, GetTimeoutError) as err:
+                    if not blamed and not isinstance(err, GetTimeoutError):
+                        blamed = True
+                        deaths[shard.id] += 1
+                        if deaths[shard.id] >= self.config.max_actor_deaths:
+                            give_up(shard, death_reason(deaths[shard.id], err), "actor_died")
+                            continue
+                    queue.appendleft(shard)
+                except RayTaskError as err:  # finished (with an error) before the actor died
+                    task_error(shard, err)
+                else:
+                    succeeded(shard, result)
+            if self.actors[index] is actor:
+                self._replace(index)
+                calls[index] = []
+                load[index] = 0
+
+        def task_error(shard: Shard, exc: RayTaskError) -> None:
+            attempts[shard.id] += 1
+            if not is_retryable(exc) or attempts[shard.id] > self.config.max_retries:
+                give_up(shard, error_text(exc), failure_kind(exc))
+            else:
+                queue.append(shard)
+
+        start_failures: collections.Counter[int] = collections.Counter()
+        last_start_error = ""
+
+        def started(ref: ray.ObjectRef) -> None:
+            nonlocal last_start_error
+            index = self._starting.pop(ref)
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError, OutOfMemoryError) as exc:
+                # It died or failed to load while starting (its node went away, say): try
+                # again, a bounded number of times in a row.
+                last_start_error = error_text(exc)
+                start_failures[index] += 1
+                if start_failures[index] < self.config.max_actor_deaths:
+                    self._replace(index)
+            else:
+                start_failures[index] = 0
+                self._ready[index] = True
+
         fill()
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=tick_seconds)
+        while inflight or (queue and self._starting):
+            ready, _ = ray.wait([*inflight, *self._starting], num_returns=1, timeout=tick_seconds)
             if on_tick is not None:
                 on_tick()
             for ref in ready:
-                index, actor, shard = inflight.pop(ref)
-                load[index] -= 1
+                if ref in self._starting:
+                    started(ref)
+                    continue
+                if ref not in inflight:  # settled with its dead actor's other calls
+                    continue
+                index, actor, shard = inflight[ref]
                 try:
                     result: ShardResult = ray.get(ref)
                 except RayTaskError as exc:
-                    attempts[shard.id] += 1
-                    errors[shard.id] = error_text(exc)
-                    if attempts[shard.id] > self.config.max_retries:
-                        give_up(shard, errors[shard.id])
-                    else:
-                        queue.append(shard)
+                    finish(ref)
+                    task_error(shard, exc)
                 except (RayActorError, OutOfMemoryError) as exc:
-                    deaths[shard.id] += 1
-                    if self.actors[index] is actor:  # its other calls fail too: replace once
-                        self._replace(index)
-                    if deaths[shard.id] >= self.config.max_actor_deaths:
-                        give_up(shard, f"its worker process died {deaths[shard.id]} times while "
-                                f"processing it (out of memory, or a crash in the backend?); "
-                                f"last: {str(exc).strip().splitlines()[0]}")
-                    else:
-                        queue.appendleft(shard)
+                    actor_died(index, actor, exc)  # settles this call with the actor's others
                 else:
-                    outcome.results[shard.id] = result
-                    on_result(result, None)
+                    finish(ref)
+                    succeeded(shard, result)
             fill()
+            if queue and not inflight and self._starting:
+                # Nothing runs: every worker is waiting to be scheduled. Bounded wait.
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > self.config.start_timeout:
+                    reason = (f"no worker could be started for {self.config.start_timeout:.0f}s "
+                              f"(each needs {self.config.num_cpus:g} CPU, "
+                              f"{self.config.num_gpus:g} GPU; the cluster lost the nodes that "
+                              "had them?); rerun the job when the cluster has room")
+                    while queue:
+                        give_up(queue.popleft(), reason, "no_workers")
+            else:
+                waiting_since = None
+        while queue:  # every worker is gone and none could be started again
+            give_up(queue.popleft(), "no worker left to run it: replacement workers failed to "
+                    f"start; last: {last_start_error}", "no_workers")
         outcome.actors_replaced = self.replaced
         return outcome
 
     def _replace(self, index: int) -> None:
-        """Swap a dead actor for a new one; the new one loads the model on its first shard."""
+        """Swap a dead actor for a new one, which gets shards once its model is loaded."""
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._new_actor()
         self.replaced += 1
+        ready = getattr(self, "_ready", None)
+        if ready is not None:
+            ready[index] = False
+            self._starting[self.actors[index].load.remote()] = index
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-actor totals from every live actor."""
-        refs = [a.stats.remote() for a in self.actors]
+        ready = getattr(self, "_ready", [True] * len(self.actors))
+        # An actor still waiting to be scheduled would only time out here.
+        refs = [a.stats.remote() for a, ok in zip(self.actors, ready, strict=True) if ok]
         stats = []
         deadline = time.monotonic() + 30
         for ref in refs:

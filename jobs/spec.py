@@ -49,6 +49,9 @@ class JobSpec:
     max_failed_shards: int = 0
     max_retries: int = 2
     overwrite: bool = False
+    max_actor_deaths: int = 3
+    lock_timeout: float = 120.0
+    takeover: bool = False
     precision: str = "fp32"
     cpus_per_worker: int = 1
     shards_in_flight: int = 2
@@ -68,6 +71,7 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SpecError(f"{name} must be an integer >= 0, got {value!r}")
+        _check_fault_options(self)
         if self.backend not in BACKEND_NAMES:
             raise SpecError(f"backend must be one of {', '.join(BACKEND_NAMES)}, "
                             f"got {self.backend!r}")
@@ -100,6 +104,20 @@ class JobSpec:
                 value = list(value)
             out[f.name] = value
         return out
+
+
+def _check_fault_options(spec: JobSpec) -> None:
+    """How the job meets dying workers and other jobs: see docs/failure-semantics.md."""
+    _positive("max_actor_deaths", spec.max_actor_deaths)
+    timeout = spec.lock_timeout
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0 \
+            or timeout == float("inf"):
+        raise SpecError(f"lock_timeout must be a number of seconds > 0, got {timeout!r}; "
+                        "it is how long a job's lock on OUTPUT outlives its last heartbeat")
+    object.__setattr__(spec, "lock_timeout", float(timeout))
+    for name in ("takeover", "overwrite"):
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{name} must be true or false, got {getattr(spec, name)!r}")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -142,6 +160,14 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    "(default OUTPUT/_plans)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace another job's parts in OUTPUT")
+    p.add_argument("--max-actor-deaths", type=int, metavar="N",
+                   help="give up a shard after its workers died N times on it (default 3)")
+    p.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                   help="a job's lock on OUTPUT goes stale this long after its last heartbeat, "
+                   "so a rerun can take over from a dead job (default 120)")
+    p.add_argument("--takeover", action="store_true", default=None,
+                   help="take OUTPUT's lock even if its job looks alive (only when you know it "
+                   "is not running)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
     return p
