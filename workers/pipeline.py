@@ -176,7 +176,8 @@ def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], No
 
 
 def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
-               write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes) -> int:
+               write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes,
+               started: float) -> int:
     """The GPU path: keep every slot of `pool` busy; collect batches in submission order."""
     free: deque[DeviceSlot] = deque(pool.slots)
     in_flight: deque[tuple[DeviceSlot, pa.Table, int]] = deque()
@@ -220,6 +221,8 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 t1 = time.perf_counter()
                 times.convert += t1 - t0
                 slot.submit(rows)
+                if not count:
+                    times.first_batch = t1 - started
                 times.infer += time.perf_counter() - t1
                 kept = pieces[0][1] if len(pieces) == 1 else \
                     pa.concat_tables([kept for _, kept in pieces])
@@ -295,7 +298,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                 with RowGroupReader(shard, config.columns, convert, config.readers,
                                     config.prefetch, config.storage) as reader:
                     count = _run_slots(pool, exact_batches(row_groups(reader), config.batch_size),
-                                       write_outputs, times)
+                                       write_outputs, times, started)
             finally:
                 if slots is None:
                     pool.close()

@@ -2,7 +2,8 @@
 
 The GPU path uses this: one thread decoding Parquet cannot keep up with a GPU fed large tensors,
 and pyarrow's decoder releases the GIL, so row groups decode in parallel. Each thread reads
-through its own `ShardFile` (file handles are not safe to share), with its retries.
+through its own `ShardFile` (file handles are not safe to share), with its retries, or, for
+local files, through its own native pyarrow file.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from workers.errors import DataError, StorageError
 from workers.reader import ShardFile
+from workers.storage import is_local
 from workers.types import Shard
 
 Batch = dict[str, np.ndarray]
@@ -45,7 +49,7 @@ class RowGroupReader:
         self._storage = storage_options
         self._window = threads + max(0, ahead)
         self._local = threading.local()
-        self._files: list[ShardFile] = []
+        self._files: list[ShardFile | pq.ParquetFile] = []
         self._lock = threading.Lock()
         # Checks the file is unchanged and has the columns before any thread starts.
         first = ShardFile(shard, storage_options)
@@ -56,6 +60,10 @@ class RowGroupReader:
             first.close()
             raise
         self._local.file = first
+        self._metadata = first.metadata
+        # Local files: pyarrow reads them natively (see `_read_local`); the first file
+        # already checked that the file is the one the job listed.
+        self._path: str | None = first.path if is_local(first.fs) else None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
 
     def _file(self) -> ShardFile:
@@ -68,9 +76,33 @@ class RowGroupReader:
             self._local.file = file
         return file
 
+    def _read_local(self, index: int) -> pa.Table:
+        """A row group of a local file through pyarrow's own file reads (no Python I/O).
+
+        Reading through a Python file object copies every column chunk into a fresh Python
+        bytes object under the GIL; on the GPU path that was a fifth of the reading time.
+        """
+        parquet: pq.ParquetFile | None = getattr(self._local, "native", None)
+        try:
+            if parquet is None:
+                parquet = pq.ParquetFile(self._path, metadata=self._metadata)
+                with self._lock:
+                    self._files.append(parquet)
+                self._local.native = parquet
+            return parquet.read_row_group(index, columns=self.columns, use_threads=False)
+        except FileNotFoundError as exc:
+            raise StorageError(f"cannot read row group {index} of '{self.shard.url}': "
+                               f"not found ({exc})") from exc
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataError(f"'{self.shard.url}' has a corrupt row group {index} ({exc}); "
+                            "replace or remove the file") from exc
+
     def _read(self, index: int) -> Converted:
         t0 = time.perf_counter()
-        table = self._file().read_row_group(index, self.columns)
+        if self._path is not None:
+            table = self._read_local(index)
+        else:
+            table = self._file().read_row_group(index, self.columns)
         t1 = time.perf_counter()
         feeds, kept = self._convert(table)
         return feeds, kept, t1 - t0, time.perf_counter() - t1

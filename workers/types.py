@@ -94,6 +94,9 @@ class StageTimes:
     compute: float = 0.0
     d2h: float = 0.0
     gpu_busy: float = 0.0
+    #: GPU path: seconds from the shard's start until its first batch was submitted (the time
+    #: the GPU waits for the first row group to be read and converted).
+    first_batch: float = 0.0
 
     def add(self, other: StageTimes) -> None:
         for name, value in asdict(other).items():

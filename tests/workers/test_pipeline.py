@@ -210,7 +210,8 @@ def test_data_error_in_a_later_batch_drains_slots(model: bytes, tmp_path: Path) 
     pq.write_table(table, path, row_group_size=100)
     backend = ThreadSlotBackend(model)
     with backend, SlotPool(backend, 3, 64) as pool:
-        with pytest.raises(DataError, match="column 'features'"):
+        # pyarrow 26 reads the nulls and conversion rejects them; pyarrow 25 fails the read.
+        with pytest.raises(DataError, match=r"column 'features'|corrupt row group 1"):
             process_shard(whole_file_shard(str(path)), worker_config(tmp_path / "out"), backend,
                           slots=pool)
         assert all(slot._future is None for slot in backend.opened)

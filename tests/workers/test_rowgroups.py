@@ -125,3 +125,20 @@ def test_exact_batches_regroup_across_row_groups(batch_size: int) -> None:
 def test_exact_batches_rejects_zero() -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         list(exact_batches(iter([]), 0))
+
+
+def test_reader_names_a_corrupt_row_group(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    write(path, [50, 50], seed=3)
+    meta = pq.read_metadata(path)
+    column = meta.row_group(1).column(1)
+    start = (column.dictionary_page_offset if column.has_dictionary_page
+             else column.data_page_offset)
+    data = bytearray(path.read_bytes())
+    data[start:start + 8] = b"\xff" * 8  # the first page header: undecodable
+    path.write_bytes(bytes(data))
+    with RowGroupReader(whole_file_shard(str(path)), ["uid", "x"], to_piece, threads=2) as reader:
+        rows = iter(reader)
+        assert next(rows)[1].num_rows == 50
+        with pytest.raises(DataError, match=r"has a corrupt row group 1"):
+            next(rows)
