@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -22,6 +23,7 @@ from jobs.output import (
     diff_inputs,
     inputs_record,
 )
+from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.progress import Progress
 from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers
@@ -122,16 +124,19 @@ def init_ray() -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def resolve_backend(requested: str) -> str:
-    """`auto` -> the best backend the cluster can run; an impossible request fails here."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if requested == "tensorrt":
-        if not gpus:
-            raise SpecError("backend 'tensorrt' needs GPU nodes, and this Ray cluster has none; "
-                            "add GPU workers or pass --backend onnxruntime")
-        raise SpecError("backend 'tensorrt' is not available in this build yet; "
-                        "pass --backend onnxruntime")
-    return "onnxruntime"
+def gpu_nodes_for(requested: str) -> list[GpuNode]:
+    """The GPU nodes' facts (one probe task each), when the backend could be TensorRT."""
+    if requested == "onnxruntime" or not ray.cluster_resources().get("GPU", 0):
+        return []
+    return probe_gpu_nodes()
+
+
+def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> str:
+    """`auto` -> the best backend the cluster can run; an impossible request fails here.
+
+    `nodes`: the GPU nodes' probed facts (probed here when not given).
+    """
+    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
 
 
 def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
@@ -173,7 +178,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                 stream: TextIO, started: float, started_at: str) -> JobReport:
     """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
     init_ray()
-    backend = resolve_backend(spec.backend)  # before the output is touched or GPUs reserved
+    gpu_nodes = gpu_nodes_for(spec.backend)
+    backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
@@ -197,14 +203,23 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
     outcome = None
     worker_info: dict[str, Any] = {}
+    plans: dict[str, Any] = {}
     if todo:
         pool_config = _pool_config(spec, len(todo))
         worker_config = WorkerConfig(
             backend=backend,
-            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision),
+            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
+                                         engine_host_code_allowed=spec.version_compatible),
             output_url=spec.output, bindings=job.bindings, keep=spec.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options)
-        pool = ShardPool(pool_config, worker_config, ray.put(job.model_bytes))
+        model_ref: Any
+        if backend == "tensorrt":
+            # One plan per GPU type, each put in the object store once; actors pick theirs.
+            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
+            model_ref, plans = shared.refs, shared.plans
+        else:
+            model_ref = ray.put(job.model_bytes)
+        pool = ShardPool(pool_config, worker_config, model_ref)
         worker_info = pool.start(pool_config.workers)
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
               f"{worker_info['device']}", file=stream, flush=True)
@@ -253,7 +268,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         shard_rows.append(entry)
     done_rows = sum(s.rows for s in job.shards if s.id in results or s.id in committed)
     manifest = {
-        "job": job.identity, "spec": spec.to_json(), "backend": backend,
+        "job": job.identity, "spec": spec.to_json(), "backend": backend, "plans": plans,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
                   "inputs": [m.to_json() for m in job.model.inputs],
                   "outputs": [m.to_json() for m in job.model.outputs]},

@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, OutOfMemoryError, RayActorError, RayTaskError
 
+from jobs.plan_share import PlanRefs, PlanWorker
 from workers.actor import ShardWorker
 from workers.errors import (
     BackendError,
@@ -122,12 +123,14 @@ class ShardPool:
     so the next shard goes to whichever actor frees a slot first. Failures: see the module doc.
     """
 
-    def __init__(self, config: PoolConfig, worker_config: WorkerConfig, model_ref: ray.ObjectRef,
-                 ) -> None:
+    def __init__(self, config: PoolConfig, worker_config: WorkerConfig,
+                 model_ref: ray.ObjectRef | PlanRefs) -> None:
         self.config = config
         self.worker_config = worker_config
         self.model_ref = model_ref
-        self._remote = ray.remote(ShardWorker).options(
+        # TensorRT: every actor gets all plans' refs and fetches the one for its own GPU.
+        worker_class = PlanWorker if isinstance(model_ref, PlanRefs) else ShardWorker
+        self._remote = ray.remote(worker_class).options(
             num_gpus=config.num_gpus, num_cpus=config.num_cpus, max_restarts=0,
             max_task_retries=0)
         self.actors: list[Any] = []

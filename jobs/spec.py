@@ -10,6 +10,7 @@ from typing import Any
 
 from workers.backends import BACKEND_NAMES
 from workers.errors import SpecError
+from workers.plan_build import DEFAULT_OPTIMIZATION_LEVEL, BuildConfig, parse_bytes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
@@ -57,6 +58,11 @@ class JobSpec:
     shards_in_flight: int = 2
     plan_cache: str | None = None
     progress: bool | None = None
+    workspace: int | None = None
+    optimization_level: int | None = None
+    hardware_compatible: bool = False
+    version_compatible: bool = False
+    exclude_lean_runtime: bool = False
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -78,6 +84,7 @@ class JobSpec:
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, "
                             f"got {self.precision!r}")
+        _check_build_options(self)
         inputs = [name for name, _ in self.columns]
         duplicated = sorted({n for n in inputs if inputs.count(n) > 1})
         if duplicated:
@@ -104,6 +111,26 @@ class JobSpec:
                 value = list(value)
             out[f.name] = value
         return out
+
+    def build_config(self) -> BuildConfig:
+        """The TensorRT build this job asks for: one profile from 1 row to the batch size."""
+        return BuildConfig.for_batch(
+            self.batch_size, precision=self.precision, workspace=self.workspace,
+            optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
+                                else self.optimization_level),
+            hardware_compatible=self.hardware_compatible,
+            version_compatible=self.version_compatible,
+            exclude_lean_runtime=self.exclude_lean_runtime)
+
+
+def _check_build_options(spec: JobSpec) -> None:
+    """TensorRT build settings: sizes parsed (`4GiB`), flags boolean, BuildConfig's rules held."""
+    if isinstance(spec.workspace, str):
+        object.__setattr__(spec, "workspace", parse_bytes(spec.workspace, "workspace"))
+    for name in ("hardware_compatible", "version_compatible", "exclude_lean_runtime"):
+        if not isinstance(getattr(spec, name), bool):
+            raise SpecError(f"{name} must be true or false, got {getattr(spec, name)!r}")
+    spec.build_config()
 
 
 def _check_fault_options(spec: JobSpec) -> None:
@@ -158,6 +185,18 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="shards queued per actor (default 2)")
     p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
                    "(default OUTPUT/_plans)")
+    p.add_argument("--workspace", metavar="BYTES", help="TensorRT builder workspace limit, "
+                   "e.g. 4GiB (default: TensorRT's, the GPU's memory)")
+    p.add_argument("--optimization-level", type=int, metavar="0-5", help="TensorRT builder "
+                   "optimization level (default 3; higher builds longer, may run faster)")
+    p.add_argument("--hardware-compatible", action="store_true", default=None,
+                   help="one TensorRT plan for every Ampere-or-newer GPU (AMPERE_PLUS) instead "
+                   "of one per compute capability")
+    p.add_argument("--version-compatible", action="store_true", default=None,
+                   help="TensorRT plans that later TensorRT versions and tensorrt-lean can run")
+    p.add_argument("--exclude-lean-runtime", action="store_true", default=None,
+                   help="with --version-compatible: keep the lean runtime out of the plan "
+                   "(workers need tensorrt-lean of the building version)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace another job's parts in OUTPUT")
     p.add_argument("--max-actor-deaths", type=int, metavar="N",

@@ -31,6 +31,9 @@ class BackendConfig:
     threads: int = 1
     precision: str = "fp32"
     device_id: int = 0
+    #: TensorRT: let the runtime load plans that carry host code (version-compatible plans with
+    #: the lean runtime inside). Set only for plans this job built (they come from its cache).
+    engine_host_code_allowed: bool = False
 
     def __post_init__(self) -> None:
         if self.threads < 1:

@@ -1,0 +1,332 @@
+"""`python -m jobs.plan`: inspect an ONNX model or a TensorRT plan, or build a plan on this machine.
+
+    python -m jobs.plan inspect MODEL.onnx            # IR, opsets, producer, I/O (no TensorRT)
+    python -m jobs.plan inspect model.plan --layers   # a plan's I/O and layers (needs TensorRT)
+    python -m jobs.plan build MODEL.onnx -o model.plan [--precision fp16] [--max-batch N]
+        [--workspace BYTES] [--hardware-compatible] [--version-compatible]
+
+`build` writes the plan atomically with a JSON sidecar (`model.plan.json`) holding the same
+fingerprint inputs and facts the job's plan cache records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from jobs.plan_cache import PlanKey, digest, read_external_data, sidecar_for
+from workers.errors import MissingDependencyError, RunnerError, SpecError, StorageError
+from workers.onnx_precision import model_types
+from workers.plan_build import (
+    DEFAULT_OPTIMIZATION_LEVEL,
+    MAX_OPTIMIZATION_LEVEL,
+    PRECISIONS,
+    BuildConfig,
+    external_data_locations,
+    parse_bytes,
+    plan_nbytes_text,
+    target_key,
+)
+from workers.storage import read_bytes, write_bytes_atomic
+from workers.tensors import ModelInfo, TensorMeta, describe_onnx
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.plan",
+                                description="Inspect ONNX models and TensorRT plans; build plans.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser("inspect", help="describe an ONNX model (no TensorRT needed) or a plan")
+    ins.add_argument("model", metavar="MODEL", help="an .onnx model or a TensorRT plan (any fsspec URI)")
+    ins.add_argument("--layers", action="store_true",
+                     help="a plan's layer list from TensorRT's engine inspector (needs TensorRT)")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ins.add_argument("--trust-host-code", action="store_true",
+                     help="let TensorRT load a version-compatible plan that carries the lean "
+                     "runtime (host code); only for plans you trust")
+
+    b = sub.add_parser("build", help="build a TensorRT plan on this machine's GPU")
+    b.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (any fsspec URI)")
+    b.add_argument("-o", "--output", required=True, metavar="PLAN",
+                   help="where to write the plan (its sidecar goes to PLAN.json)")
+    b.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    b.add_argument("--max-batch", type=int, default=256, metavar="N",
+                   help="largest batch the plan runs (default 256)")
+    b.add_argument("--opt-batch", type=int, metavar="N",
+                   help="batch size the builder tunes for (default: --max-batch)")
+    b.add_argument("--min-batch", type=int, default=1, metavar="N",
+                   help="smallest batch the plan runs (default 1)")
+    b.add_argument("--workspace", metavar="BYTES", help="builder workspace limit, e.g. 4GiB")
+    b.add_argument("--optimization-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL,
+                   metavar=f"0-{MAX_OPTIMIZATION_LEVEL}",
+                   help=f"builder optimization level (default {DEFAULT_OPTIMIZATION_LEVEL})")
+    b.add_argument("--hardware-compatible", action="store_true",
+                   help="one plan for every Ampere-or-newer GPU (AMPERE_PLUS)")
+    b.add_argument("--version-compatible", action="store_true",
+                   help="a plan later TensorRT versions and tensorrt-lean can run")
+    b.add_argument("--exclude-lean-runtime", action="store_true",
+                   help="with --version-compatible: leave the lean runtime out of the plan")
+    b.add_argument("--timing-cache", metavar="PATH",
+                   help="TensorRT timing cache to start from and update")
+    b.add_argument("--detailed", action="store_true",
+                   help="keep per-layer detail in the plan (for inspect --layers)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
+    """Run one subcommand; returns 0, or 2 after printing one line for a user error."""
+    args = build_parser().parse_args(argv)
+    out = stream or sys.stdout
+    try:
+        if args.command == "inspect":
+            return inspect(args, out)
+        return build(args, out)
+    except RunnerError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _read(uri: str) -> bytes:
+    try:
+        return read_bytes(uri)
+    except StorageError as exc:
+        raise SpecError(f"{exc}; check the path") from exc
+
+
+def _tensor_lines(kind: str, metas: Sequence[TensorMeta]) -> list[str]:
+    width = max((len(m.name) for m in metas), default=0)
+    return [f"{kind}:"] + [f"  {m.name:<{width}}  {m.describe()}" for m in metas]
+
+
+def onnx_summary(uri: str, data: bytes, info: ModelInfo) -> dict[str, Any]:
+    types = model_types(data, f"'{uri}'")
+    return {"model": uri, "format": "onnx", "bytes": len(data), "ir_version": info.ir_version,
+            "opsets": info.opsets, "producer": info.producer,
+            "inputs": [m.to_json() for m in info.inputs],
+            "outputs": [m.to_json() for m in info.outputs],
+            "float_types": sorted(types.floats), "quantized": sorted(types.quantized),
+            "external_data": external_data_locations(data, f"'{uri}'")}
+
+
+def inspect(args: argparse.Namespace, out: TextIO) -> int:
+    data = _read(args.model)
+    try:
+        info = describe_onnx(data, source=f"'{args.model}'")
+    except SpecError:
+        info = None
+    if info is not None:
+        if args.layers:
+            raise SpecError(f"--layers lists a TensorRT plan's layers, and '{args.model}' is an "
+                            f"ONNX model; build a plan first: python -m jobs.plan build "
+                            f"{args.model} -o model.plan, then inspect model.plan --layers")
+        summary = onnx_summary(args.model, data, info)
+        if args.json:
+            print(json.dumps(summary, indent=2), file=out)
+            return 0
+        opsets = ", ".join(f"{domain} {version}" for domain, version in sorted(info.opsets.items()))
+        lines = [f"model: {args.model} (ONNX, {len(data):,} bytes)",
+                 f"ir_version: {info.ir_version}", f"opsets: {opsets}",
+                 f"producer: {info.producer or '(none)'}",
+                 *_tensor_lines("inputs", info.inputs), *_tensor_lines("outputs", info.outputs),
+                 f"types: {', '.join(summary['float_types']) or 'no float tensors'}"
+                 + (f"; quantized (Q/DQ): {', '.join(summary['quantized'])}"
+                    if summary["quantized"] else "")]
+        if summary["external_data"]:
+            lines.append(f"external data: {', '.join(summary['external_data'])}")
+        print("\n".join(lines), file=out)
+        return 0
+    return _inspect_plan(args, data, out)
+
+
+def _sidecar(uri: str) -> dict[str, Any] | None:
+    try:
+        raw = read_bytes(f"{uri}.json")
+    except StorageError:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _inspect_plan(args: argparse.Namespace, data: bytes, out: TextIO) -> int:
+    from workers.backends.tensorrt import import_tensorrt
+
+    sidecar = _sidecar(args.model)
+    try:
+        trt_module = import_tensorrt()
+    except MissingDependencyError as exc:
+        if args.layers or sidecar is None:
+            raise MissingDependencyError(
+                f"'{args.model}' is not an ONNX model, so it is read as a TensorRT plan, which "
+                f"needs TensorRT ({exc}); or inspect the ONNX model it was built from") from exc
+        trt_module = None
+    summary: dict[str, Any] = {"model": args.model, "format": "tensorrt-plan", "bytes": len(data)}
+    if sidecar is not None:
+        summary["sidecar"] = sidecar
+    if trt_module is not None:
+        summary.update(_engine_summary(trt_module, data, args.model, args.layers,
+                                       args.trust_host_code))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str), file=out)
+        return 0
+    lines = [f"model: {args.model} (TensorRT plan, {plan_nbytes_text(len(data))})"]
+    if sidecar is not None:
+        key = sidecar.get("key", {})
+        build = key.get("build", {})
+        lines += [f"built: TensorRT {key.get('tensorrt')} for {key.get('target')} on "
+                  f"{sidecar.get('gpu') or '?'} in {sidecar.get('build_seconds')}s "
+                  f"({sidecar.get('created')})",
+                  f"precision: {build.get('precision')} ({sidecar.get('precision_how')})",
+                  f"profiles (min, opt, max rows): {build.get('profiles')}",
+                  f"fingerprint: {sidecar.get('fingerprint')}"]
+    if "inputs" in summary:
+        lines += [f"tensorrt: {summary['tensorrt']}",
+                  *_plain_tensor_lines("inputs", summary["inputs"]),
+                  *_plain_tensor_lines("outputs", summary["outputs"])]
+    elif sidecar is not None:
+        lines += [*_plain_tensor_lines("inputs", sidecar.get("inputs", [])),
+                  *_plain_tensor_lines("outputs", sidecar.get("outputs", [])),
+                  "(from the sidecar: TensorRT is not installed here)"]
+    if "layers" in summary:
+        lines.append(f"layers ({len(summary['layers'])}):")
+        lines += [f"  {line}" for line in summary["layers"]]
+    print("\n".join(lines), file=out)
+    return 0
+
+
+def _plain_tensor_lines(kind: str, tensors: Sequence[dict[str, Any]]) -> list[str]:
+    width = max((len(str(t.get("name"))) for t in tensors), default=0)
+    out = [f"{kind}:"]
+    for t in tensors:
+        dims = ",".join("?" if d is None else str(d) for d in t.get("shape", []))
+        extra = f"  profile {t['profile']}" if t.get("profile") else ""
+        out.append(f"  {t.get('name')!s:<{width}}  {t.get('dtype')} [{dims}]{extra}")
+    return out
+
+
+def _engine_summary(trt_module: Any, data: bytes, uri: str, layers: bool,
+                    trust_host_code: bool = False) -> dict[str, Any]:
+    """I/O, profiles and (with `layers`) the layer list of a deserialized plan."""
+    from workers.backends.tensorrt import import_cuda, make_logger, numpy_dtype
+
+    cuda = import_cuda()
+    if cuda.device_count() < 1:
+        raise SpecError(f"reading plan '{uri}' needs a CUDA GPU (TensorRT deserializes it onto "
+                        "one), and none is visible here; inspect it on a GPU node")
+    cuda.set_device(0)
+    logger = make_logger(trt_module, echo=False)
+    runtime: trt.Runtime = trt_module.Runtime(logger)
+    if trust_host_code and hasattr(runtime, "engine_host_code_allowed"):
+        runtime.engine_host_code_allowed = True
+    engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise SpecError(f"'{uri}' is neither an ONNX model nor a plan this TensorRT "
+                        f"({getattr(trt_module, '__version__', '?')}) can load: "
+                        f"{logger.last_errors()}; a version-compatible plan with the lean "
+                        "runtime inside needs --trust-host-code")
+    tensors: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        dims = engine.get_tensor_shape(name)
+        entry: dict[str, Any] = {
+            "name": name, "dtype": numpy_dtype(trt_module, engine.get_tensor_dtype(name), name).name,
+            "shape": [None if int(dims[i]) < 0 else int(dims[i]) for i in range(len(dims))]}
+        if engine.get_tensor_mode(name) == trt_module.TensorIOMode.INPUT:
+            if any(d is None for d in entry["shape"]):
+                entry["profile"] = [
+                    [[int(s[i]) for i in range(len(s))]
+                     for s in engine.get_tensor_profile_shape(name, p)]
+                    for p in range(engine.num_optimization_profiles)]
+            tensors["inputs"].append(entry)
+        else:
+            tensors["outputs"].append(entry)
+    summary: dict[str, Any] = {"tensorrt": str(getattr(trt_module, "__version__", "?")),
+                               **tensors, "profiles": engine.num_optimization_profiles}
+    if layers:
+        inspector: trt.EngineInspector = engine.create_engine_inspector()
+        info = json.loads(inspector.get_engine_information(trt_module.LayerInformationFormat.JSON))
+        summary["layers"] = [_layer_line(layer) for layer in info.get("Layers", [])]
+    return summary
+
+
+def _layer_line(layer: Any) -> str:
+    """One layer of the inspector's JSON: names only, or details with --detailed plans."""
+    if not isinstance(layer, dict):
+        return str(layer)
+    text = str(layer.get("Name", "?"))
+    kind = layer.get("LayerType")
+    if kind:
+        text += f"  [{kind}]"
+    tactic = layer.get("TacticName")
+    if tactic:
+        text += f"  {tactic}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
+    for flag in ("max_batch", "opt_batch", "min_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise SpecError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    opt = args.opt_batch if args.opt_batch is not None else args.max_batch
+    if not args.min_batch <= opt <= args.max_batch:
+        raise SpecError(f"batch sizes must satisfy --min-batch <= --opt-batch <= --max-batch, got "
+                        f"{args.min_batch} <= {opt} <= {args.max_batch}")
+    workspace = parse_bytes(args.workspace, "--workspace") if args.workspace else None
+    return BuildConfig(precision=args.precision, profiles=((args.min_batch, opt, args.max_batch),),
+                       workspace=workspace, optimization_level=args.optimization_level,
+                       hardware_compatible=args.hardware_compatible,
+                       version_compatible=args.version_compatible,
+                       exclude_lean_runtime=args.exclude_lean_runtime,
+                       detailed_profiling=args.detailed)
+
+
+def build(args: argparse.Namespace, out: TextIO) -> int:
+    from workers.plan_build import build_plan, cuda_runtime_major
+
+    config = build_config_from_args(args)
+    data = _read(args.model)
+    source = f"model '{args.model}'"
+    locations = external_data_locations(data, source)
+    external = read_external_data(args.model, locations) if locations else {}
+    timing = None
+    if args.timing_cache:
+        try:
+            timing = read_bytes(args.timing_cache)
+        except StorageError:
+            timing = None  # first build with this cache file
+    result = build_plan(data, config, timing_cache=timing, external_data=external, source=source)
+    key = PlanKey(model_sha256=digest(data),
+                  external_data=tuple((loc, digest(b)) for loc, b in sorted(external.items())),
+                  tensorrt=result.tensorrt, cuda_major=cuda_runtime_major(),
+                  target=target_key(result.capability, config.hardware_compatible), build=config)
+    name = args.output.rstrip("/").rsplit("/", 1)[-1]
+    sidecar = sidecar_for(key, result.plan, name, result.info())
+    write_bytes_atomic(args.output, result.plan)
+    write_bytes_atomic(f"{args.output}.json", json.dumps(sidecar, indent=2).encode())
+    if args.timing_cache and result.timing_cache:
+        write_bytes_atomic(args.timing_cache, result.timing_cache)
+    print(f"built {args.output} ({plan_nbytes_text(len(result.plan))}) in {result.seconds:.1f}s: "
+          f"TensorRT {result.tensorrt}, {key.target} ({result.gpu_name}), {config.precision} "
+          f"via {result.precision_how}; fingerprint {key.fingerprint[:12]}", file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Getting the right plan to every GPU actor: probe the GPU nodes, build or fetch, share by ref.
+
+1. `probe_gpu_nodes` runs one small task on each GPU node: its compute capability, CUDA and
+   TensorRT (full, lean, or none). The driver needs no GPU.
+2. `plan_targets` groups the nodes: one plan per compute capability, or one `ampere_plus` plan
+   for all when the plan is hardware-compatible.
+3. `share_plans`, per target: cache hit -> the driver reads the plan and `ray.put`s it once;
+   miss -> exactly one Ray task on a GPU node of that target builds it, commits it to the cache
+   and returns it, so the plan enters the object store as that task's result, once.
+4. Actors (`PlanWorker`) receive every target's ObjectRef, find their own GPU's compute
+   capability and fetch only their plan from the object store (no per-actor storage download).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from jobs.plan_cache import PlanCache, PlanKey, default_cache_uri, digest, read_external_data
+from workers.actor import ShardWorker
+from workers.backends import create_backend
+from workers.errors import BackendError, RunnerError, SpecError
+from workers.plan_build import (
+    AMPERE_PLUS,
+    BuildConfig,
+    GpuFacts,
+    external_data_locations,
+    plan_precision,
+    profile_shapes,
+    target_key,
+)
+from workers.tensors import ModelInfo
+from workers.types import Shard, ShardResult, WorkerConfig
+
+PROBE_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class GpuNode:
+    """A Ray node with GPUs, and what its probe found."""
+
+    node_id: str
+    address: str
+    gpus: int
+    facts: GpuFacts
+
+    def describe(self) -> str:
+        name = f" {self.facts.gpu_name}" if self.facts.gpu_name else ""
+        return f"{self.address} ({self.gpus}x{name}, compute capability {self.facts.capability_text})"
+
+
+def _probe_task() -> GpuFacts:
+    from workers.plan_build import local_gpu_facts
+
+    return local_gpu_facts(0)
+
+
+def probe_gpu_nodes(timeout_s: float = PROBE_TIMEOUT_S) -> list[GpuNode]:
+    """Probe one GPU of every alive GPU node (GPUs of one node are assumed to be one model)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    remote = ray.remote(_probe_task)
+    refs = [remote.options(num_gpus=1, num_cpus=0, max_retries=1,
+                           scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                           ).remote() for n in nodes]
+    try:
+        facts = ray.get(refs, timeout=timeout_s)
+    except GetTimeoutError as exc:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise SpecError(f"could not probe the GPU nodes within {timeout_s:.0f}s (are their GPUs "
+                        "held by other jobs?); free a GPU on each node and rerun") from exc
+    except RayTaskError as exc:
+        raise BackendError(f"probing a GPU node failed: {_cause(exc)}") from exc
+    return [GpuNode(node_id=n["NodeID"], address=n.get("NodeManagerAddress", n["NodeID"][:8]),
+                    gpus=int(n["Resources"]["GPU"]), facts=f) for n, f in zip(nodes, facts,
+                                                                              strict=True)]
+
+
+def _cause(exc: RayTaskError) -> str:
+    cause = exc.cause
+    return str(cause) if isinstance(cause, RunnerError) else f"{cause.__class__.__name__}: {cause}"
+
+
+def choose_backend(requested: str, nodes: Sequence[GpuNode]) -> str:
+    """`tensorrt` or `onnxruntime` for a cluster whose GPU nodes are `nodes` (none: CPU only).
+
+    `auto` takes TensorRT when every GPU node runs it and each compute capability has a node
+    that can build; a `tensorrt` request on nodes without it fails here, before any actor.
+    """
+    if requested == "onnxruntime":
+        return "onnxruntime"
+    if not nodes:
+        if requested == "tensorrt":
+            raise SpecError("backend 'tensorrt' needs GPU nodes, and this Ray cluster has none; "
+                            "add GPU workers or pass --backend onnxruntime")
+        return "onnxruntime"
+    missing = [n for n in nodes if not n.facts.tensorrt]
+    if requested == "tensorrt":
+        if missing:
+            what = "; ".join(f"{n.describe()}: {n.facts.problem or 'no TensorRT'}"
+                             for n in missing[:3])
+            raise SpecError(
+                f"backend 'tensorrt' needs TensorRT on every GPU node, and {len(missing)} of "
+                f"{len(nodes)} have none ({what}); pip install '.[tensorrt]' on them "
+                "(tensorrt-lean is enough with --version-compatible plans), or pass "
+                "--backend onnxruntime")
+        return "tensorrt"
+    groups: dict[tuple[int, int], list[GpuNode]] = {}
+    for node in nodes:
+        groups.setdefault(node.facts.capability, []).append(node)
+    can_build = all(any(n.facts.can_build for n in group) for group in groups.values())
+    return "tensorrt" if not missing and can_build else "onnxruntime"
+
+
+@dataclass(frozen=True)
+class PlanTarget:
+    """The nodes that run one plan, and the node that builds it (None: none can)."""
+
+    key: str
+    nodes: tuple[GpuNode, ...]
+    builder: GpuNode | None
+
+    @property
+    def tensorrt(self) -> str:
+        return (self.builder or self.nodes[0]).facts.tensorrt or "unknown"
+
+    @property
+    def cuda_major(self) -> int | None:
+        return (self.builder or self.nodes[0]).facts.cuda_major
+
+
+def plan_targets(nodes: Sequence[GpuNode], build: BuildConfig) -> list[PlanTarget]:
+    """One target per compute capability, or one `ampere_plus` target for a compatible plan.
+
+    Within a target every node must run the same TensorRT version, unless the plan is
+    version-compatible; then it is built with the oldest version present (newer runtimes
+    load it), and with the lean runtime excluded, every node needs exactly that version.
+    """
+    groups: dict[str, list[GpuNode]] = {}
+    for node in nodes:
+        if build.hardware_compatible and node.facts.capability < (8, 0):
+            raise SpecError(f"hardware-compatible plans run on Ampere or newer GPUs (compute "
+                            f"capability 8.0+), and node {node.describe()} is older; drop "
+                            "--hardware-compatible or remove the node")
+        groups.setdefault(target_key(node.facts.capability, build.hardware_compatible),
+                          []).append(node)
+    targets = []
+    for key, members in sorted(groups.items()):
+        versions = sorted({n.facts.tensorrt or "none" for n in members}, key=_version_order)
+        exact = not build.version_compatible or build.exclude_lean_runtime
+        if len(versions) > 1 and exact:
+            listing = ", ".join(f"{n.address}: {n.facts.tensorrt}" for n in members)
+            fix = ("install one TensorRT version on all of them, or build with "
+                   "--version-compatible (without --exclude-lean-runtime)")
+            raise SpecError(f"the nodes for plan {key} run different TensorRT versions "
+                            f"({listing}), and a plan loads only on the version that built it; {fix}")
+        builders = [n for n in members if n.facts.can_build and n.facts.tensorrt == versions[0]]
+        targets.append(PlanTarget(key=key, nodes=tuple(members),
+                                  builder=builders[0] if builders else None))
+    return targets
+
+
+def _version_order(version: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in version.split("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Build tasks and the hand-off
+
+
+def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, key: PlanKey,
+                cache_uri: str, storage_options: dict[str, Any], source: str
+                ) -> tuple[bytes, dict[str, Any]]:
+    """On a GPU node: build the plan for `key`, commit it to the cache, return (plan, sidecar)."""
+    from workers.plan_build import build_plan
+
+    cache = PlanCache(cache_uri, storage_options)
+    timing = cache.read_timing_cache(key.tensorrt, key.target)
+    result = build_plan(model, build, timing_cache=timing, external_data=external, source=source)
+    built_for = target_key(result.capability, build.hardware_compatible)
+    if result.tensorrt != key.tensorrt or built_for != key.target:
+        raise BackendError(f"the build task ran on a node with TensorRT {result.tensorrt} and "
+                           f"target {built_for}, but plan {key.target} with TensorRT "
+                           f"{key.tensorrt} was asked for; the cluster changed during the job: "
+                           "rerun it")
+    cached = cache.commit(key, result.plan, {**result.info(), "warnings": result.warnings[-20:]})
+    if result.timing_cache:
+        cache.write_timing_cache(key.tensorrt, key.target, result.timing_cache)
+    return result.plan, cached.sidecar
+
+
+@dataclass(frozen=True)
+class PlanRefs:
+    """Every target's plan in the object store; each actor takes the one for its GPU.
+
+    `capability` fixes the compute capability every actor assumes (for tests, or a cluster
+    known in advance); None: each actor asks its own GPU.
+    """
+
+    refs: tuple[tuple[str, Any], ...]
+    capability: tuple[int, int] | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for key, _ in self.refs]
+
+
+def select_plan(keys: Sequence[str], capability: tuple[int, int]) -> str:
+    """The plan key for a GPU of `capability`: its own `sm_XY`, else `ampere_plus` if it fits."""
+    exact = target_key(capability, False)
+    if exact in keys:
+        return exact
+    if AMPERE_PLUS in keys and capability >= (8, 0):
+        return AMPERE_PLUS
+    raise BackendError(f"this worker's GPU has compute capability {capability[0]}.{capability[1]}, "
+                       f"and the job's plans are for {sorted(keys)} (the node joined after the "
+                       "job probed the cluster?); rerun the job so it builds a plan for this GPU, "
+                       "or build with --hardware-compatible")
+
+
+class PlanWorker(ShardWorker):
+    """A ShardWorker that picks its plan by its GPU's compute capability, on first use.
+
+    The pick happens in `load()`/`process()`, not the constructor, so a missing plan is a
+    task error the driver reports, not an actor that fails to start.
+    """
+
+    def __init__(self, config: WorkerConfig, plans: PlanRefs) -> None:
+        super().__init__(config, b"")
+        self.plans = plans
+        self.plan_key: str | None = None
+        self.capability: tuple[int, int] | None = None
+
+    def _ensure_plan(self) -> None:
+        if self.plan_key is not None:
+            return
+        capability = self.plans.capability
+        if capability is None:
+            from workers import cuda
+
+            capability = cuda.compute_capability(self.config.backend_config.device_id)
+        key = select_plan(self.plans.keys, capability)
+        plan: bytes = ray.get(dict(self.plans.refs)[key])
+        self.backend = create_backend(self.config.backend, plan, self.config.backend_config)
+        self.plan_key, self.capability = key, capability
+
+    def load(self) -> dict[str, Any]:
+        self._ensure_plan()
+        info = super().load()
+        assert self.capability is not None
+        info.update(plan=self.plan_key,
+                    compute_capability=f"{self.capability[0]}.{self.capability[1]}")
+        return info
+
+    def process(self, shard: Shard) -> ShardResult:
+        self._ensure_plan()
+        return super().process(shard)
+
+
+@dataclass
+class SharedPlans:
+    """What `share_plans` did: the refs for the pool, and per target the manifest's record."""
+
+    refs: PlanRefs
+    plans: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
+                nodes: Sequence[GpuNode], stream: TextIO | None = None) -> SharedPlans:
+    """Find or build one plan per target and put each in the object store once."""
+    build: BuildConfig = spec.build_config()
+    source = f"model '{model_uri}'"
+    profile_shapes(model.inputs, build, source)  # shape problems fail before any GPU work
+    cache = PlanCache(spec.plan_cache or default_cache_uri(spec.output), spec.storage)
+    locations = external_data_locations(model_bytes, source)
+    external = read_external_data(model_uri, locations, spec.storage) if locations else {}
+    external_digests = tuple((loc, digest(data)) for loc, data in sorted(external.items()))
+    from workers.onnx_precision import model_types
+
+    types = model_types(model_bytes, source)
+    refs: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
+    pending: dict[str, tuple[Any, Any, float, PlanTarget]] = {}
+    model_ref = None
+    for target in plan_targets(nodes, build):
+        facts = (target.builder or target.nodes[0]).facts
+        # Precision problems (int8 without Q/DQ, fp8 on Ampere, ...) fail before building.
+        for node in target.nodes:
+            plan_precision(build.precision, facts.api, types, node.facts.capability,
+                           build.hardware_compatible, source)
+        key = PlanKey(model_sha256=digest(model_bytes), external_data=external_digests,
+                      tensorrt=target.tensorrt, cuda_major=target.cuda_major, target=target.key,
+                      build=build)
+        hit = cache.lookup(key)
+        if hit is not None:
+            refs[target.key] = ray.put(hit.plan)
+            records[target.key] = {"fingerprint": key.fingerprint, "source": "cache",
+                                   "url": hit.url, "bytes": len(hit.plan),
+                                   "nodes": [n.address for n in target.nodes]}
+            _say(stream, f"plan {target.key}: cached ({key.fingerprint[:12]}, "
+                         f"{len(hit.plan):,} bytes)")
+            continue
+        if target.builder is None:
+            raise SpecError(
+                f"plan {target.key} is not in the cache ({cache.uri}) and no node for it can "
+                f"build it (they have only {facts.tensorrt_module or 'no TensorRT'}); install "
+                "the full tensorrt package on one of them, or build it elsewhere with "
+                "python -m jobs.plan build and point --plan-cache at its cache")
+        if model_ref is None:
+            model_ref = ray.put(model_bytes)
+        task = ray.remote(_build_task).options(
+            num_gpus=1, num_cpus=1, num_returns=2, max_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(target.builder.node_id, soft=False))
+        # num_returns=2: the plan and its sidecar are separate objects, so the driver fetches
+        # only the small sidecar and hands the plan's ref to the actors untouched.
+        returned: Any = task.remote(model_ref, external, build, key, cache.uri,
+                                    dict(spec.storage), source)
+        plan_ref, sidecar_ref = returned
+        pending[target.key] = (plan_ref, sidecar_ref, time.monotonic(), target)
+        _say(stream, f"plan {target.key}: building on {target.builder.describe()} "
+                     f"({key.fingerprint[:12]})")
+    for target_name, (plan_ref, sidecar_ref, started, built) in pending.items():
+        try:
+            sidecar: dict[str, Any] = ray.get(sidecar_ref)
+        except RayTaskError as exc:
+            cause = exc.cause
+            if isinstance(cause, RunnerError):
+                raise cause from exc
+            raise BackendError(f"building plan {target_name} failed: {_cause(exc)}") from exc
+        refs[target_name] = plan_ref
+        records[target_name] = {"fingerprint": sidecar["fingerprint"], "source": "built",
+                                "build_seconds": sidecar.get("build_seconds"),
+                                "bytes": sidecar["plan"]["bytes"],
+                                "precision_how": sidecar.get("precision_how"),
+                                "nodes": [n.address for n in built.nodes]}
+        _say(stream, f"plan {target_name}: built in {time.monotonic() - started:.1f}s "
+                     f"({sidecar['plan']['bytes']:,} bytes, {sidecar.get('precision_how')})")
+    return SharedPlans(refs=PlanRefs(tuple(sorted(refs.items()))), plans=records)
+
+
+def _say(stream: TextIO | None, line: str) -> None:
+    if stream is not None:
+        print(line, file=stream, flush=True)

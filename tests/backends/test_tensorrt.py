@@ -1,0 +1,305 @@
+"""TensorRT: plan builds, the backend contract, device slots, compatibility options, CLI, job.
+
+Marked `tensorrt`: these run wherever `tensorrt` imports with a CUDA GPU, and are skipped,
+saying why, everywhere else (CI has neither). Plans are built at fixture time from the real
+ONNX models of `tests.models`; results are compared with numpy and ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from tests.backends.contract import CONTRACT_SEED, BackendContract, reference
+from tests.models import two_input_model
+from workers.backends import BackendConfig, create_backend
+from workers.backends.base import Backend
+from workers.errors import BackendError, MissingDependencyError, SpecError
+from workers.plan_build import BuildConfig, BuildResult, build_plan
+
+
+def _unavailable() -> str | None:
+    from workers.backends.tensorrt import import_tensorrt
+
+    try:
+        import_tensorrt(builder=True)
+    except MissingDependencyError:
+        return "TensorRT is not installed (no tensorrt package with a Builder)"
+    from workers import cuda
+
+    if cuda.device_count() < 1:
+        return "TensorRT is installed, but no CUDA GPU is visible to this process"
+    return None
+
+
+REASON = _unavailable()
+pytestmark = [pytest.mark.tensorrt, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+MAX_BATCH = 64
+
+
+def capability() -> tuple[int, int]:
+    from workers import cuda
+
+    return cuda.compute_capability(0)
+
+
+def batch(rows: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.standard_normal((rows, 3, 4, 4)).astype(np.float32),
+            "meta": rng.standard_normal((rows, 8)).astype(np.float32)}
+
+
+def close_to(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tolerance: float) -> None:
+    for name, value in want.items():
+        assert got[name].shape == value.shape, name
+        scale = max(float(np.abs(value).max()), 1.0)
+        assert float(np.abs(got[name] - value).max()) <= tolerance * scale, name
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> bytes:
+    return two_input_model(seed=CONTRACT_SEED)
+
+
+@pytest.fixture(scope="module")
+def fp32_plan(model_bytes: bytes) -> BuildResult:
+    return build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH))
+
+
+class TestTensorRTContract(BackendContract):
+    """The contract every backend runs, over an FP32 plan (TF32 off: FP32 accuracy)."""
+
+    tolerance = 1e-4
+
+    @pytest.fixture
+    def backend(self, fp32_plan: BuildResult) -> Iterator[Backend]:
+        with create_backend("tensorrt", fp32_plan.plan) as backend:
+            yield backend
+
+
+def test_build_result_describes_the_plan(fp32_plan: BuildResult) -> None:
+    import tensorrt
+
+    assert fp32_plan.tensorrt == tensorrt.__version__
+    assert fp32_plan.capability == capability()
+    assert [m.name for m in fp32_plan.inputs] == ["image", "meta"]
+    assert [m.shape for m in fp32_plan.outputs] == [(None, 5), (None, 1)]
+    assert fp32_plan.timing_cache and len(fp32_plan.plan) > 0
+    assert "TF32 off" in fp32_plan.precision_how
+
+
+def test_backend_metadata_and_limits(fp32_plan: BuildResult) -> None:
+    with create_backend("tensorrt", fp32_plan.plan) as backend:
+        assert backend.uses_slots and backend.max_rows == MAX_BATCH  # type: ignore[attr-defined]
+        with pytest.raises(BackendError, match=re.escape(
+                f"the plan runs at most {MAX_BATCH} rows per batch (its optimization profile), "
+                f"and a slot of {MAX_BATCH + 1} was asked for")):
+            backend.open_slot(MAX_BATCH + 1)
+
+
+def test_batches_larger_than_the_profile_run_in_pieces(fp32_plan: BuildResult,
+                                                       model_bytes: bytes) -> None:
+    data = batch(2 * MAX_BATCH + 13, seed=4)
+    with create_backend("tensorrt", fp32_plan.plan) as backend:
+        got = backend.infer(data)
+    close_to(got, reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_slots_keep_batches_in_flight(fp32_plan: BuildResult, model_bytes: bytes) -> None:
+    batches = [batch(rows, seed=rows) for rows in (32, 32, 17)]
+    with create_backend("tensorrt", fp32_plan.plan) as backend:
+        slots = [backend.open_slot(32) for _ in range(2)]
+        try:
+            results = []
+            # Two in flight, then reuse the first slot for the partial third batch.
+            for slot, data in zip(slots, batches[:2], strict=True):
+                for name, array in data.items():
+                    np.copyto(slot.host_inputs[name][: len(array)], array)
+                slot.submit(len(data["image"]))
+            for slot in slots:
+                results.append({k: v.copy() for k, v in slot.wait().items()})
+            third = batches[2]
+            for name, array in third.items():
+                np.copyto(slots[0].host_inputs[name][: len(array)], array)
+            slots[0].submit(17)
+            results.append({k: v.copy() for k, v in slots[0].wait().items()})
+            assert set(slots[0].stage_seconds()) == {"h2d", "compute", "d2h"}
+            with pytest.raises(BackendError, match="wait\\(\\) on a slot with no batch submitted"):
+                slots[0].wait()
+            with pytest.raises(BackendError, match="a batch of 33 rows does not fit a device "
+                                                   "slot of 32 rows"):
+                slots[1].submit(33)
+        finally:
+            for slot in slots:
+                slot.close()
+                slot.close()  # idempotent
+    for data, got in zip(batches, results, strict=True):
+        close_to(got, reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_pipeline_runs_a_shard_through_slots(fp32_plan: BuildResult, model_bytes: bytes,
+                                             tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from tests.models import write_dataset
+    from tests.workers.test_pipeline import whole_file_shard, worker_config
+    from workers.pipeline import process_shard
+
+    path = write_dataset(str(tmp_path / "in"), files=1, rows_per_file=500, row_group_rows=120,
+                         seed=2)[0]
+    shard = whole_file_shard(path)
+    with create_backend("onnxruntime", model_bytes, BackendConfig(device="cpu")) as cpu:
+        want = pq.read_table(process_shard(shard, worker_config(tmp_path / "cpu"), cpu).part_url)
+    with create_backend("tensorrt", fp32_plan.plan) as gpu:
+        result = process_shard(shard, worker_config(tmp_path / "gpu", slots=3), gpu)
+    got = pq.read_table(result.part_url)
+    assert got.column("uid").equals(want.column("uid"))
+    a = np.stack(got.column("logits").combine_chunks().to_numpy_ndarray())
+    b = np.stack(want.column("logits").combine_chunks().to_numpy_ndarray())
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-4
+
+
+def test_fp16_plan(model_bytes: bytes) -> None:
+    result = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH, precision="fp16"))
+    assert "BuilderFlag.FP16" in result.precision_how or "converted to fp16" in result.precision_how
+    assert [m.dtype for m in result.inputs] == [np.float32, np.float32]  # I/O stays FP32
+    data = batch(40, seed=9)
+    with create_backend("tensorrt", result.plan) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-2)
+
+
+def test_bf16_plan(model_bytes: bytes) -> None:
+    if capability() < (8, 0):
+        with pytest.raises(SpecError, match=r"precision bf16 needs compute capability 8\.0"):
+            build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH, precision="bf16"))
+        return
+    result = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH, precision="bf16"))
+    data = batch(40, seed=10)
+    with create_backend("tensorrt", result.plan) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 5e-2)
+
+
+def test_int8_from_qdq_nodes() -> None:
+    from tests.workers.test_onnx_precision import qdq_model
+
+    model = qdq_model(TensorProto.INT8, 17)
+    result = build_plan(model, BuildConfig.for_batch(16, precision="int8"))
+    assert "Q/DQ" in result.precision_how
+    x = np.random.default_rng(1).uniform(-4, 4, (16, 4)).astype(np.float32)
+    want = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with create_backend("tensorrt", result.plan) as backend:
+        got = backend.infer({"x": x})["y"]
+    assert np.abs(got - want).max() <= 0.05 * 4  # one quantization step per input element
+
+
+def test_hardware_compatible_plan(model_bytes: bytes) -> None:
+    if capability() < (8, 0):
+        pytest.skip("AMPERE_PLUS plans need an Ampere or newer GPU")
+    result = build_plan(model_bytes, BuildConfig.for_batch(16, hardware_compatible=True))
+    data = batch(16, seed=11)
+    with create_backend("tensorrt", result.plan) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_version_compatible_plan_loads_with_host_code_allowed(model_bytes: bytes) -> None:
+    result = build_plan(model_bytes, BuildConfig.for_batch(16, version_compatible=True))
+    data = batch(16, seed=12)
+    config = BackendConfig(engine_host_code_allowed=True)
+    with create_backend("tensorrt", result.plan, config) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_fixed_batch_plan_pads_partial_batches(tmp_path: Path) -> None:
+    from tests.test_plan_cli import model_with
+
+    model = model_with([("x", [8, 5])])
+    result = build_plan(model, BuildConfig.for_batch(8))
+    x = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    with create_backend("tensorrt", result.plan) as backend:
+        got = backend.infer({"x": x})["x_out"]
+    np.testing.assert_array_equal(got, np.maximum(x, 0))
+
+
+def test_parser_errors_name_the_unsupported_node() -> None:
+    from onnx import helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu_node"),
+             helper.make_node("Mystery", ["r"], ["y"], name="mystery_node", domain="com.example")]
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.example", 1)])
+    with pytest.raises(SpecError, match=r"TensorRT cannot parse model \(\d+ error\(s\)\):\n"
+                                        r"  node 1 'mystery_node' \(Mystery\): .*\[") as info:
+        build_plan(model.SerializeToString(), BuildConfig.for_batch(4))
+    assert str(info.value).endswith("or run with --backend onnxruntime")
+
+
+def test_timing_cache_is_reused(model_bytes: bytes, fp32_plan: BuildResult) -> None:
+    again = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH),
+                       timing_cache=fp32_plan.timing_cache)
+    assert again.plan and not any("timing cache ignored" in w for w in again.warnings)
+
+
+def test_cli_build_and_inspect_layers(tmp_path: Path, model_bytes: bytes) -> None:
+    from jobs.plan import main
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(model_bytes)
+    plan = tmp_path / "m.plan"
+    out = io.StringIO()
+    assert main(["build", str(model), "-o", str(plan), "--max-batch", "16", "--detailed",
+                 "--timing-cache", str(tmp_path / "timing.cache")], out) == 0
+    assert out.getvalue().startswith(f"built {plan} (")
+    sidecar = json.loads((tmp_path / "m.plan.json").read_text())
+    assert sidecar["key"]["build"]["profiles"] == [[1, 16, 16]]
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    out = io.StringIO()
+    assert main(["inspect", str(plan), "--layers"], out) == 0
+    text = out.getvalue()
+    assert "  image  float32 [?,3,4,4]" in text and re.search(r"layers \([1-9]\d*\):", text)
+    out = io.StringIO()
+    assert main(["inspect", str(plan), "--json"], out) == 0
+    summary = json.loads(out.getvalue())
+    assert summary["inputs"][0]["profile"] == [[[1, 3, 4, 4], [16, 3, 4, 4], [16, 3, 4, 4]]]
+
+
+@pytest.mark.ray
+def test_job_builds_once_then_uses_the_cache(ray_cluster: None, tmp_path: Path, dataset: Path,
+                                             model_bytes: bytes) -> None:
+    from jobs.driver import run_job
+    from jobs.spec import JobSpec
+    from tests.test_job import read_input, read_output
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(model_bytes)
+    cache = str(tmp_path / "plans")
+
+    def spec(out: str) -> JobSpec:
+        return JobSpec(model=str(model), input=str(dataset), output=out,
+                       columns=(("image", "img"), ("meta", "features")), keep=("uid",),
+                       batch_size=64, rows_per_shard=240, backend="tensorrt", workers=1,
+                       plan_cache=cache, progress=False)
+
+    first = run_job(spec(str(tmp_path / "out1")))
+    assert first.exit_code == 0 and first.backend == "tensorrt"
+    plans = first.manifest["plans"]
+    assert [p["source"] for p in plans.values()] == ["built"]
+    second = run_job(spec(str(tmp_path / "out2")))
+    assert [p["source"] for p in second.manifest["plans"].values()] == ["cache"]
+    source, result = read_input(str(dataset)).sort_by("uid"), read_output(str(tmp_path / "out2"))
+    result = result.sort_by("uid")
+    image = source.column("img").combine_chunks().to_numpy_ndarray()
+    meta = np.stack(source.column("features").to_numpy(zero_copy_only=False)).astype(np.float32)
+    want = reference(model_bytes, image, meta)["logits"]
+    got = result.column("logits").combine_chunks().to_numpy_ndarray()
+    assert np.abs(got - want).max() <= 1e-4 * max(float(np.abs(want).max()), 1.0)

@@ -1,0 +1,398 @@
+"""TensorRT backend: deserialize a plan once, run batches with `execute_async_v3` on CUDA streams.
+
+The model bytes are a plan (built by `workers.plan_build`). Tensors are found by name from the
+engine; every batch sets its input shapes, then reads the output shapes TensorRT derives from
+them. Memory and streams come from `workers.cuda` (cuda-python), every status checked. The
+synchronous `infer` runs on one stream; `open_slot` gives the GPU pipeline independent slots
+(own execution context, stream, pinned and device buffers) to keep several batches in flight.
+Runs with the full `tensorrt` package, or with only `tensorrt_lean`/`tensorrt_dispatch` for
+version-compatible plans.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import weakref
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from workers.backends.base import Backend, Batch, DeviceSlot
+from workers.errors import BackendError, MissingDependencyError
+from workers.tensors import TensorMeta
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+INSTALL_HINT = ("pip install '.[tensorrt]' on the GPU nodes (tensorrt-lean is enough to run "
+                "version-compatible plans), or set backend: onnxruntime")
+# numpy has no bfloat16/fp8; ml_dtypes (an onnx dependency) provides them.
+_ML_DTYPES = {"BF16": "bfloat16", "FP8": "float8_e4m3fn"}
+_NUMPY_NAMES = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32",
+                "INT64": "int64", "BOOL": "bool", "UINT8": "uint8"}
+
+
+def import_tensorrt(builder: bool = False) -> ModuleType:
+    """The TensorRT module: `tensorrt`, else (to run plans only) `tensorrt_lean`/`tensorrt_dispatch`.
+
+    Tests for a real attribute: the type stubs alone make `import tensorrt` succeed as an empty
+    namespace package.
+    """
+    names = ("tensorrt",) if builder else ("tensorrt", "tensorrt_lean", "tensorrt_dispatch")
+    wanted = "Builder" if builder else "Runtime"
+    for name in names:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, wanted):
+            return module
+    if builder:
+        lean = [n for n in ("tensorrt_lean", "tensorrt_dispatch") if _importable(n)]
+        extra = (f" ({lean[0]} is installed: it runs plans but cannot build them)" if lean else "")
+        raise MissingDependencyError(
+            f"TensorRT is not installed{extra}; building a plan needs the full package: "
+            "pip install '.[tensorrt]' on the node that builds, or set backend: onnxruntime")
+    raise MissingDependencyError(f"TensorRT is not installed; {INSTALL_HINT}")
+
+
+def _importable(name: str) -> bool:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return False
+    return hasattr(module, "Runtime")
+
+
+def import_cuda() -> ModuleType:
+    """`workers.cuda`, whose cuda-python import says how to install it when missing."""
+    try:
+        from workers import cuda
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"cuda-python is not installed ({exc}); pip install '.[tensorrt]'") from exc
+    return cuda
+
+
+def numpy_dtype(trt_module: Any, dtype: Any, tensor: str = "") -> np.dtype:
+    """The numpy dtype of a TensorRT DataType; bf16/fp8 through ml_dtypes, where numpy has none."""
+    nptype = getattr(trt_module, "nptype", None)  # the lean/dispatch modules may lack the helper
+    if nptype is not None:
+        try:
+            return np.dtype(nptype(dtype))
+        except (TypeError, KeyError, ValueError):
+            pass
+    name = str(getattr(dtype, "name", dtype)).rsplit(".", 1)[-1]
+    if name in _NUMPY_NAMES:
+        return np.dtype(_NUMPY_NAMES[name])
+    if name in _ML_DTYPES:
+        try:
+            import ml_dtypes
+        except ImportError as exc:
+            raise MissingDependencyError(f"tensor '{tensor}' is {name}; reading it needs "
+                                         "ml_dtypes: pip install ml_dtypes") from exc
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[name]))
+    raise BackendError(f"tensor '{tensor}' has TensorRT type {name}, which numpy cannot hold; "
+                       "make the model's inputs and outputs float, int or bool (cast inside it)")
+
+
+def make_logger(trt_module: Any, echo: bool = True) -> Any:
+    """A TensorRT logger that keeps warnings and errors (for our messages) and echoes them."""
+
+    class CapturingLogger(trt_module.ILogger):
+        def __init__(self) -> None:
+            trt_module.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.warnings: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            level = int(severity)
+            if level <= int(trt_module.ILogger.ERROR):
+                self.errors.append(msg)
+            elif level == int(trt_module.ILogger.WARNING):
+                self.warnings.append(msg)
+            else:
+                return
+            if echo:
+                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+
+        def last_errors(self, count: int = 3) -> str:
+            return "; ".join(self.errors[-count:]) or "no error was logged"
+
+    return CapturingLogger()
+
+
+def _shape(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+class TensorRTBackend(Backend):
+    """Runs a TensorRT plan on one GPU; `model` is the plan's bytes."""
+
+    name: ClassVar[str] = "tensorrt"
+    supports_slots: ClassVar[bool] = True
+    device = "cuda"
+
+    def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
+        trt_module = import_tensorrt()
+        cuda = import_cuda()
+        if cuda.device_count() < 1:
+            raise BackendError("the TensorRT backend needs a CUDA GPU, and none is visible to this "
+                               "worker; run it on a GPU node or set backend: onnxruntime")
+        cuda.set_device(self.config.device_id)
+        self._trt = trt_module
+        self._cuda = cuda
+        self._logger = make_logger(trt_module)
+        runtime: trt.Runtime = trt_module.Runtime(self._logger)
+        if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
+            # Version-compatible plans carry the lean runtime as host code: opt in (the plan
+            # comes from this job's own cache, built by its own build task).
+            runtime.engine_host_code_allowed = True
+        self._runtime = runtime
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self._model)
+        if engine is None:
+            version = getattr(trt_module, "__version__", "unknown")
+            raise BackendError(
+                f"{trt_module.__name__} {version} could not deserialize the plan "
+                f"({self._logger.last_errors()}); a plan loads only on the TensorRT version and "
+                "GPU compute capability that built it (unless built --version-compatible / "
+                "--hardware-compatible; a version-compatible plan with the lean runtime inside "
+                "also needs engine_host_code_allowed): rebuild it for this node")
+        self.engine = engine
+        inputs, outputs = self._describe(engine)
+        self._max_rows, self._fixed_batch = self._batch_limits(engine, inputs)
+        self._sync: TensorRTSlot | None = None
+        self._slots: weakref.WeakSet[TensorRTSlot] = weakref.WeakSet()
+        return inputs, outputs
+
+    def _describe(self, engine: trt.ICudaEngine
+                  ) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
+        trt_module = self._trt
+        inputs: list[TensorMeta] = []
+        outputs: list[TensorMeta] = []
+        for index in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(index)
+            if engine.get_tensor_location(name) != trt_module.TensorLocation.DEVICE:
+                raise BackendError(f"plan tensor '{name}' lives in host memory (a shape tensor); "
+                                   "the runner feeds only device tensors: export the model "
+                                   "without shape inputs/outputs")
+            shape = tuple(None if d < 0 else d for d in _shape(engine.get_tensor_shape(name)))
+            if not shape:
+                raise BackendError(f"plan tensor '{name}' is a scalar; every input and output "
+                                   "needs a leading batch dimension")
+            meta = TensorMeta(name, numpy_dtype(trt_module, engine.get_tensor_dtype(name), name),
+                              shape)
+            mode = engine.get_tensor_mode(name)
+            if mode == trt_module.TensorIOMode.INPUT:
+                if any(d is None for d in meta.row_shape):
+                    raise BackendError(f"plan input '{name}' is {meta.describe()}: dimensions "
+                                       "beyond the batch are dynamic; build the plan with fixed "
+                                       "sizes for every dimension but the first")
+                inputs.append(meta)
+            elif mode == trt_module.TensorIOMode.OUTPUT:
+                outputs.append(meta)
+        return tuple(inputs), tuple(outputs)
+
+    @staticmethod
+    def _batch_limits(engine: trt.ICudaEngine, inputs: tuple[TensorMeta, ...]
+                      ) -> tuple[int, int | None]:
+        """(most rows one execution takes, fixed batch of a static plan or None)."""
+        dynamic = [m for m in inputs if m.shape[0] is None]
+        if not dynamic:
+            fixed = inputs[0].shape[0] if inputs else 1
+            return int(fixed or 1), int(fixed or 1)
+        # Every execution context starts on profile 0 (TensorRT 10 lets contexts share it), and
+        # the runner's plans have just that one.
+        return min(int(engine.get_tensor_profile_shape(m.name, 0)[2][0]) for m in dynamic), None
+
+    @property
+    def max_rows(self) -> int:
+        """Most rows one execution of the plan takes (its optimization profile's max batch)."""
+        self._require_loaded()
+        return self._max_rows
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        """A slot with its own execution context, stream and buffers for `max_rows` rows."""
+        self._require_loaded()
+        if max_rows > self._max_rows:
+            raise BackendError(f"the plan runs at most {self._max_rows} rows per batch (its "
+                               f"optimization profile), and a slot of {max_rows} was asked for; "
+                               "rebuild the plan with a larger batch size or lower --batch-size")
+        slot = TensorRTSlot(self, max_rows)
+        self._slots.add(slot)
+        return slot
+
+    def _infer(self, batch: Batch) -> Batch:
+        rows = next(iter(batch.values())).shape[0] if batch else 0
+        if self._sync is None:
+            self._sync = TensorRTSlot(self, self._max_rows)
+        slot = self._sync
+        if rows == 0:
+            return {m.name: np.empty((0, *(d or 0 for d in m.row_shape)), m.dtype)
+                    for m in self.outputs}
+        parts: list[Batch] = []
+        # Batches larger than the profile allows run as several executions.
+        for start in range(0, rows, slot.max_rows):
+            stop = min(rows, start + slot.max_rows)
+            for meta in self.inputs:
+                np.copyto(slot.host_inputs[meta.name][: stop - start], batch[meta.name][start:stop])
+            slot.submit(stop - start)
+            parts.append({name: value.copy() for name, value in slot.wait().items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _close(self) -> None:
+        for slot in list(self._slots):
+            slot.close()
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+        # Destruction order matters to TensorRT: contexts (slots), then engine, then runtime.
+        del self.engine
+        del self._runtime
+
+
+class TensorRTSlot(DeviceSlot):
+    """One batch in flight: an execution context, a stream, timing events, pinned and device buffers.
+
+    The slot owns every resource it creates and frees them in `close()`, after its stream's
+    work is done. Execution contexts are independent, so K slots run K batches concurrently.
+    """
+
+    def __init__(self, backend: TensorRTBackend, max_rows: int) -> None:
+        if max_rows < 1:
+            raise BackendError(f"a device slot needs max_rows >= 1, got {max_rows}")
+        self._cuda = backend._cuda
+        self._logger = backend._logger
+        self.max_rows = max_rows
+        # A plan with a fixed batch always runs it whole (rows past the batch are ignored).
+        self._fixed = backend._fixed_batch is not None
+        self._exec_rows = backend._fixed_batch or max_rows
+        self._inputs = backend.inputs
+        self._outputs = backend.outputs
+        self._resources: list[Any] = []
+        self._context: trt.IExecutionContext | None = None
+        self._rows: int | None = None
+        self._closed = False
+        self.host_inputs = {}
+        self._host_out: dict[str, np.ndarray] = {}
+        self._out_shapes: dict[str, tuple[int, ...]] = {}
+        self._device: dict[str, Any] = {}
+        self._pinned: dict[str, Any] = {}
+        try:
+            self._open(backend)
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, resource: Any) -> Any:
+        self._resources.append(resource)
+        return resource
+
+    def _open(self, backend: TensorRTBackend) -> None:
+        cuda = self._cuda
+        cuda.set_device(backend.config.device_id)  # the current device is per host thread
+        self.stream = self._own(cuda.Stream())
+        self.timer = self._own(cuda.SlotTimer())
+        engine = backend.engine
+        context: trt.IExecutionContext | None = engine.create_execution_context()
+        if context is None:
+            raise BackendError(f"TensorRT could not create an execution context "
+                               f"({self._logger.last_errors()}); the GPU may be out of memory: "
+                               "lower --batch-size or --slots")
+        self._context = context
+        for meta in self._inputs:
+            shape = (self._exec_rows, *(int(d) for d in meta.row_shape if d is not None))
+            if not self._fixed and not context.set_input_shape(meta.name, shape):
+                raise BackendError(f"the plan rejects input '{meta.name}' of shape {list(shape)}: "
+                                   f"{self._logger.last_errors()}")
+            self.host_inputs[meta.name] = self._allocate(meta, shape)[: self.max_rows]
+        for meta in self._outputs:
+            # With every input at its largest, the outputs are at theirs: size buffers for that.
+            shape = _shape(context.get_tensor_shape(meta.name))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"plan output '{meta.name}' has a data-dependent shape "
+                                   f"{list(shape)}; the runner needs output shapes that follow "
+                                   "from the input shapes")
+            self._host_out[meta.name] = self._allocate(meta, shape).reshape(-1)
+        for name, buffer in self._device.items():
+            if not context.set_tensor_address(name, buffer.ptr):
+                raise BackendError(f"TensorRT refused the device address of tensor '{name}': "
+                                   f"{self._logger.last_errors()}")
+
+    def _allocate(self, meta: TensorMeta, shape: tuple[int, ...]) -> np.ndarray:
+        nbytes = max(1, math.prod(shape) * meta.dtype.itemsize)
+        self._device[meta.name] = self._own(self._cuda.DeviceBuffer(nbytes))
+        pinned = self._own(self._cuda.PinnedBuffer(nbytes))
+        self._pinned[meta.name] = pinned
+        view: np.ndarray = pinned.view(meta.dtype, shape)
+        return view
+
+    def submit(self, rows: int) -> None:
+        """Enqueue copy-in, `execute_async_v3` and copy-out of `rows` rows on the slot's stream."""
+        context = self._context
+        if self._closed or context is None:
+            raise BackendError("this TensorRT slot is closed")
+        if not 0 < rows <= self.max_rows:
+            raise BackendError(f"a batch of {rows} rows does not fit a device slot of "
+                               f"{self.max_rows} rows; keep batches within the batch size")
+        if self._rows is not None:
+            raise BackendError("submit() on a slot whose batch was not collected; call wait() first")
+        cuda = self._cuda
+        stream = self.stream.handle
+        exec_rows = self._exec_rows if self._fixed else rows
+        self.timer.mark(0, stream)
+        for meta in self._inputs:
+            row = tuple(int(d) for d in meta.row_shape if d is not None)
+            if not self._fixed and not context.set_input_shape(meta.name, (exec_rows, *row)):
+                raise BackendError(f"the plan rejects input '{meta.name}' with {exec_rows} rows: "
+                                   f"{self._logger.last_errors()}")
+            cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
+                                 exec_rows * math.prod(row) * meta.dtype.itemsize, stream)
+        self.timer.mark(1, stream)
+        if not context.execute_async_v3(stream):
+            raise BackendError(f"TensorRT failed to enqueue a batch of {rows} rows: "
+                               f"{self._logger.last_errors()}")
+        self.timer.mark(2, stream)
+        for meta in self._outputs:
+            # Output shapes follow from the input shapes just set.
+            shape = _shape(context.get_tensor_shape(meta.name))
+            self._out_shapes[meta.name] = shape
+            cuda.copy_dtoh_async(self._pinned[meta.name].ptr, self._device[meta.name].ptr,
+                                 math.prod(shape) * meta.dtype.itemsize, stream)
+        self.timer.mark(3, stream)
+        self._rows = rows
+
+    def wait(self) -> Batch:
+        """Block until the batch is done; outputs are pinned views, valid until the next submit."""
+        if self._rows is None:
+            raise BackendError("wait() on a slot with no batch submitted; call submit() first")
+        self.timer.done.synchronize()
+        rows, self._rows = self._rows, None
+        out = {}
+        for meta in self._outputs:
+            shape = self._out_shapes[meta.name]
+            out[meta.name] = self._host_out[meta.name][: math.prod(shape)].reshape(shape)[:rows]
+        return out
+
+    def stage_seconds(self) -> dict[str, float]:
+        return dict(self.timer.stage_seconds())
+
+    def close(self) -> None:
+        """Wait for the stream, then free the context, buffers, events and stream."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._resources[0] if self._resources else None
+        try:
+            if stream is not None and not stream.closed:
+                stream.synchronize()
+        finally:
+            # The context refers to the device buffers: release it before them.
+            self._context = None
+            while self._resources:
+                self._resources.pop().close()
