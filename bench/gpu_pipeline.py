@@ -4,25 +4,28 @@ Run on a machine with a CUDA GPU and onnxruntime-gpu:
 
     python -m bench.gpu_pipeline --out bench/results
 
-In one run it builds a ResNet-50-style CNN (3x224x224 float32 input, random weights, batch norm
-folded into the convolutions), writes random images to Parquet on local disk, and reports:
+In one run it writes random images (float32 3x224x224, a fixed-shape tensor column) to Parquet
+on local disk, and for each MODEL:MATH pair of `--runs` (ResNet-style CNNs with random weights
+and batch norm folded into the convolutions; ONNX Runtime's default TF32 convolutions, or
+strict FP32) reports:
 
 - (a) engine only: the same ONNX Runtime CUDA sessions, inputs already on the device, batches
   back to back (one stream, and two streams alternating; the faster is the baseline);
-- reading only: the shard's row groups decoded and converted, no GPU, with 1 and R threads;
 - (b) the actor pipeline (`workers.pipeline.process_shard`) from Parquet to a committed Parquet
   part, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots;
 - (c) = (b)/(a), and the per-stage seconds and GPU busy fraction of every (b) run;
 - correctness: every K's output for a shard with a partial last batch, written over poisoned
   (NaN) buffers, against ONNX Runtime on the CPU (relative error, every element written).
 
-Each math mode (`--math tf32,fp32`: ONNX Runtime's default TF32 convolutions, or strict FP32)
-runs the whole set. A table is printed last; everything is also written as JSON.
+Reading alone (row groups decoded and converted, no GPU) is measured with 1 to R threads, so
+the table says when the host, not the GPU, is the limit. A table is printed last; everything
+is also written as JSON and a log.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -31,6 +34,8 @@ import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,9 @@ from workers.types import Shard, ShardResult, WorkerConfig
 
 IMAGE = (3, 224, 224)
 CLASSES = 1000
+#: Bottleneck blocks per stage of the ResNet-style models.
+MODELS: dict[str, tuple[int, ...]] = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
+                                      "resnet152": (3, 8, 36, 3)}
 
 
 # The model ------------------------------------------------------------------------------------
@@ -217,9 +225,16 @@ def engine_only(backend: OnnxRuntimeBackend, batch: int, iters: int, streams: in
             slot.close()
 
 
-def read_only(shard: Shard, readers: int) -> dict[str, Any]:
-    """Rows/s of reading and converting the shard's row groups alone (no GPU)."""
+def read_only(shard: Shard, readers: int, max_rows: int = 4800) -> dict[str, Any]:
+    """Rows/s of reading and converting the shard's first row groups alone (no GPU)."""
     meta = _image_meta()
+    footer = pq.read_metadata(filesystem(shard.url)[1])
+    groups = [footer.row_group(i).num_rows for i in range(footer.num_row_groups)]
+    stop, rows_in = 0, 0
+    while stop < len(groups) and rows_in < max_rows:
+        rows_in += groups[stop]
+        stop += 1
+    shard = replace(shard, row_groups=(0, stop), rows=rows_in)
 
     def convert(table: pa.Table) -> tuple[dict[str, np.ndarray], pa.Table]:
         return {"image": column_to_tensor("img", table.column("img"), meta)}, table.select(["uid"])
@@ -276,14 +291,18 @@ def stage_summary(result: ShardResult) -> dict[str, float]:
     t = result.times
     return {"read": t.read, "convert": t.convert, "h2d": t.h2d, "compute": t.compute,
             "d2h": t.d2h, "write": t.write, "host_infer": t.infer, "commit": t.commit,
-            "total": t.total, "gpu_busy": t.gpu_busy, "gpu_busy_fraction": t.gpu_busy_fraction}
+            "total": t.total, "gpu_busy": t.gpu_busy, "gpu_busy_fraction": t.gpu_busy_fraction,
+            "first_batch": t.first_batch}
 
 
-def run_mode(math_mode: str, model: bytes, data: dict[str, Shard], paths: dict[str, Path],
-             reference: np.ndarray, check_uid: np.ndarray, args: argparse.Namespace,
-             work: Path, log: Any) -> dict[str, Any]:
+def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shard],
+             parts: list[Shard], reference: np.ndarray, check_uid: np.ndarray,
+             args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
+    """Engine only, then the pipeline at every K, for one model in one math mode."""
     options = {"use_tf32": "1" if math_mode == "tf32" else "0"}
-    result: dict[str, Any] = {"math": math_mode, "cuda_options": options}
+    result: dict[str, Any] = {"model": model_name, "gflops": model_flops(MODELS[model_name]) / 1e9,
+                              "math": math_mode, "cuda_options": options}
+    math_mode = f"{model_name}/{math_mode}"  # the log's label
     backend = OnnxRuntimeBackend(model, BackendConfig(device="cuda"), cuda_options=options)
     backend.load()
     try:
@@ -299,7 +318,7 @@ def run_mode(math_mode: str, model: bytes, data: dict[str, Shard], paths: dict[s
         pipelines = []
         for k in args.slots:
             with SlotPool(backend, k, args.batch) as pool:
-                out = work / f"out-{math_mode}-k{k}"
+                out = work / f"out-k{k}"
                 config = config_for(out, args.batch, k, args.readers)
                 process_shard(data["warm"], config, backend, slots=pool)  # warm-up
                 runs: list[dict[str, Any]] = []
@@ -314,6 +333,31 @@ def run_mode(math_mode: str, model: bytes, data: dict[str, Shard], paths: dict[s
                         f"{res.rows / res.times.total:.0f} rows/s, stages "
                         + json.dumps({s: round(v, 3) for s, v in stage_summary(res).items()})
                         + f", check {check}")
+                # The same rows as consecutive shards, two in flight at a time, as an actor
+                # with two calls in flight runs them: each reads ahead while the one before
+                # it holds the slots (`SlotPool.turn`).
+                stream_runs: list[dict[str, Any]] = []
+                for r in range(args.repeats):
+                    shutil.rmtree(out, ignore_errors=True)
+                    poison(pool)
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(2, thread_name_prefix="call") as calls:
+                        futures = [calls.submit(process_shard, shard, config, backend,
+                                                slots=pool) for shard in parts]
+                        results = [f.result() for f in futures]
+                    wall = time.perf_counter() - t0
+                    rows = sum(res.rows for res in results)
+                    offsets = [sum(p.rows for p in parts[:i]) for i in range(len(parts))]
+                    checks = [check_part(res, np.arange(shard.rows) + offset)
+                              for res, shard, offset in zip(results, parts, offsets, strict=True)]
+                    busy = sum(res.times.gpu_busy for res in results) / wall
+                    stream_runs.append({"rows_per_s": rows / wall, "gpu_busy_fraction": busy,
+                                        "first_batch": [res.times.first_batch for res in results],
+                                        "checks": checks})
+                    log(f"[{math_mode}] pipeline K={k} {len(results)} shards, 2 in flight, run "
+                        f"{r}: {rows / wall:.0f} rows/s, GPU busy {busy:.3f}, first batch s "
+                        f"{[round(res.times.first_batch, 2) for res in results]}, "
+                        f"checks {checks}")
                 # Correctness: a shard ending in a partial batch, over poisoned buffers.
                 shutil.rmtree(out, ignore_errors=True)
                 poison(pool)
@@ -322,8 +366,11 @@ def run_mode(math_mode: str, model: bytes, data: dict[str, Shard], paths: dict[s
                 log(f"[{math_mode}] correctness K={k}: {correctness}")
                 shutil.rmtree(out, ignore_errors=True)
             median = statistics.median(r["rows_per_s"] for r in runs)
+            stream = statistics.median(r["rows_per_s"] for r in stream_runs)
             pipelines.append({"slots": k, "rows_per_s": median, "ratio": median / baseline,
-                              "runs": runs, "correctness": correctness})
+                              "runs": runs, "stream_rows_per_s": stream,
+                              "stream_ratio": stream / baseline, "stream_runs": stream_runs,
+                              "correctness": correctness})
         result["pipeline"] = pipelines
     finally:
         backend.close()
@@ -334,25 +381,33 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"card: {results['device']['name']} (cc {results['device']['cc']}), "
         f"{results['host']['cpus']} CPUs; onnxruntime {results['onnxruntime']}; "
-        f"model: ResNet-50-style, {results['model']['gflops']:.1f} GFLOP/image, "
-        f"batch {results['batch']}, shard {results['rows']} rows",
+        f"batch {results['batch']}, shard {results['rows']} rows of float32 3x224x224 "
+        f"in row groups of {results['row_group']}, {results['readers']} reading threads",
         "read only (Parquet on local disk -> model input, no GPU): "
         + ", ".join(f"{r['readers']} thread(s) {r['rows_per_s']:.0f} rows/s"
                     for r in results["read_only"]),
         "",
-        "| math | K | (a) engine only rows/s | (b) pipeline rows/s | (c) = (b)/(a) | GPU busy | "
-        "rel. error vs CPU | (centered) | all written |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | math | K | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
+        "(c) = (b)/(a) | GPU busy | first batch s | (b') pipeline, 4 shards 2 in flight, rows/s | "
+        "(c') = (b')/(a) | GPU busy | rel. error vs CPU | (centered) | all written |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for mode in results["modes"]:
+    for mode in results["runs"]:
         for p in mode["pipeline"]:
             busy = statistics.median(r["stages"]["gpu_busy_fraction"] for r in p["runs"])
+            first = statistics.median(r["stages"]["first_batch"] for r in p["runs"])
             c = p["correctness"]
+            stream_busy = statistics.median(r["gpu_busy_fraction"] for r in p["stream_runs"])
             written = (c["nan_elements"] == 0 and c["uid_in_order"]
                        and all(r["check"]["nan_elements"] == 0 and r["check"]["uid_in_order"]
-                               for r in p["runs"]))
-            lines.append(f"| {mode['math']} | {p['slots']} | {mode['engine_rows_per_s']:.0f} | "
-                         f"{p['rows_per_s']:.0f} | {p['ratio']:.3f} | {busy:.3f} | "
+                               for r in p["runs"])
+                       and all(x["nan_elements"] == 0 and x["uid_in_order"]
+                               for r in p["stream_runs"] for x in r["checks"]))
+            lines.append(f"| {mode['model']} ({mode['gflops']:.1f} GFLOP) | {mode['math']} | "
+                         f"{p['slots']} | {mode['engine_rows_per_s']:.0f} | "
+                         f"{p['rows_per_s']:.0f} | {p['ratio']:.3f} | {busy:.3f} | {first:.2f} | "
+                         f"{p['stream_rows_per_s']:.0f} | {p['stream_ratio']:.3f} | "
+                         f"{stream_busy:.3f} | "
                          f"{c['rel_error']:.2e} | {c['rel_error_centered']:.2e} | "
                          f"{'yes' if written else 'NO'} |")
     return "\n".join(lines)
@@ -364,16 +419,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the JSON and log (default $OUT or bench/results)")
     parser.add_argument("--work", default="/tmp/gpu_pipeline_bench",
                         help="local-disk folder for the Parquet data and parts")
-    parser.add_argument("--rows", type=int, default=6144, help="rows in the timed shard")
+    parser.add_argument("--rows", type=int, default=24576, help="rows in the timed shard")
     parser.add_argument("--row-group", type=int, default=400, help="rows per Parquet row group")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--slots", default="1,2,3", help="K values to run")
-    parser.add_argument("--readers", type=int, default=4, help="reading threads per shard")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--readers", type=int, default=12, help="reading threads per shard")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engine-iters", type=int, default=24)
     parser.add_argument("--check-rows", type=int, default=300,
                         help="rows of the correctness shard (one partial last batch)")
-    parser.add_argument("--math", default="tf32,fp32")
+    parser.add_argument("--runs", default="resnet50:tf32,resnet50:fp32",
+                        help="MODEL:MATH pairs; MODEL in resnet50, resnet101, resnet152; "
+                             "MATH tf32 (ONNX Runtime's default) or fp32 (strict)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     args.slots = [int(k) for k in args.slots.split(",")]
@@ -406,17 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "onnxruntime": ort.__version__, "batch": args.batch, "rows": args.rows,
         "row_group": args.row_group, "readers": args.readers,
-        "model": {"gflops": model_flops() / 1e9},
     }
     log(f"device {results['device']}, host {results['host']}, onnxruntime {ort.__version__}")
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    t0 = time.perf_counter()
-    model = resnet()
-    log(f"model: {len(model) / 1e6:.0f} MB, {results['model']['gflops']:.2f} GFLOP/image, "
-        f"built in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     paths = {"main": work / "main.parquet", "warm": work / "warm.parquet",
              "check": work / "check.parquet"}
@@ -425,26 +477,38 @@ def main(argv: list[str] | None = None) -> int:
         "warm": write_images(paths["warm"], 4 * args.batch, args.row_group, seed=11),
         "check": write_images(paths["check"], args.check_rows, 100, seed=12),
     }
+    # The main file again, cut into 4 shards of whole row groups, for the shards-in-flight runs.
+    groups = data["main"].row_groups[1]
+    cuts = [round(i * groups / 4) for i in range(5)]
+    footer = pq.read_metadata(paths["main"])
+    parts = [replace(data["main"], row_groups=(a, b),
+                     rows=sum(footer.row_group(g).num_rows for g in range(a, b)))
+             for a, b in itertools.pairwise(cuts)]
     size = sum(p.stat().st_size for p in paths.values())
     log(f"data: {size / 1e9:.2f} GB of Parquet written in {time.perf_counter() - t0:.1f} s")
 
-    results["read_only"] = [read_only(data["main"], n) for n in sorted({1, args.readers, 8})]
+    results["read_only"] = [read_only(data["main"], n) for n in sorted({1, 4, 8, args.readers})]
     for r in results["read_only"]:
         log(f"read only, {r['readers']} thread(s): {r['rows_per_s']:.0f} rows/s")
 
-    t0 = time.perf_counter()
     check_uid, check_images = read_images(paths["check"])
-    with OnnxRuntimeBackend(model, BackendConfig(device="cpu", threads=os.cpu_count() or 1)) as cpu:
-        reference = np.concatenate([
-            cpu.infer({"image": check_images[i:i + 32]})["logits"]
-            for i in range(0, len(check_images), 32)]).astype(np.float64)
-    log(f"CPU reference for {len(check_uid)} rows in {time.perf_counter() - t0:.1f} s "
-        f"(|logits| rms {np.sqrt(np.mean(reference ** 2)):.3g})")
 
-    results["modes"] = []
-    for math_mode in args.math.split(","):
-        results["modes"].append(run_mode(math_mode, model, data, paths, reference, check_uid,
-                                         args, work, log))
+    results["runs"] = []
+    references: dict[str, np.ndarray] = {}
+    for run in args.runs.split(","):
+        model_name, math_mode = run.split(":")
+        model = resnet(MODELS[model_name])
+        if model_name not in references:
+            t0 = time.perf_counter()
+            with OnnxRuntimeBackend(model, BackendConfig(device="cpu",
+                                                         threads=os.cpu_count() or 1)) as cpu:
+                references[model_name] = np.concatenate([
+                    cpu.infer({"image": check_images[i:i + 32]})["logits"]
+                    for i in range(0, len(check_images), 32)]).astype(np.float64)
+            log(f"{model_name}: {len(model) / 1e6:.0f} MB; CPU reference for {len(check_uid)} "
+                f"rows in {time.perf_counter() - t0:.1f} s")
+        results["runs"].append(run_mode(model_name, math_mode, model, data, parts,
+                                        references[model_name], check_uid, args, work, log))
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = table(results)
     (out / f"{stem}.md").write_text(text + "\n")
@@ -452,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     log_file.close()
     ok = all(p["correctness"]["rel_error"] <= 1e-3 and p["correctness"]["nan_elements"] == 0
-             for mode in results["modes"] for p in mode["pipeline"])
+             for mode in results["runs"] for p in mode["pipeline"])
     return 0 if ok else 1
 
 

@@ -107,6 +107,12 @@ class SlotPool:
         self.max_rows = max_rows
         self.slots: list[DeviceSlot] = []
         self.clock: Any = None
+        # Shards take turns on the slots in ticket order, so a shard that arrives while another
+        # runs (an actor with two calls in flight) reads ahead, then starts the moment it ends.
+        self._turns = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._forfeited: set[int] = set()
         try:
             for _ in range(count):
                 self.slots.append(backend.open_slot(max_rows))
@@ -118,6 +124,33 @@ class SlotPool:
         except BaseException:
             self.close()
             raise
+
+    def ticket(self) -> int:
+        """A place in the queue for the slots; every ticket must end in `done`."""
+        with self._turns:
+            self._next_ticket += 1
+            return self._next_ticket - 1
+
+    @contextlib.contextmanager
+    def turn(self, ticket: int) -> Iterator[None]:
+        """Wait until every earlier ticket is done, then hold the slots until the block ends."""
+        with self._turns:
+            self._turns.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            self.done(ticket)
+
+    def done(self, ticket: int) -> None:
+        """Give up `ticket` (its shard finished or failed); idempotent."""
+        with self._turns:
+            if ticket < self._serving:
+                return
+            self._forfeited.add(ticket)
+            while self._serving in self._forfeited:
+                self._forfeited.remove(self._serving)
+                self._serving += 1
+            self._turns.notify_all()
 
     def close(self) -> None:
         """Close every slot (each waits for its stream first)."""
@@ -138,6 +171,11 @@ class SlotPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_piece(table: pa.Table) -> Piece:
+    """The reading threads' step: none (conversion happens in order, on the converting thread)."""
+    return {}, table
 
 
 def busy_seconds(spans: list[tuple[float, float]]) -> float:
@@ -178,11 +216,16 @@ def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], No
 def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes,
                started: float) -> int:
-    """The GPU path: keep every slot of `pool` busy; collect batches in submission order."""
+    """The GPU path: keep every slot of `pool` busy; collect batches in submission order.
+
+    `batches` comes from a producer thread (reading and converting); this thread only copies
+    into pinned memory, submits, waits and hands finished batches to the writing thread.
+    """
     free: deque[DeviceSlot] = deque(pool.slots)
     in_flight: deque[tuple[DeviceSlot, pa.Table, int]] = deque()
     spans: list[tuple[float, float]] = []
     count = 0
+    fill = 0.0
     if pool.clock is not None:
         pool.clock.record(0)  # the legacy stream: idle here, so this marks "now" on the GPU
 
@@ -219,7 +262,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                         np.copyto(slot.host_inputs[name][rows:rows + n], array)
                     rows += n
                 t1 = time.perf_counter()
-                times.convert += t1 - t0
+                fill += t1 - t0
                 slot.submit(rows)
                 if not count:
                     times.first_batch = t1 - started
@@ -232,6 +275,9 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 collect()
             if pending is not None:
                 pending.result()
+            # Copying into pinned memory counts as conversion; added once the producer, which
+            # adds its own conversion time, has finished.
+            times.convert += fill
         finally:
             # After a failure, leave no batch in flight: the pool's slots serve the next shard.
             while in_flight:
@@ -283,10 +329,14 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         write(output_table(kept, outputs, rows))
 
     def row_groups(reader: RowGroupReader) -> Iterator[Piece]:
-        for feeds, kept, read_seconds, convert_seconds in reader:
+        # Row groups decode in parallel; conversion runs here, on one thread and in order, so
+        # its side effects keep the shard's order.
+        for _, table, read_seconds, _ in reader:
             times.read += read_seconds
-            times.convert += convert_seconds
-            yield feeds, kept
+            t0 = time.perf_counter()
+            piece = convert(table)
+            times.convert += time.perf_counter() - t0
+            yield piece
 
     writer = PartWriter(config.output_url, shard.part_name, config.storage)
     count = 0
@@ -294,12 +344,19 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         if backend.uses_slots:
             pool = slots if slots is not None else SlotPool(backend, config.slots,
                                                             config.batch_size)
+            ticket = pool.ticket()
             try:
-                with RowGroupReader(shard, config.columns, convert, config.readers,
-                                    config.prefetch, config.storage) as reader:
-                    count = _run_slots(pool, exact_batches(row_groups(reader), config.batch_size),
-                                       write_outputs, times, started)
+                # Reading starts now; while another shard holds the slots, only a few row
+                # groups, so this shard's first batches are ready when its turn comes.
+                with RowGroupReader(shard, config.columns, _as_piece, config.readers,
+                                    config.prefetch, config.storage,
+                                    window=config.prefetch) as reader, pool.turn(ticket):
+                    reader.widen()
+                    with Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
+                        count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
+                                           write_outputs, times, time.perf_counter())
             finally:
+                pool.done(ticket)
                 if slots is None:
                     pool.close()
         else:

@@ -34,20 +34,27 @@ Converted = tuple[Batch, pa.Table, float, float]
 class RowGroupReader:
     """Reads and converts a shard's row groups on `threads` threads, at most `ahead` in waiting.
 
-    Iterating yields `(feeds, kept, read_seconds, convert_seconds)` per row group, in order.
-    An error in any row group is raised where that row group would have been yielded.
+    Reading starts at construction. Iterating yields `(feeds, kept, read_seconds,
+    convert_seconds)` per row group, in order; an error in any row group is raised where that
+    row group would have been yielded. `window` (default `threads + ahead`) caps the row groups
+    read but not yet consumed; a shard waiting for the GPU reads a few, then `widen()`s.
     """
 
     def __init__(self, shard: Shard, columns: list[str], convert: Callable[[pa.Table], Piece],
                  threads: int = 4, ahead: int = 2,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None,
+                 window: int | None = None) -> None:
         if threads < 1:
             raise ValueError(f"RowGroupReader needs at least one thread, got {threads}")
         self.shard = shard
         self.columns = columns
         self._convert = convert
         self._storage = storage_options
-        self._window = threads + max(0, ahead)
+        self.full_window = threads + max(0, ahead)
+        self._window = max(1, min(window or self.full_window, self.full_window))
+        start, stop = shard.row_groups
+        self._indices = iter(range(start, stop))
+        self._pending: deque[Future[Converted]] = deque()
         self._local = threading.local()
         self._files: list[ShardFile | pq.ParquetFile] = []
         self._lock = threading.Lock()
@@ -65,6 +72,7 @@ class RowGroupReader:
         # already checked that the file is the one the job listed.
         self._path: str | None = first.path if is_local(first.fs) else None
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
+        self._fill()
 
     def _file(self) -> ShardFile:
         file: ShardFile | None = getattr(self._local, "file", None)
@@ -107,19 +115,22 @@ class RowGroupReader:
         feeds, kept = self._convert(table)
         return feeds, kept, t1 - t0, time.perf_counter() - t1
 
+    def _fill(self) -> None:
+        while len(self._pending) < self._window:
+            index = next(self._indices, None)
+            if index is None:
+                return
+            self._pending.append(self._pool.submit(self._read, index))
+
+    def widen(self, window: int | None = None) -> None:
+        """Let up to `window` (default the full window) row groups be read ahead."""
+        self._window = max(1, min(window or self.full_window, self.full_window))
+        self._fill()
+
     def __iter__(self) -> Iterator[Converted]:
-        start, stop = self.shard.row_groups
-        indices = iter(range(start, stop))
-        pending: deque[Future[Converted]] = deque()
-        for index in indices:
-            pending.append(self._pool.submit(self._read, index))
-            if len(pending) >= self._window:
-                break
-        while pending:
-            result = pending.popleft().result()
-            following = next(indices, None)
-            if following is not None:
-                pending.append(self._pool.submit(self._read, following))
+        while self._pending:
+            result = self._pending.popleft().result()
+            self._fill()
             yield result
 
     def close(self) -> None:

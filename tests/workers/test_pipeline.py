@@ -64,6 +64,7 @@ class ThreadSlot(DeviceSlot):
         if self.backend.fail_at is not None and self.backend.submits == self.backend.fail_at:
             raise BackendError("injected failure")
         self.backend.submits += 1
+        self.backend.submitters.append(threading.current_thread().name)
         self.submitted.append(rows)
         future: Future[int] = Future()
         threading.Thread(target=self._run, args=(rows, future)).start()
@@ -89,6 +90,7 @@ class ThreadSlotBackend(OnnxRuntimeBackend):
         super().__init__(model, BackendConfig(device="cpu"))
         self.opened: list[ThreadSlot] = []
         self.submits = 0
+        self.submitters: list[str] = []
         self.fail_at = fail_at
 
     @property
@@ -250,3 +252,48 @@ def test_stage_times_busy_fraction() -> None:
     times = StageTimes(total=4.0, gpu_busy=3.0)
     assert times.gpu_busy_fraction == pytest.approx(0.75)
     assert StageTimes().gpu_busy_fraction == 0.0
+
+
+def test_shards_take_turns_on_a_shared_pool(model: bytes, tmp_path: Path) -> None:
+    """Two shards at once (an actor with two calls in flight): both right, GPU phases whole."""
+    paths = write_dataset(str(tmp_path / "in"), files=2, rows_per_file=300, row_group_rows=70,
+                          seed=5)
+    backend = ThreadSlotBackend(model)
+    results: dict[str, object] = {}
+
+    def run(path: str) -> None:
+        try:
+            results[path] = process_shard(whole_file_shard(path), worker_config(tmp_path / "out"),
+                                          backend, slots=pool)
+        except BaseException as exc:  # reported below, in the test's thread
+            results[path] = exc
+
+    with backend, SlotPool(backend, 2, 64) as pool:
+        threads = [threading.Thread(target=run, args=(p,), name=f"shard-{i}")
+                   for i, p in enumerate(paths)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for path in paths:
+        result = results[path]
+        assert not isinstance(result, BaseException), result
+        check_part(result.part_url, expected(model, Path(path)))  # type: ignore[attr-defined]
+    # Each shard's batches went to the slots in one unbroken run.
+    runs = [name for i, name in enumerate(backend.submitters)
+            if i == 0 or backend.submitters[i - 1] != name]
+    assert sorted(runs) == ["shard-0", "shard-1"]
+
+
+def test_pool_turns_follow_tickets_and_skip_forfeited_ones(model: bytes) -> None:
+    with ThreadSlotBackend(model) as backend, SlotPool(backend, 1, 8) as pool:
+        first, second, third = pool.ticket(), pool.ticket(), pool.ticket()
+        pool.done(second)  # its shard failed before its turn
+        order = []
+        with pool.turn(first):
+            order.append(first)
+        with pool.turn(third):  # would wait forever if the forfeited ticket blocked it
+            order.append(third)
+        pool.done(third)  # idempotent
+        assert order == [0, 2]
+        assert pool.ticket() == 3
