@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from typing import Any
 
 from workers.backends import create_backend
@@ -30,18 +31,23 @@ class ShardWorker:
         # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened on
         # the first shard and reused for every later one.
         self.slots: SlotPool | None = None
+        # Calls may run concurrently (an actor with two shards in flight): the second reads
+        # ahead while the first holds the slots (`SlotPool.turn`); this guards the shared state.
+        self._lock = threading.Lock()
 
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
-        self.backend.load()
-        if self.slots is None and self.backend.uses_slots:
-            self.slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
+        with self._lock:
+            self.backend.load()
+            if self.slots is None and self.backend.uses_slots:
+                self.slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
         result = process_shard(shard, self.config, self.backend, worker=self.name,
                                slots=self.slots)
-        self.times.add(result.times)
-        self.shards += 1
-        self.rows += result.rows
-        self.batches += result.batches
+        with self._lock:
+            self.times.add(result.times)
+            self.shards += 1
+            self.rows += result.rows
+            self.batches += result.batches
         return result
 
     def stats(self) -> dict[str, Any]:
