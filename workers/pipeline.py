@@ -24,7 +24,7 @@ from workers.commit import PartWriter
 from workers.convert import column_to_tensor, tensor_to_arrow
 from workers.errors import DataError
 from workers.reader import read_batches
-from workers.rowgroups import Piece, RowGroupReader, exact_batches
+from workers.rowgroups import Piece, ReadPool, RowGroupReader, exact_batches
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 T = TypeVar("T")
@@ -113,6 +113,7 @@ class SlotPool:
         self._next_ticket = 0
         self._serving = 0
         self._forfeited: set[int] = set()
+        self._read_pool: ReadPool | None = None
         try:
             for _ in range(count):
                 self.slots.append(backend.open_slot(max_rows))
@@ -152,9 +153,19 @@ class SlotPool:
                 self._serving += 1
             self._turns.notify_all()
 
+    def read_pool(self, threads: int) -> ReadPool:
+        """The reading threads every shard on these slots shares (made on first use)."""
+        with self._turns:
+            if self._read_pool is None:
+                self._read_pool = ReadPool(threads)
+            return self._read_pool
+
     def close(self) -> None:
-        """Close every slot (each waits for its stream first)."""
+        """Close every slot (each waits for its stream first) and the reading threads."""
         errors: list[BaseException] = []
+        if self._read_pool is not None:
+            self._read_pool.close()
+            self._read_pool = None
         if self.clock is not None:
             self.clock.close()
             self.clock = None
@@ -346,15 +357,15 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                                                             config.batch_size)
             ticket = pool.ticket()
             try:
-                # Reading starts now; while another shard holds the slots, only a few row
-                # groups, so this shard's first batches are ready when its turn comes.
-                with RowGroupReader(shard, config.columns, _as_piece, config.readers,
-                                    config.prefetch, config.storage,
-                                    window=config.prefetch) as reader, pool.turn(ticket):
-                    reader.widen()
-                    with Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
-                        count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
-                                           write_outputs, times, time.perf_counter())
+                # Reading starts now, on the threads the shard holding the slots leaves
+                # idle, so this shard's batches are ready when its turn comes.
+                reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
+                                        config.prefetch, config.storage,
+                                        pool=pool.read_pool(config.readers), priority=ticket)
+                with reader, pool.turn(ticket), \
+                        Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
+                    count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
+                                       write_outputs, times, time.perf_counter())
             finally:
                 pool.done(ticket)
                 if slots is None:

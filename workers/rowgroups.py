@@ -8,12 +8,15 @@ local files, through its own native pyarrow file.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, wait
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +27,69 @@ from workers.reader import ShardFile
 from workers.storage import is_local
 from workers.types import Shard
 
+T = TypeVar("T")
 Batch = dict[str, np.ndarray]
 #: One row group (or part of one) after conversion: model inputs and the columns to keep.
 Piece = tuple[Batch, pa.Table]
 #: A converted row group with the seconds its thread spent reading and converting it.
 Converted = tuple[Batch, pa.Table, float, float]
+
+
+class ReadPool:
+    """Threads that read row groups for every shard of an actor, the earliest shard first.
+
+    Tasks run in order of their priority `(shard ticket, row group)`, so a shard waiting for
+    the GPU reads only with threads the running shard leaves idle, and reading flows from one
+    shard into the next as if they were one.
+    """
+
+    def __init__(self, threads: int) -> None:
+        if threads < 1:
+            raise ValueError(f"ReadPool needs at least one thread, got {threads}")
+        self.threads = threads
+        self._heap: list[tuple[tuple[int, int], int, Future[Any], Callable[[], Any]]] = []
+        self._order = itertools.count()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._workers = [threading.Thread(target=self._work, name=f"read-{i}", daemon=True)
+                         for i in range(threads)]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self, priority: tuple[int, int], call: Callable[[], T]) -> Future[T]:
+        """Run `call` on a reading thread once no task of a lower `priority` is waiting."""
+        future: Future[T] = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("ReadPool is closed")
+            heapq.heappush(self._heap, (priority, next(self._order), future, call))
+            self._ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: bool(self._heap) or self._closed)
+                if not self._heap:
+                    return
+                _, _, future, call = heapq.heappop(self._heap)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # delivered to whoever waits on the future
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Drop queued tasks, let running ones finish, stop the threads."""
+        with self._ready:
+            self._closed = True
+            queued, self._heap = self._heap, []
+            self._ready.notify_all()
+        for _, _, future, _ in queued:
+            future.cancel()
+        for worker in self._workers:
+            worker.join()
 
 
 class RowGroupReader:
@@ -37,15 +98,18 @@ class RowGroupReader:
     Reading starts at construction. Iterating yields `(feeds, kept, read_seconds,
     convert_seconds)` per row group, in order; an error in any row group is raised where that
     row group would have been yielded. `window` (default `threads + ahead`) caps the row groups
-    read but not yet consumed; a shard waiting for the GPU reads a few, then `widen()`s.
+    read but not yet consumed. With `pool` (shared by an actor's shards) the reads run there at
+    `priority`; without, on threads of the reader's own.
     """
 
     def __init__(self, shard: Shard, columns: list[str], convert: Callable[[pa.Table], Piece],
                  threads: int = 4, ahead: int = 2,
                  storage_options: Mapping[str, Any] | None = None,
-                 window: int | None = None) -> None:
+                 window: int | None = None, pool: ReadPool | None = None,
+                 priority: int = 0) -> None:
         if threads < 1:
             raise ValueError(f"RowGroupReader needs at least one thread, got {threads}")
+        self._priority = priority
         self.shard = shard
         self.columns = columns
         self._convert = convert
@@ -71,7 +135,8 @@ class RowGroupReader:
         # Local files: pyarrow reads them natively (see `_read_local`); the first file
         # already checked that the file is the one the job listed.
         self._path: str | None = first.path if is_local(first.fs) else None
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="read")
+        self._own_pool = pool is None
+        self._pool = pool if pool is not None else ReadPool(threads)
         self._fill()
 
     def _file(self) -> ShardFile:
@@ -120,12 +185,8 @@ class RowGroupReader:
             index = next(self._indices, None)
             if index is None:
                 return
-            self._pending.append(self._pool.submit(self._read, index))
-
-    def widen(self, window: int | None = None) -> None:
-        """Let up to `window` (default the full window) row groups be read ahead."""
-        self._window = max(1, min(window or self.full_window, self.full_window))
-        self._fill()
+            self._pending.append(self._pool.submit((self._priority, index),
+                                                   functools.partial(self._read, index)))
 
     def __iter__(self) -> Iterator[Converted]:
         while self._pending:
@@ -137,7 +198,13 @@ class RowGroupReader:
         """Stop reading (queued row groups are dropped), then close every thread's file."""
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if self._own_pool:
+                pool.close()
+            else:  # a shared pool: drop this shard's queued reads, wait for its running ones
+                for future in self._pending:
+                    future.cancel()
+                wait(self._pending)
+            self._pending.clear()
         with self._lock:
             files, self._files = self._files, []
         for file in files:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from tests.workers.test_pipeline import whole_file_shard
 from workers.errors import DataError
-from workers.rowgroups import Piece, RowGroupReader, exact_batches
+from workers.rowgroups import Piece, ReadPool, RowGroupReader, exact_batches
 from workers.storage import file_version, filesystem
 from workers.types import Shard
 
@@ -142,3 +143,60 @@ def test_reader_names_a_corrupt_row_group(tmp_path: Path) -> None:
         assert next(rows)[1].num_rows == 50
         with pytest.raises(DataError, match=r"has a corrupt row group 1"):
             next(rows)
+
+
+def test_read_pool_runs_the_lowest_priority_first() -> None:
+    pool = ReadPool(1)
+    gate = threading.Event()
+    order: list[tuple[int, int]] = []
+    try:
+        first = pool.submit((9, 9), gate.wait)  # holds the only thread
+        futures = [pool.submit(p, lambda p=p: order.append(p))
+                   for p in [(1, 2), (0, 5), (1, 0), (0, 1)]]
+        gate.set()
+        first.result()
+        for future in futures:
+            future.result()
+        assert order == [(0, 1), (0, 5), (1, 0), (1, 2)]
+        failing = pool.submit((0, 0), lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result()
+    finally:
+        pool.close()
+    with pytest.raises(RuntimeError, match="ReadPool is closed"):
+        pool.submit((0, 0), lambda: None)
+
+
+def test_read_pool_close_drops_queued_tasks() -> None:
+    pool = ReadPool(1)
+    gate = threading.Event()
+    running = pool.submit((0, 0), gate.wait)
+    queued = pool.submit((0, 1), lambda: None)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    gate.set()
+    closer.join()
+    assert running.result() is True
+    assert queued.cancelled()
+
+
+def test_two_readers_share_a_pool(tmp_path: Path) -> None:
+    """Shards on one pool: each gets its own rows, in order, whatever the interleaving."""
+    write(tmp_path / "a.parquet", [7, 9, 11, 13], seed=1)
+    write(tmp_path / "b.parquet", [5, 6, 8], seed=2)
+    pool = ReadPool(3)
+    try:
+        with RowGroupReader(whole_file_shard(str(tmp_path / "a.parquet")), ["uid", "x"],
+                            to_piece, pool=pool, priority=0) as a, \
+                RowGroupReader(whole_file_shard(str(tmp_path / "b.parquet")), ["uid", "x"],
+                               to_piece, pool=pool, priority=1) as b:
+            rows_b = [kept.num_rows for _, kept, _, _ in b]
+            rows_a = [kept.num_rows for _, kept, _, _ in a]
+        assert (rows_a, rows_b) == ([7, 9, 11, 13], [5, 6, 8])
+    finally:
+        pool.close()
+
+
+def test_read_pool_rejects_zero_threads() -> None:
+    with pytest.raises(ValueError, match="ReadPool needs at least one thread, got 0"):
+        ReadPool(0)
