@@ -97,10 +97,7 @@ def prepare(spec: JobSpec) -> PreparedJob:
     if not files:
         reasons = "; ".join(f"'{b.url}': {b.reason}" for b in bad[:3])
         raise SpecError(f"input '{spec.input}' has no readable Parquet file ({reasons})")
-    reference = files[0]
-    source = f"input '{reference.url}'"
-    bindings = resolve_bindings(spec.column_map, model, reference.schema, source)
-    check_keep(spec.keep, model, reference.schema, source)
+    bindings = _reference_bindings(spec, model, files)
     good = []
     for f in files:
         problem = schema_problem(bindings, spec.keep, model, f.schema)
@@ -112,6 +109,31 @@ def prepare(spec: JobSpec) -> PreparedJob:
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
                        bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
                        bindings=bindings)
+
+
+def _reference_bindings(spec: JobSpec, model: ModelInfo, files: list[InputFile]
+                        ) -> tuple[tuple[str, str], ...]:
+    """Bindings checked against the first file whose schema fits the spec.
+
+    So one file with a different schema (poison data) fails alone, named in the manifest,
+    instead of failing the whole job; a spec that fits no file raises the first file's error.
+    """
+    first: SpecError | None = None
+    tried: list[Any] = []
+    for f in files:
+        if any(f.schema.equals(t) for t in tried):
+            continue
+        tried.append(f.schema)
+        source = f"input '{f.url}'"
+        try:
+            bindings = resolve_bindings(spec.column_map, model, f.schema, source)
+            check_keep(spec.keep, model, f.schema, source)
+        except SpecError as exc:
+            first = first or exc
+            continue
+        return bindings
+    assert first is not None  # `files` is never empty here
+    raise first
 
 
 def init_ray() -> None:
@@ -245,6 +267,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
     results = outcome.results if outcome else {}
     failures = outcome.failures if outcome else {}
+    # A worker of an earlier run that outlived its driver may have committed a part of a shard
+    # that is no longer in the input after the sweep above: sweep again, so parts match shards.
+    late = sorted(name for sid, name in out.committed().items() if sid not in current)
+    out.remove(late)
+    changes.stale += [{"part": name, "file": None, "reason": "committed by a worker of an earlier "
+                       "run after this run started"} for name in late]
     failed: list[dict[str, Any]] = [{"file": b.url, "shard": None, "reason": b.reason,
                                      "kind": "bad_file"}
                                     for b in job.bad_files]
@@ -260,6 +288,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             r = results[s.id]
             entry.update(status="committed", worker=r.worker, seconds=vars(r.times),
                          bytes=r.part_bytes)
+            if outcome and (outcome.errors.get(s.id) or outcome.deaths.get(s.id)):
+                # Committed in the end, after retries: say so, the part is still exactly once.
+                entry.update(errors=outcome.errors.get(s.id, 0),
+                             actor_deaths=outcome.deaths.get(s.id, 0))
         elif s.id in committed:
             entry["status"] = "skipped"
         else:

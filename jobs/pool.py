@@ -5,11 +5,13 @@ Failure handling, shard by shard:
   spec) fails the shard at once; any other error (a transient storage failure that outlasted the
   worker's own retries, a backend failure, an unexpected exception) is retried up to
   `max_retries` times, then fails the shard;
-- an actor death (SIGKILL, out of memory, a lost node) is blamed on the one shard the actor was
-  executing (Ray runs an actor's calls in order, so that is its oldest unfinished call): that
-  shard is requeued until it has killed `max_actor_deaths` workers, and is then reported as
-  doing so; the calls queued behind it are requeued without blame. The dead actor is replaced
-  and gets shards again once its model is loaded;
+- an actor death (SIGKILL, out of memory, a lost node) is blamed on one shard: the actor's
+  oldest unfinished call, the one it was executing (Ray runs a default actor's calls in order;
+  were calls to overlap, the oldest is still the likeliest culprit, and a poison shard requeued
+  first is the oldest on its next actor). That shard is requeued until it has killed
+  `max_actor_deaths` workers, and is then reported as doing so; the other calls of the dead
+  actor are requeued without blame. The actor is replaced and gets shards again once its model
+  is loaded;
 - when no worker can be started at all (the cluster lost the nodes it needs) for
   `start_timeout` seconds, the remaining shards fail with that reason instead of waiting forever.
 """
@@ -58,6 +60,9 @@ class PoolOutcome:
     worker_stats: list[dict[str, Any]] = field(default_factory=list)
     actors_replaced: int = 0
     worker_info: dict[str, Any] = field(default_factory=dict)
+    #: Per shard id, task errors and actor deaths it went through (committed shards too).
+    errors: dict[str, int] = field(default_factory=dict)
+    deaths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,7 @@ class ShardPool:
             give_up(queue.popleft(), "no worker left to run it: replacement workers failed to "
                     f"start; last: {last_start_error}", "no_workers")
         outcome.actors_replaced = self.replaced
+        outcome.errors, outcome.deaths = dict(attempts), dict(deaths)
         return outcome
 
     def _replace(self, index: int) -> None:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.errors import SpecError, StorageError
-from workers.storage import file_version, filesystem, storage_errors
+from workers.storage import file_version, filesystem, retrying, storage_errors
 from workers.types import Shard
 
 
@@ -86,7 +86,8 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any
         return BadFile(url, f"not a readable Parquet file ({size} bytes, too small)")
     try:
         with storage_errors(f"cannot read the footer of '{url}'"):
-            tail = fs.cat_file(path, start=max(0, size - _TAIL), end=size)
+            tail = retrying(f"cannot read the footer of '{url}'",
+                            lambda: fs.cat_file(path, start=max(0, size - _TAIL), end=size))
             if tail[-4:] != b"PAR1":
                 return BadFile(url, "not a readable Parquet file (no PAR1 magic at its end)")
             length = int.from_bytes(tail[-8:-4], "little") + 8
@@ -94,7 +95,8 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any
                 return BadFile(url, f"not a readable Parquet file (footer of {length} bytes in a "
                                f"{size}-byte file)")
             if length > len(tail):
-                tail = fs.cat_file(path, start=size - length, end=size)
+                tail = retrying(f"cannot read the footer of '{url}'",
+                                lambda: fs.cat_file(path, start=size - length, end=size))
     except StorageError as exc:
         if isinstance(exc.__cause__, FileNotFoundError):
             return BadFile(url, "deleted while the job was listing its input")

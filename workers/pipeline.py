@@ -106,7 +106,9 @@ class SlotPool:
             raise ValueError(f"SlotPool needs at least one slot, got {count}")
         self.max_rows = max_rows
         self.slots: list[DeviceSlot] = []
-        self.clock: Any = None
+        #: Slots no batch is using; a shard takes one per batch and puts it back once collected.
+        self.free: queue.Queue[DeviceSlot] = queue.Queue()
+        self.timed = False
         # Shards take turns on the slots in ticket order, so a shard that arrives while another
         # runs (an actor with two calls in flight) reads ahead, then starts the moment it ends.
         self._turns = threading.Condition()
@@ -117,11 +119,8 @@ class SlotPool:
         try:
             for _ in range(count):
                 self.slots.append(backend.open_slot(max_rows))
-            if all(slot.timer is not None for slot in self.slots):
-                from workers import cuda
-
-                # Reference point for every slot's events, so their spans share one timeline.
-                self.clock = cuda.Event(timing=True)
+                self.free.put(self.slots[-1])
+            self.timed = all(slot.timer is not None for slot in self.slots)
         except BaseException:
             self.close()
             raise
@@ -153,6 +152,16 @@ class SlotPool:
                 self._serving += 1
             self._turns.notify_all()
 
+    def new_clock(self) -> Any:
+        """A timing event recorded now, the origin of a shard's execution spans (None untimed)."""
+        if not self.timed:
+            return None
+        from workers import cuda
+
+        clock = cuda.Event(timing=True)
+        clock.record(0)  # the legacy stream: recorded as soon as the GPU reaches it, i.e. now
+        return clock
+
     def read_pool(self, threads: int) -> ReadPool:
         """The reading threads every shard on these slots shares (made on first use)."""
         with self._turns:
@@ -166,9 +175,6 @@ class SlotPool:
         if self._read_pool is not None:
             self._read_pool.close()
             self._read_pool = None
-        if self.clock is not None:
-            self.clock.close()
-            self.clock = None
         while self.slots:
             try:
                 self.slots.pop().close()
@@ -226,19 +232,20 @@ def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], No
 
 def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes,
-               started: float) -> int:
+               started: float, submitted_all: Callable[[], None]) -> int:
     """The GPU path: keep every slot of `pool` busy; collect batches in submission order.
 
     `batches` comes from a producer thread (reading and converting); this thread only copies
     into pinned memory, submits, waits and hands finished batches to the writing thread.
+    Slots come from the pool's free queue: after its last submission the shard calls
+    `submitted_all` (ending its turn), and the next shard fills each slot this one collects
+    while its last batches still run, so the GPU does not drain between shards.
     """
-    free: deque[DeviceSlot] = deque(pool.slots)
     in_flight: deque[tuple[DeviceSlot, pa.Table, int]] = deque()
     spans: list[tuple[float, float]] = []
     count = 0
     fill = 0.0
-    if pool.clock is not None:
-        pool.clock.record(0)  # the legacy stream: idle here, so this marks "now" on the GPU
+    clock = pool.new_clock()
 
     with ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
         pending: Future[None] | None = None
@@ -246,35 +253,50 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
         def collect() -> None:
             nonlocal pending
             slot, kept, rows = in_flight.popleft()
-            t0 = time.perf_counter()
-            views = slot.wait()
-            times.infer += time.perf_counter() - t0
-            for stage, seconds in slot.stage_seconds().items():
-                setattr(times, stage, getattr(times, stage) + seconds)
-            if pool.clock is not None:
-                spans.append(slot.timer.compute_span(pool.clock))
-            # The views alias the slot's pinned buffers, which its next batch overwrites.
-            outputs = {name: np.array(view) for name, view in views.items()}
-            free.append(slot)
+            try:
+                t0 = time.perf_counter()
+                views = slot.wait()
+                times.infer += time.perf_counter() - t0
+                for stage, seconds in slot.stage_seconds().items():
+                    setattr(times, stage, getattr(times, stage) + seconds)
+                if clock is not None:
+                    spans.append(slot.timer.compute_span(clock))
+                # The views alias the slot's pinned buffers, which its next batch overwrites.
+                outputs = {name: np.array(view) for name, view in views.items()}
+            finally:
+                pool.free.put(slot)
             if pending is not None:
                 pending.result()
             pending = behind.submit(write_outputs, kept, outputs, rows)
 
+        def take() -> DeviceSlot:
+            while True:
+                try:
+                    return pool.free.get_nowait()
+                except queue.Empty:
+                    pass
+                if not in_flight:
+                    # Every slot holds the previous shard's last batches; it frees them in order.
+                    return pool.free.get()
+                collect()
+
         try:
             for pieces in batches:
-                if not free:
-                    collect()
-                slot = free.popleft()
+                slot = take()
                 t0 = time.perf_counter()
                 rows = 0
-                for feeds, kept in pieces:
-                    n = kept.num_rows
-                    for name, array in feeds.items():
-                        np.copyto(slot.host_inputs[name][rows:rows + n], array)
-                    rows += n
-                t1 = time.perf_counter()
-                fill += t1 - t0
-                slot.submit(rows)
+                try:
+                    for feeds, kept in pieces:
+                        n = kept.num_rows
+                        for name, array in feeds.items():
+                            np.copyto(slot.host_inputs[name][rows:rows + n], array)
+                        rows += n
+                    t1 = time.perf_counter()
+                    fill += t1 - t0
+                    slot.submit(rows)
+                except BaseException:
+                    pool.free.put(slot)
+                    raise
                 if not count:
                     times.first_batch = t1 - started
                 times.infer += time.perf_counter() - t1
@@ -282,6 +304,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                     pa.concat_tables([kept for _, kept in pieces])
                 in_flight.append((slot, kept, rows))
                 count += 1
+            submitted_all()
             while in_flight:
                 collect()
             if pending is not None:
@@ -296,6 +319,9 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 # The failure already propagating is the one to report.
                 with contextlib.suppress(Exception):
                     slot.wait()
+                pool.free.put(slot)
+            if clock is not None:
+                clock.close()
     times.gpu_busy += busy_seconds(spans)
     return count
 
@@ -365,7 +391,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                 with reader, pool.turn(ticket), \
                         Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
                     count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
-                                       write_outputs, times, time.perf_counter())
+                                       write_outputs, times, time.perf_counter(),
+                                       lambda: pool.done(ticket))
             finally:
                 pool.done(ticket)
                 if slots is None:

@@ -21,6 +21,11 @@ from workers.types import Shard
 T = TypeVar("T")
 
 
+def _one_line(exc: BaseException) -> str:
+    """pyarrow's message on one line, without the control bytes a corrupt page may put in it."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(exc)).split())
+
+
 def _check_unchanged(shard: Shard, info: Mapping[str, Any]) -> None:
     size, version = int(info.get("size") or 0), file_version(info)
     if size != shard.size or version != shard.version:
@@ -76,7 +81,7 @@ class ShardFile:
         _check_unchanged(shard, info)
         self.metadata: pq.FileMetaData = self._call(
             f"cannot read the footer of '{shard.url}'", lambda p: p.metadata,
-            lambda exc: f"'{shard.url}' is not a readable Parquet file ({exc}); "
+            lambda exc: f"'{shard.url}' is not a readable Parquet file ({_one_line(exc)}); "
                         "replace or remove the file")
         self.schema: pa.Schema = self.metadata.schema.to_arrow_schema()
 
@@ -134,7 +139,8 @@ class ShardFile:
         return self._call(
             f"cannot read row group {index} of '{self.shard.url}'",
             lambda p: p.read_row_group(index, columns=columns, use_threads=False),
-            lambda exc: f"'{self.shard.url}' has a corrupt row group {index} ({exc}); "
+            lambda exc: f"'{self.shard.url}' has a corrupt row group {index} "
+                        f"({_one_line(exc)}); "
                         "replace or remove the file")
 
     def close(self) -> None:

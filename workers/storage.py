@@ -83,15 +83,28 @@ DEFAULT_RETRY = RetryPolicy()
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None
                ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """`(fs, path)` for a URL; a missing fsspec implementation says which extra to install."""
+    """`(fs, path)` for a URL; a missing fsspec implementation says which extra to install.
+
+    `storage_options` may be frozen (nested `(key, value)` tuples, as specs carry them).
+    """
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        return fsspec.core.url_to_fs(url, **_thaw(dict(storage_options or {})))
     except ImportError as exc:
         raise MissingDependencyError(
             f"no filesystem for '{url}': {exc}; pip install '.[s3]' for s3://, '.[gcs]' for gs://"
         ) from exc
     except ValueError as exc:
         raise StorageError(f"cannot open '{url}': {exc}") from exc
+
+
+def _thaw(value: Any) -> Any:
+    """Nested `(key, value)` tuples (a frozen mapping) back to dicts, e.g. `config_kwargs`."""
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple) and value and all(
+            isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) for v in value):
+        return {k: _thaw(v) for k, v in value}
+    return value
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -233,15 +246,35 @@ def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] |
                      policy: RetryPolicy = DEFAULT_RETRY) -> bool:
     """Create an object only if none exists; False if one does.
 
-    Atomic where the filesystem honours fsspec's `mode="create"` (local files: O_EXCL; S3 and
-    GCS: a conditional PUT). A retried create whose first attempt did land returns False too:
-    callers read the object back to tell that case apart.
+    Atomic on local disks (the bytes go to a temporary file that is hard-linked into place:
+    the link fails if the name exists, and readers never see a partial object) and where the
+    store does conditional writes through fsspec's `mode="create"` (S3: If-None-Match). Other
+    fsspec stores fall back to fsspec's check-then-write, which two writers can both pass.
+    A retried create whose first attempt did land returns False: callers read the object back
+    to tell that case apart.
     """
     fs, path = filesystem(url, storage_options)
 
+    def create_local() -> bool:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return True
+
     def create() -> bool:
         if is_local(fs):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            return create_local()
         try:
             fs.pipe_file(path, data, mode="create")
         except FileExistsError:

@@ -169,11 +169,19 @@ def test_read_pool_runs_the_lowest_priority_first() -> None:
 
 def test_read_pool_close_drops_queued_tasks() -> None:
     pool = ReadPool(1)
-    gate = threading.Event()
-    running = pool.submit((0, 0), gate.wait)
+    started, gate, dropped = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait()
+
+    running = pool.submit((0, 0), hold)
     queued = pool.submit((0, 1), lambda: None)
+    queued.add_done_callback(lambda _: dropped.set())
+    started.wait()
     closer = threading.Thread(target=pool.close)
     closer.start()
+    dropped.wait()  # close() cancelled the queued task; now let the running one end
     gate.set()
     closer.join()
     assert running.result() is True
