@@ -12,7 +12,10 @@ strict FP32) reports:
 - (a) engine only: the same ONNX Runtime CUDA sessions, inputs already on the device, batches
   back to back (one stream, and two streams alternating; the faster is the baseline);
 - (b) the actor pipeline (`workers.pipeline.process_shard`) from Parquet to a committed Parquet
-  part, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots;
+  part, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots: one
+  shard alone, and (b') the same rows as 4 shards, `--passes` times over, two shards in flight
+  at once (as an actor with two calls in flight runs them: the next shard reads ahead and takes
+  the slots as the last one's batches finish);
 - (c) = (b)/(a), and the per-stage seconds and GPU busy fraction of every (b) run;
 - correctness: every K's output for a shard with a partial last batch, written over poisoned
   (NaN) buffers, against ONNX Runtime on the CPU (relative error, every element written).
@@ -322,7 +325,7 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
                 config = config_for(out, args.batch, k, args.readers)
                 process_shard(data["warm"], config, backend, slots=pool)  # warm-up
                 runs: list[dict[str, Any]] = []
-                for r in range(args.repeats):
+                for r in range(args.single_repeats):
                     shutil.rmtree(out, ignore_errors=True)
                     poison(pool)
                     res = process_shard(data["main"], config, backend, slots=pool)
@@ -343,18 +346,22 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
                     t0 = time.perf_counter()
                     with ThreadPoolExecutor(2, thread_name_prefix="call") as calls:
                         futures = [calls.submit(process_shard, shard, config, backend,
-                                                slots=pool) for shard in parts]
+                                                slots=pool)
+                                   for _ in range(args.passes) for shard in parts]
                         results = [f.result() for f in futures]
                     wall = time.perf_counter() - t0
                     rows = sum(res.rows for res in results)
+                    # Each pass rewrites the same parts; the last pass's are the ones to check.
                     offsets = [sum(p.rows for p in parts[:i]) for i in range(len(parts))]
                     checks = [check_part(res, np.arange(shard.rows) + offset)
-                              for res, shard, offset in zip(results, parts, offsets, strict=True)]
+                              for res, shard, offset in zip(results[-len(parts):], parts,
+                                                            offsets, strict=True)]
                     busy = sum(res.times.gpu_busy for res in results) / wall
                     stream_runs.append({"rows_per_s": rows / wall, "gpu_busy_fraction": busy,
                                         "first_batch": [res.times.first_batch for res in results],
                                         "checks": checks})
-                    log(f"[{math_mode}] pipeline K={k} {len(results)} shards, 2 in flight, run "
+                    log(f"[{math_mode}] pipeline K={k} {len(results)} shards ({rows} rows), "
+                        f"2 in flight, run "
                         f"{r}: {rows / wall:.0f} rows/s, GPU busy {busy:.3f}, first batch s "
                         f"{[round(res.times.first_batch, 2) for res in results]}, "
                         f"checks {checks}")
@@ -388,7 +395,7 @@ def table(results: dict[str, Any]) -> str:
                     for r in results["read_only"]),
         "",
         "| model | math | K | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
-        "(c) = (b)/(a) | GPU busy | first batch s | (b') pipeline, 4 shards 2 in flight, rows/s | "
+        "(c) = (b)/(a) | GPU busy | first batch s | (b') pipeline, shards 2 in flight, rows/s | "
         "(c') = (b')/(a) | GPU busy | rel. error vs CPU | (centered) | all written |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -424,7 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--slots", default="1,2,3", help="K values to run")
     parser.add_argument("--readers", type=int, default=12, help="reading threads per shard")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs of the shards-in-flight measurement (median)")
+    parser.add_argument("--single-repeats", type=int, default=1,
+                        help="timed runs of the one-shard measurement (median)")
+    parser.add_argument("--passes", type=int, default=3,
+                        help="times the 4 shards go through the actor in the shards-in-flight run")
     parser.add_argument("--engine-iters", type=int, default=24)
     parser.add_argument("--check-rows", type=int, default=300,
                         help="rows of the correctness shard (one partial last batch)")
