@@ -25,12 +25,23 @@ from jobs.output import (
 )
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
+from jobs.processing import Processing, check_preprocess_schema, resolve_processing
 from jobs.progress import Progress
-from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers
+from jobs.shards import (
+    BadFile,
+    InputFile,
+    cut_file_shards,
+    cut_shards,
+    is_image_listing,
+    list_image_files,
+    list_input,
+    read_footers,
+)
 from jobs.spec import JobSpec
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
+from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
 from workers.types import Shard, ShardResult, WorkerConfig
@@ -64,17 +75,32 @@ class PreparedJob:
     bad_files: list[BadFile]
     shards: list[Shard]
     bindings: tuple[tuple[str, str], ...]
+    #: Resolved pre- and postprocessing (None: the bindings as tensors, raw outputs).
+    processing: Processing | None = None
+    #: Files of the input that are not images, when the input is an image directory (skipped).
+    skipped_files: tuple[str, ...] = ()
+
+    @property
+    def keep(self) -> tuple[str, ...]:
+        """Kept columns; an image directory's `path` is always among them."""
+        return self.processing.keep if self.processing else self.spec.keep
+
+    @property
+    def file_count(self) -> int:
+        return len(self.files) or sum(len(s.files) for s in self.shards)
 
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same job (so parts of one can be reused by the other)."""
-        key = {
+        key: dict[str, Any] = {
             "model_sha256": self.model_sha256,
             "input": self.spec.input,
             "bindings": [list(b) for b in self.bindings],
-            "keep": list(self.spec.keep),
+            "keep": list(self.keep),
             "precision": self.spec.precision,
         }
+        if self.processing is not None and not self.processing.is_default:
+            key["processing"] = self.processing.to_json()
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return {"fingerprint": fingerprint, "model": self.spec.model, **key}
 
@@ -91,16 +117,22 @@ def prepare(spec: JobSpec) -> PreparedJob:
     """Load the model's metadata, list and shard the input, check every column binding."""
     model_bytes, model = load_model(spec)
     fs, listing = list_input(spec.input, spec.storage)
+    if spec.input_format == "images" or (spec.input_format == "auto"
+                                         and is_image_listing(listing)):
+        return _prepare_images(spec, model_bytes, model, fs, listing)
     footers = read_footers(fs, listing)
     files = [f for f in footers if isinstance(f, InputFile)]
     bad = [f for f in footers if isinstance(f, BadFile)]
     if not files:
         reasons = "; ".join(f"'{b.url}': {b.reason}" for b in bad[:3])
         raise SpecError(f"input '{spec.input}' has no readable Parquet file ({reasons})")
-    bindings = _reference_bindings(spec, model, files)
+    processing = _reference_processing(spec, model, files)
+    bindings = processing.bindings
     good = []
     for f in files:
-        problem = schema_problem(bindings, spec.keep, model, f.schema)
+        problem = (schema_problem(bindings, processing.keep, model, f.schema)
+                   or check_preprocess_schema(processing.preprocess, model, f.schema,
+                                              f"input '{f.url}'"))
         if problem:
             bad.append(BadFile(f.url, problem))
         else:
@@ -108,12 +140,11 @@ def prepare(spec: JobSpec) -> PreparedJob:
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
                        bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
-                       bindings=bindings)
+                       bindings=bindings, processing=processing)
 
 
-def _reference_bindings(spec: JobSpec, model: ModelInfo, files: list[InputFile]
-                        ) -> tuple[tuple[str, str], ...]:
-    """Bindings checked against the first file whose schema fits the spec.
+def _reference_processing(spec: JobSpec, model: ModelInfo, files: list[InputFile]) -> Processing:
+    """Bindings and processing checked against the first file whose schema fits the spec.
 
     So one file with a different schema (poison data) fails alone, named in the manifest,
     instead of failing the whole job; a spec that fits no file raises the first file's error.
@@ -126,14 +157,32 @@ def _reference_bindings(spec: JobSpec, model: ModelInfo, files: list[InputFile]
         tried.append(f.schema)
         source = f"input '{f.url}'"
         try:
-            bindings = resolve_bindings(spec.column_map, model, f.schema, source)
-            check_keep(spec.keep, model, f.schema, source)
+            processing = resolve_processing(spec, model, f.schema, source, resolve_bindings)
+            check_keep(processing.keep, model, f.schema, source, processing.output_columns)
         except SpecError as exc:
             first = first or exc
             continue
-        return bindings
+        return processing
     assert first is not None  # `files` is never empty here
     raise first
+
+
+def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any,
+                    listing: dict[str, dict[str, Any]]) -> PreparedJob:
+    """An image directory: one row per file (columns path, image), shards of files."""
+    images, others = list_image_files(fs, listing)
+    if not images:
+        raise SpecError(f"input '{spec.input}' holds no image files ({', '.join(IMAGE_EXTENSIONS)}"
+                        "); check --input, or pass --input-format parquet")
+    source = f"image directory '{spec.input}'"
+    processing = resolve_processing(spec, model, IMAGE_DIR_SCHEMA, source, resolve_bindings,
+                                    images_input=True)
+    check_keep(processing.keep, model, IMAGE_DIR_SCHEMA, source, processing.output_columns)
+    return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
+                       model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=[],
+                       bad_files=[], shards=cut_file_shards(images, spec.rows_per_shard),
+                       bindings=processing.bindings, processing=processing,
+                       skipped_files=tuple(others))
 
 
 def init_ray() -> None:
@@ -218,10 +267,16 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     out.write_json(INPUTS_FILE, record)
     if changes:
         print(f"input changed since the last run: {changes.summary()}", file=stream, flush=True)
-    print(f"job: {len(job.files)} file(s), {sum(s.rows for s in job.shards):,} rows in "
+    print(f"job: {job.file_count} file(s), {sum(s.rows for s in job.shards):,} rows in "
           f"{len(job.shards)} shard(s); {len(skipped)} already committed (skipped), "
-          f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else ""),
+          f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else "")
+          + (f"; {len(job.skipped_files)} non-image file(s) ignored" if job.skipped_files else ""),
           file=stream, flush=True)
+    try:  # failed rows of shards committed by an earlier run are carried into this manifest
+        previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
+                    if isinstance(e, dict)}
+    except StorageError:
+        previous = {}
 
     outcome = None
     worker_info: dict[str, Any] = {}
@@ -232,8 +287,11 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             backend=backend,
             backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
                                          engine_host_code_allowed=spec.version_compatible),
-            output_url=spec.output, bindings=job.bindings, keep=spec.keep,
-            batch_size=spec.batch_size, storage_options=spec.storage_options)
+            output_url=spec.output, bindings=job.bindings, keep=job.keep,
+            batch_size=spec.batch_size, storage_options=spec.storage_options,
+            preprocess=job.processing.preprocess if job.processing else (),
+            postprocess=job.processing.postprocess if job.processing else (),
+            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
         model_ref: Any
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
@@ -250,7 +308,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
         def on_result(result: ShardResult | None, failure: ShardFailure | None) -> None:
             if result is not None:
-                progress.update(rows=result.rows, shards=1)
+                progress.update(rows=result.rows + result.rows_failed, shards=1)
             else:
                 progress.update(failed=1)
 
@@ -276,7 +334,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     failed: list[dict[str, Any]] = [{"file": b.url, "shard": None, "reason": b.reason,
                                      "kind": "bad_file"}
                                     for b in job.bad_files]
-    failed += [{"file": f.shard.url, "shard": f.shard.id, "row_groups": list(f.shard.row_groups),
+    failed += [{"file": f.shard.url, "shard": f.shard.id,
+                **({"files": len(f.shard.files)} if f.shard.files
+                   else {"row_groups": list(f.shard.row_groups)}),
                 "reason": f.reason, "kind": f.kind, "attempts": f.attempts,
                 "actor_deaths": f.actor_deaths}
                for f in failures.values()]
@@ -292,8 +352,14 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                 # Committed in the end, after retries: say so, the part is still exactly once.
                 entry.update(errors=outcome.errors.get(s.id, 0),
                              actor_deaths=outcome.deaths.get(s.id, 0))
+            if r.rows_failed:
+                entry.update(rows_failed=r.rows_failed, row_failures=r.row_failures)
         elif s.id in committed:
             entry["status"] = "skipped"
+            before = previous.get(s.id) or {}
+            if before.get("rows_failed"):
+                entry.update(rows_failed=before["rows_failed"],
+                             row_failures=before.get("row_failures", []))
         else:
             entry.update(status="failed", part=None,
                          reason=failures[s.id].reason if s.id in failures else "not run")
@@ -306,6 +372,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                   "outputs": [m.to_json() for m in job.model.outputs]},
         "started": started_at, "finished": _now(), "seconds": round(seconds, 3),
         "rows": done_rows, "shards_total": len(job.shards), "shards_committed": len(results),
+        # Rows of done shards that preprocessing failed (on_error: skip): not in the parts.
+        "rows_failed": sum(int(e.get("rows_failed", 0)) for e in shard_rows),
         "shards_skipped": len(skipped), "shards_failed": len(failures),
         "failures": failed, "stale_parts_removed": changes.stale,
         "input_changes": changes.to_json(), "lock": lock.to_json(),
@@ -331,6 +399,9 @@ def summary(report: JobReport) -> str:
     lines = [f"done: {report.rows:,} rows in {report.seconds:.1f}s; shards: {report.committed} "
              f"committed, {report.skipped} skipped (already committed), {len(report.failed)} "
              f"failed; backend {report.backend}; output {report.output}"]
+    if report.manifest.get("rows_failed"):
+        lines.append(f"rows left out: {report.manifest['rows_failed']:,} row(s) failed "
+                     "preprocessing; _manifest.json lists them under row_failures")
     for f in report.failed:
         where = f"{f['file']}" + (f" row groups {f['row_groups'][0]}-{f['row_groups'][1] - 1}"
                                   if f.get("row_groups") else "")

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.errors import SpecError, StorageError
+from workers.images import is_image_name
 from workers.storage import file_version, filesystem, retrying, storage_errors
-from workers.types import Shard
+from workers.types import FileRef, Shard
 
 
 @dataclass(frozen=True)
@@ -130,4 +131,42 @@ def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
                     shards.append(Shard(url=f.url, size=f.size, version=f.version,
                                         row_groups=(start, i + 1), rows=rows))
                 start, rows = i + 1, 0
+    return shards
+
+
+_PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+
+
+def is_image_listing(files: Mapping[str, Any]) -> bool:
+    """True when a listing looks like an image directory: image files and no Parquet file."""
+    names = [p.lower() for p in files]
+    return (any(is_image_name(p) for p in names)
+            and not any(p.endswith(_PARQUET_SUFFIXES) for p in names))
+
+
+def list_image_files(fs: fsspec.AbstractFileSystem, files: Mapping[str, Mapping[str, Any]]
+                     ) -> tuple[list[FileRef], list[str]]:
+    """The image files of a listing in path order, and the URLs of the other files (skipped)."""
+    images, others = [], []
+    for path, info in files.items():
+        url = fs.unstrip_protocol(path)
+        if is_image_name(path):
+            images.append(FileRef(url=url, size=int(info.get("size") or 0),
+                                  version=file_version(info)))
+        else:
+            others.append(url)
+    return images, others
+
+
+def cut_file_shards(files: list[FileRef], files_per_shard: int) -> list[Shard]:
+    """Group files (in path order) into shards of `files_per_shard` files, one row per file.
+
+    A shard's id comes from its files' paths, sizes and versions, so an unchanged directory
+    always gives the same shards.
+    """
+    shards: list[Shard] = []
+    for start in range(0, len(files), files_per_shard):
+        group = tuple(files[start:start + files_per_shard])
+        shards.append(Shard(url=group[0].url, size=sum(f.size for f in group), version="",
+                            row_groups=(0, len(group)), rows=len(group), files=group))
     return shards

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from jobs.processing import (
+    INPUT_FORMATS,
+    add_processing_flags,
+    apply_processing_flags,
+    parse_postprocess,
+    parse_preprocess,
+)
 from workers.backends import BACKEND_NAMES
 from workers.errors import SpecError
 from workers.plan_build import DEFAULT_OPTIMIZATION_LEVEL, BuildConfig, parse_bytes
@@ -63,6 +71,12 @@ class JobSpec:
     hardware_compatible: bool = False
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    #: Preprocessors (workers.preprocess specs) and postprocessors (workers.postprocess specs);
+    #: a config's lists of items are parsed into them by `spec_from_settings`.
+    preprocess: tuple[Any, ...] = ()
+    postprocess: tuple[Any, ...] = ()
+    input_format: str = "auto"
+    preprocess_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -85,6 +99,13 @@ class JobSpec:
             raise SpecError(f"precision must be one of {', '.join(PRECISIONS)}, "
                             f"got {self.precision!r}")
         _check_build_options(self)
+        if self.input_format not in INPUT_FORMATS:
+            raise SpecError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, "
+                            f"got {self.input_format!r}")
+        if self.preprocess_threads is not None:
+            _positive("preprocess_threads", self.preprocess_threads)
+        object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
+        object.__setattr__(self, "postprocess", parse_postprocess(self.postprocess))
         inputs = [name for name, _ in self.columns]
         duplicated = sorted({n for n in inputs if inputs.count(n) > 1})
         if duplicated:
@@ -105,12 +126,15 @@ class JobSpec:
             value = getattr(self, f.name)
             if f.name == "columns":
                 value = dict(value)
+            elif f.name in ("preprocess", "postprocess"):
+                value = [item.to_json() for item in value]
             elif f.name == "storage_options":
                 value = sorted(self.storage)  # keys only: values may be credentials
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
         return out
+
 
     def build_config(self) -> BuildConfig:
         """The TensorRT build this job asks for: one profile from 1 row to the batch size."""
@@ -209,6 +233,7 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    "is not running)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
+    add_processing_flags(p)
     return p
 
 
@@ -269,6 +294,8 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
         raise SpecError(f"storage_options must be a JSON object, got {type(storage).__name__}")
     for name in ("model", "input", "output"):
         data.setdefault(name, "")
+    data["preprocess"] = parse_preprocess(data.get("preprocess"), source)
+    data["postprocess"] = parse_postprocess(data.get("postprocess"), source)
     try:
         return JobSpec(columns=tuple((str(k), str(v)) for k, v in columns.items()),
                        keep=tuple(str(k) for k in keep),
@@ -283,7 +310,9 @@ def spec_from_args(argv: Sequence[str] | None = None,
     """Parse flags (and the YAML file they name) into a JobSpec; flags override the file."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
-    settings: dict[str, Any] = _load_yaml(args.config) if args.config else {}
+    # A preset (jobs.score, jobs.enrich, jobs.relabel) puts its defaults under the config's.
+    settings: dict[str, Any] = copy.deepcopy(dict(getattr(args, "preset", None) or {}))
+    settings.update(_load_yaml(args.config) if args.config else {})
     settings.update(extra or {})
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
     if "columns" in flags:
@@ -291,5 +320,6 @@ def spec_from_args(argv: Sequence[str] | None = None,
         merged.update(_parse_columns(flags.pop("columns")))
         settings["columns"] = merged
     settings.update(flags)
-    return spec_from_settings(settings, source=f"config '{args.config}'" if args.config
-                              else "flags")
+    source = f"config '{args.config}'" if args.config else "flags"
+    apply_processing_flags(settings, args, source)
+    return spec_from_settings(settings, source=source)

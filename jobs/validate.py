@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pyarrow as pa
 
 from workers.convert import check_feed
@@ -10,8 +12,11 @@ from workers.tensors import ModelInfo
 
 
 def resolve_bindings(column_map: dict[str, str], model: ModelInfo, schema: pa.Schema,
-                     source: str) -> tuple[tuple[str, str], ...]:
-    """(model input, column) for every model input, each checked to exist and fit the input."""
+                     source: str, fed: Collection[str] = ()) -> tuple[tuple[str, str], ...]:
+    """(model input, column) for every model input, each checked to exist and fit the input.
+
+    Inputs in `fed` are fed by a preprocessor instead, and get no binding.
+    """
     input_names = [meta.name for meta in model.inputs]
     unknown = sorted(set(column_map) - set(input_names))
     if unknown:
@@ -19,6 +24,8 @@ def resolve_bindings(column_map: dict[str, str], model: ModelInfo, schema: pa.Sc
                         "use --column INPUT=COLUMN with one of those inputs")
     bindings = []
     for meta in model.inputs:
+        if meta.name in fed:
+            continue
         column = column_map.get(meta.name, meta.name)
         index = schema.get_field_index(column)
         if index < 0:
@@ -31,13 +38,15 @@ def resolve_bindings(column_map: dict[str, str], model: ModelInfo, schema: pa.Sc
     return tuple(bindings)
 
 
-def check_keep(keep: tuple[str, ...], model: ModelInfo, schema: pa.Schema, source: str) -> None:
-    """Every kept column exists and none collides with a model output's column."""
+def check_keep(keep: tuple[str, ...], model: ModelInfo, schema: pa.Schema, source: str,
+               output_columns: Collection[str] | None = None) -> None:
+    """Every kept column exists and none collides with an output column (default: the outputs')."""
     for column in keep:
         if schema.get_field_index(column) < 0:
             raise SpecError(f"--keep column '{column}' is not in {source}; "
                             f"its columns are {schema.names}")
-    outputs = {meta.name for meta in model.outputs}
+    outputs = (set(output_columns) if output_columns is not None
+               else {meta.name for meta in model.outputs})
     clash = sorted(outputs & set(keep))
     if clash:
         raise SpecError(f"--keep column(s) {clash} have the same name as model output(s); "

@@ -21,8 +21,10 @@ import pyarrow as pa
 
 from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.commit import PartWriter
-from workers.convert import column_to_tensor, tensor_to_arrow
 from workers.errors import DataError
+from workers.images import read_image_files
+from workers.postprocess import Postprocessor
+from workers.preprocess import Preprocessor, tensor_preps
 from workers.reader import read_batches
 from workers.rowgroups import Piece, ReadPool, RowGroupReader, exact_batches
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
@@ -84,14 +86,37 @@ class Prefetcher(Generic[T]):
         self.close()
 
 
-def output_table(kept: pa.Table, outputs: Batch, rows: int) -> pa.Table:
-    """Kept columns followed by one column per model output, row-aligned."""
-    columns = dict(zip(kept.column_names, kept.columns, strict=True))
+#: Kept columns named with this prefix carry model inputs a postprocessor reads (the attention
+#: mask) alongside their rows, through either inference path; they never reach the part.
+CARRY_PREFIX = "__input__:"
+
+
+def carry_inputs(kept: pa.Table, feeds: Batch, names: tuple[str, ...]) -> pa.Table:
+    """`kept` plus the model inputs `names` as hidden tensor columns (see `CARRY_PREFIX`)."""
+    for name in names:
+        if name in feeds:
+            kept = kept.append_column(f"{CARRY_PREFIX}{name}",
+                                      pa.FixedShapeTensorArray.from_numpy_ndarray(feeds[name]))
+    return kept
+
+
+def output_table(kept: pa.Table, outputs: Batch, rows: int,
+                 post: Postprocessor | None = None) -> pa.Table:
+    """Kept columns followed by the postprocessors' columns (default: one per model output)."""
+    carried = [name for name in kept.column_names if name.startswith(CARRY_PREFIX)]
+    inputs = {name[len(CARRY_PREFIX):]: kept.column(name).combine_chunks().to_numpy_ndarray()
+              for name in carried}
+    kept = kept.drop_columns(carried)
     for name, array in outputs.items():
-        if array.shape[0] != rows:
-            raise DataError(f"model output '{name}' has {array.shape[0]} rows for a batch of "
-                            f"{rows}; the model must keep the batch dimension")
-        columns[name] = tensor_to_arrow(name, array)
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise DataError(f"model output '{name}' has {array.shape[0] if array.ndim else 0} rows "
+                            f"for a batch of {rows}; the model must keep the batch dimension")
+    columns = dict(zip(kept.column_names, kept.columns, strict=True))
+    for name, array in (post or Postprocessor(())).__call__(outputs, inputs, rows).items():
+        if name in columns:
+            raise DataError(f"postprocessor column '{name}' has the name of a kept column; "
+                            "keep a different column or give the postprocessor a prefix")
+        columns[name] = array
     return pa.table(columns)
 
 
@@ -209,8 +234,9 @@ def busy_seconds(spans: list[tuple[float, float]]) -> float:
 Batches = Callable[[], Iterator[tuple[Batch, pa.Table]]]
 
 
-def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], None],
-              config: WorkerConfig, times: StageTimes) -> int:
+def _run_sync(backend: Backend, batches: Batches,
+              write_outputs: Callable[[pa.Table, Batch, int], None], config: WorkerConfig,
+              times: StageTimes) -> int:
     """The CPU path: infer each batch in turn while the next is read and the last is written."""
     count = 0
     with Prefetcher(batches, config.prefetch) as ahead, \
@@ -220,10 +246,10 @@ def _run_sync(backend: Backend, batches: Batches, write: Callable[[pa.Table], No
             t0 = time.perf_counter()
             outputs = backend.infer(feeds)
             times.infer += time.perf_counter() - t0
-            table = output_table(kept, outputs, kept.num_rows)
             if pending is not None:
                 pending.result()
-            pending = behind.submit(write, table)
+            # Postprocessing and the output table are built on the write thread, as on the GPU path.
+            pending = behind.submit(write_outputs, kept, outputs, kept.num_rows)
             count += 1
         if pending is not None:
             pending.result()
@@ -336,16 +362,35 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     started = time.perf_counter()
     times = StageTimes()
     metas = {meta.name: meta for meta in backend.inputs}
-    bindings = dict(config.bindings)
+    prep = Preprocessor(config.preprocess or tensor_preps(config.bindings), metas,
+                        config.preprocess_threads)
+    post = Postprocessor(config.postprocess)
+    failures: list[dict[str, Any]] = []
+    failures_lock = threading.Lock()
+    rows_failed = 0
 
     def convert(table: pa.Table) -> Piece:
-        """Model inputs and kept columns of a table; both paths convert through here."""
-        feeds = {name: column_to_tensor(column, table.column(column), metas[name])
-                 for name, column in bindings.items()}
-        return feeds, table.select(list(config.keep))
+        """Model inputs and kept columns of a table; both paths convert through here.
+
+        Rows a preprocessor failed (bad images, with on_error=skip) are dropped from both and
+        recorded with their kept columns' values, which identify them.
+        """
+        nonlocal rows_failed
+        prepared = prep(table)
+        kept = table.select(list(config.keep))
+        if prepared.failed:
+            records = [{"key": _key(kept, row), "column": column, "reason": reason}
+                       for row, (column, reason) in sorted(prepared.failed.items())]
+            with failures_lock:
+                rows_failed += len(records)
+                failures.extend(records[:max(0, MAX_ROW_FAILURES - len(failures))])
+            kept = kept.take(pa.array(prepared.good_rows()))
+        return prepared.feeds, carry_inputs(kept, prepared.feeds, post.needs)
 
     def batches() -> Iterator[tuple[Batch, pa.Table]]:
-        tables = read_batches(shard, config.columns, config.batch_size, config.storage)
+        tables = (read_image_files(shard, config.columns, config.batch_size, config.storage)
+                  if shard.files else
+                  read_batches(shard, config.columns, config.batch_size, config.storage))
         while True:
             t0 = time.perf_counter()
             table = next(tables, None)
@@ -355,7 +400,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                 return
             piece = convert(table)
             times.convert += time.perf_counter() - t1
-            yield piece
+            if piece[1].num_rows:  # every row of the table failed: nothing to infer
+                yield piece
 
     def write(table: pa.Table) -> None:
         t0 = time.perf_counter()
@@ -363,17 +409,22 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         times.write += time.perf_counter() - t0
 
     def write_outputs(kept: pa.Table, outputs: Batch, rows: int) -> None:
-        write(output_table(kept, outputs, rows))
+        write(output_table(kept, outputs, rows, post))
 
     def row_groups(reader: RowGroupReader) -> Iterator[Piece]:
         # Row groups decode in parallel; conversion runs here, on one thread and in order, so
-        # its side effects keep the shard's order.
+        # its side effects (skipped rows' records) keep the shard's order.
         for _, table, read_seconds, _ in reader:
             times.read += read_seconds
-            t0 = time.perf_counter()
-            piece = convert(table)
-            times.convert += time.perf_counter() - t0
-            yield piece
+            # Decoded images and token arrays are many times their column's size: convert those
+            # a batch at a time, so a large row group never lives decoded all at once.
+            step = config.batch_size if prep.expands else max(1, table.num_rows)
+            for start in range(0, table.num_rows, step):
+                t0 = time.perf_counter()
+                piece = convert(table.slice(start, step))
+                times.convert += time.perf_counter() - t0
+                if piece[1].num_rows:  # every row of the table failed: nothing to infer
+                    yield piece
 
     writer = PartWriter(config.output_url, shard.part_name, config.storage)
     count = 0
@@ -383,31 +434,65 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                                                             config.batch_size)
             ticket = pool.ticket()
             try:
-                # Reading starts now, on the threads the shard holding the slots leaves
-                # idle, so this shard's batches are ready when its turn comes.
-                reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
-                                        config.prefetch, config.storage,
-                                        pool=pool.read_pool(config.readers), priority=ticket)
-                with reader, pool.turn(ticket), \
-                        Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
-                    count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
-                                       write_outputs, times, time.perf_counter(),
-                                       lambda: pool.done(ticket))
+                if shard.files:  # image files: one reading thread fetches them concurrently
+                    with pool.turn(ticket), Prefetcher(batches, config.prefetch) as ahead:
+                        count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
+                                           write_outputs, times, time.perf_counter(),
+                                           lambda: pool.done(ticket))
+                else:
+                    # Reading starts now, on the threads the shard holding the slots leaves
+                    # idle, so this shard's batches are ready when its turn comes.
+                    reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
+                                            config.prefetch, config.storage,
+                                            pool=pool.read_pool(config.readers), priority=ticket)
+                    with reader, pool.turn(ticket), \
+                            Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
+                        count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
+                                           write_outputs, times, time.perf_counter(),
+                                           lambda: pool.done(ticket))
             finally:
                 pool.done(ticket)
                 if slots is None:
                     pool.close()
         else:
-            count = _run_sync(backend, batches, write, config, times)
-        if writer.rows != shard.rows:
-            raise DataError(f"{shard.describe()} gave {writer.rows} rows, its footer says "
-                            f"{shard.rows}; the file may have changed or be corrupt")
+            count = _run_sync(backend, batches, write_outputs, config, times)
+        if rows_failed and not writer.rows:
+            first = failures[0]
+            raise DataError(f"every row of {shard.describe()} failed preprocessing (column "
+                            f"'{first['column']}': {first['reason']}); check the column and "
+                            "the preprocessor's settings")
+        # Rows that failed preprocessing are not in the part (the manifest lists them).
+        if writer.rows + rows_failed != shard.rows:
+            raise DataError(f"{shard.describe()} gave {writer.rows} rows"
+                            + (f" and {rows_failed} failed row(s)" if rows_failed else "")
+                            + f", its footer says {shard.rows}; the file may have changed or "
+                            "be corrupt")
         t0 = time.perf_counter()
         size = writer.commit()
         times.commit = time.perf_counter() - t0
     except BaseException:
         writer.abort()
         raise
+    finally:
+        prep.close()
     times.total = time.perf_counter() - started
     return ShardResult(shard_id=shard.id, rows=writer.rows, part_url=writer.url, part_bytes=size,
-                       batches=count, worker=worker, times=times)
+                       batches=count, worker=worker, times=times, rows_failed=rows_failed,
+                       row_failures=failures)
+
+
+#: Failed rows listed per shard in the manifest; the count of all of them is always exact.
+MAX_ROW_FAILURES = 1000
+
+
+def _key(kept: pa.Table, row: int) -> dict[str, Any]:
+    """A row's kept values, for the manifest: scalars as they are, anything big summarized."""
+    key: dict[str, Any] = {}
+    for name in kept.column_names:
+        value = kept.column(name)[row].as_py()
+        if isinstance(value, bytes):
+            value = f"<{len(value)} bytes>"
+        elif not isinstance(value, str | int | float | bool | type(None)):
+            value = repr(value)[:200]
+        key[name] = value
+    return key

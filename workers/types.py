@@ -5,25 +5,46 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.backends.base import BackendConfig
+
+if TYPE_CHECKING:
+    from workers.postprocess import PostSpec
+    from workers.preprocess import PrepSpec
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One input file of a files shard (an image directory): one row per file."""
+
+    url: str
+    size: int
+    version: str
 
 
 @dataclass(frozen=True)
 class Shard:
-    """A row-group range `[start, stop)` of one Parquet file, identified by content, not position."""
+    """A row-group range `[start, stop)` of one Parquet file, identified by content, not position.
+
+    A files shard (`files` non-empty: a group of image files, one row each) has `url` set to
+    its first file, `size` to the files' total bytes and `row_groups` to `(0, len(files))`.
+    """
 
     url: str
     size: int
     version: str
     row_groups: tuple[int, int]
     rows: int
+    files: tuple[FileRef, ...] = ()
 
     @property
     def id(self) -> str:
-        """Stable id from the file's path, size, version and row-group range."""
-        key = json.dumps([self.url, self.size, self.version, list(self.row_groups)])
+        """Stable id from the file's path, size, version and row-group range (or its files')."""
+        if self.files:
+            key = json.dumps(["files", [[f.url, f.size, f.version] for f in self.files]])
+        else:
+            key = json.dumps([self.url, self.size, self.version, list(self.row_groups)])
         return hashlib.sha256(key.encode()).hexdigest()[:24]
 
     @property
@@ -32,11 +53,19 @@ class Shard:
         return f"part-{self.id}.parquet"
 
     def describe(self) -> str:
+        if self.files:
+            return f"{len(self.files)} file(s) {self.files[0].url} .. {self.files[-1].url}"
         start, stop = self.row_groups
         return f"{self.url} row groups {start}-{stop - 1}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, **asdict(self), "row_groups": list(self.row_groups)}
+        if self.files:
+            # The part's path column lists every file; the manifest names the range.
+            return {"id": self.id, "url": self.url, "last": self.files[-1].url,
+                    "files": len(self.files), "size": self.size, "rows": self.rows}
+        out = {"id": self.id, **asdict(self), "row_groups": list(self.row_groups)}
+        out.pop("files")
+        return out
 
 
 @dataclass(frozen=True)
@@ -53,6 +82,12 @@ class WorkerConfig:
     prefetch: int = 2
     #: Batches in flight on the GPU (each with its own stream and buffers); GPU backends only.
     slots: int = 2
+    #: Resolved preprocessors feeding every model input; empty: `bindings` as tensor columns.
+    preprocess: tuple[PrepSpec, ...] = ()
+    #: Resolved postprocessors making the output columns; empty: every output as is (`raw`).
+    postprocess: tuple[PostSpec, ...] = ()
+    #: Threads that decode images and tokenize text within one actor.
+    preprocess_threads: int = 1
     #: Threads decoding row groups in parallel on the GPU path (the CPU path reads on one).
     readers: int = 4
 
@@ -69,6 +104,8 @@ class WorkerConfig:
         seen: dict[str, None] = {}
         for _, column in self.bindings:
             seen[column] = None
+        for spec in self.preprocess:
+            seen.update(dict.fromkeys(spec.columns))
         for column in self.keep:
             seen[column] = None
         return list(seen)
@@ -119,3 +156,7 @@ class ShardResult:
     batches: int
     worker: str
     times: StageTimes = field(default_factory=StageTimes)
+    #: Rows left out of the part because preprocessing failed them (on_error: skip).
+    rows_failed: int = 0
+    #: The first of those rows: shard row, kept columns' values, column and reason.
+    row_failures: list[dict[str, Any]] = field(default_factory=list)
