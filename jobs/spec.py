@@ -64,6 +64,9 @@ class JobSpec:
     precision: str = "fp32"
     cpus_per_worker: int = 1
     shards_in_flight: int = 2
+    #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
+    slots: int = 2
+    readers: int = 4
     plan_cache: str | None = None
     progress: bool | None = None
     workspace: int | None = None
@@ -83,7 +86,8 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
-        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight"):
+        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
+                     "slots", "readers"):
             _positive(name, getattr(self, name))
         if self.workers is not None:
             _positive("workers", self.workers)
@@ -207,6 +211,12 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--cpus-per-worker", type=int, metavar="N")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")
+    p.add_argument("--slots", type=int, metavar="K",
+                   help="GPU actors: batches in flight, each with its own CUDA stream and "
+                   "buffers (default 2; 3 keeps a GPU busier)")
+    p.add_argument("--readers", type=int, metavar="N",
+                   help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
+                   "when the actor has the cores and large tensor columns)")
     p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
                    "(default OUTPUT/_plans)")
     p.add_argument("--workspace", metavar="BYTES", help="TensorRT builder workspace limit, "
