@@ -205,8 +205,9 @@ class OutputLock:
                 continue
             remove_file(self.url, self.storage_options)
             self.took_over = (current, reason or "--takeover")
-            log.warning("taking over the lock on %s from %s: %s", self.output_url,
-                        current.describe(now), reason or "--takeover")
+            # INFO: the driver prints the takeover for the user (see jobs.driver.run_job).
+            log.info("taking over the lock on %s from %s: %s", self.output_url,
+                     current.describe(now), reason or "--takeover")
         else:
             raise OutputConflictError(
                 f"could not lock output '{self.output_url}': other jobs kept taking the lock; "
