@@ -13,7 +13,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.driver import run_job
+from jobs.driver import prepare, run_job
+from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from tests.faults.conftest import REPO
 from tests.faults.helpers import (
     check_exactly_once,
@@ -24,6 +25,8 @@ from tests.faults.helpers import (
     spec_for,
 )
 from tests.faults.hooks import CONTROLLER, NAMESPACE, FaultController, fault_runtime_env
+from workers.backends import BackendConfig
+from workers.types import WorkerConfig
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
@@ -79,3 +82,37 @@ def test_node_removed_mid_job(cluster: tuple[Cluster, Any], two_input_onnx: Path
     assert sorted(part_names(str(out))) == sorted(rows)
     for name in rows:
         assert pq.read_metadata(out / name).num_rows == rows[name]
+
+
+def test_no_node_left_for_workers(cluster: tuple[Cluster, Any], two_input_onnx: Path,
+                                  dataset: Path, tmp_path: Path) -> None:
+    """The last worker node goes: no replacement worker can be scheduled, so after the pool's
+    start timeout the remaining shards fail as `no_workers` instead of the job waiting forever.
+    (Runs last in this module: it leaves the cluster with no worker node.)"""
+    nodes, controller = cluster
+    spec = spec_for(str(two_input_onnx), str(dataset), str(tmp_path / "out"))
+    job = prepare(spec)
+    worker_config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(threads=1),
+                                 output_url=spec.output, bindings=job.bindings, keep=spec.keep,
+                                 batch_size=spec.batch_size)
+    pool = ShardPool(PoolConfig(workers=1, num_gpus=0, num_cpus=1, shards_in_flight=1,
+                                max_retries=0, start_timeout=3.0),
+                     worker_config, ray.put(job.model_bytes))
+    pool.start(1)
+    failures: list[ShardFailure] = []
+    ray.get(controller.arm.remote("block", times=1))
+    with ThreadPoolExecutor(1) as threads:
+        run = threads.submit(pool.run, list(job.shards),
+                             lambda result, failure: failures.append(failure) if failure else None)
+        blocked = ray.get(controller.wait_blocked.remote(180), timeout=200)
+        for node in list(nodes.worker_nodes):
+            nodes.remove_node(node, allow_graceful=False)
+        outcome = run.result(timeout=300)
+    pool.shutdown()
+    assert not outcome.results and len(outcome.failures) == len(job.shards) == 9
+    assert {f.kind for f in outcome.failures.values()} == {"no_workers"}
+    assert outcome.failures[next(s.id for s in job.shards
+                                 if s.part_name == blocked["part"])].actor_deaths == 1
+    assert next(iter(outcome.failures.values())).reason.startswith(
+        "no worker could be started for 3s (each needs 1 CPU, 0 GPU; the cluster lost the nodes "
+        "that had them?)")
