@@ -4,15 +4,18 @@ Run on a machine with a CUDA GPU and onnxruntime-gpu:
 
     python -m bench.gpu_pipeline --out bench/results
 
-In one run it writes random images (float32 3x224x224, a fixed-shape tensor column) to Parquet
-on local disk, and for each MODEL:MATH pair of `--runs` (ResNet-style CNNs with random weights
-and batch norm folded into the convolutions; ONNX Runtime's default TF32 convolutions, or
-strict FP32) reports:
+In one run it writes random images (float32 3x224x224) to Parquet on local disk, in each layout
+of `--layout`: `tensor` (a fixed-shape tensor column, which Parquet stores as a list of floats
+that Arrow decodes value by value) and `binary` (a fixed_size_binary column holding each row's
+raw bytes, `workers.convert.tensor_to_binary_column`, which decodes as a memcpy). The same
+images go into every layout. For each MODEL:MATH pair of `--runs` (ResNet-style CNNs with random
+weights and batch norm folded into the convolutions; ONNX Runtime's default TF32 convolutions, or
+strict FP32) it reports:
 
 - (a) engine only: the same ONNX Runtime CUDA sessions, inputs already on the device, batches
   back to back (one stream, and two streams alternating; the faster is the baseline);
 - (b) the actor pipeline (`workers.pipeline.process_shard`) from Parquet to a committed Parquet
-  part, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots: one
+  part, for each layout, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots: one
   shard alone, and (b') the same rows as 4 shards, `--passes` times over, two shards in flight
   at once (as an actor with two calls in flight runs them: the next shard reads ahead and takes
   the slots as the last one's batches finish);
@@ -20,8 +23,8 @@ strict FP32) reports:
 - correctness: every K's output for a shard with a partial last batch, written over poisoned
   (NaN) buffers, against ONNX Runtime on the CPU (relative error, every element written).
 
-Reading alone (row groups decoded and converted, no GPU) is measured with 1 to R threads, so
-the table says when the host, not the GPU, is the limit. A table is printed last; everything
+Reading alone (row groups decoded and converted, no GPU) is measured with 1 to R threads for each
+layout, so the table says when the host, not the GPU, is the limit. A table is printed last; everything
 is also written as JSON and a log.
 """
 
@@ -51,7 +54,7 @@ from onnx import TensorProto, helper, numpy_helper
 from workers import cuda
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend, OrtCudaSlot, import_onnxruntime
-from workers.convert import column_to_tensor
+from workers.convert import column_to_tensor, tensor_to_binary_column
 from workers.pipeline import SlotPool, process_shard
 from workers.rowgroups import RowGroupReader
 from workers.storage import file_version, filesystem
@@ -59,6 +62,8 @@ from workers.types import Shard, ShardResult, WorkerConfig
 
 IMAGE = (3, 224, 224)
 CLASSES = 1000
+#: How the image column is stored: a fixed-shape tensor, or each row's raw bytes.
+LAYOUTS = ("tensor", "binary")
 #: Bottleneck blocks per stage of the ResNet-style models.
 MODELS: dict[str, tuple[int, ...]] = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
                                       "resnet152": (3, 8, 36, 3)}
@@ -66,13 +71,15 @@ MODELS: dict[str, tuple[int, ...]] = {"resnet50": (3, 4, 6, 3), "resnet101": (3,
 
 # The model ------------------------------------------------------------------------------------
 def resnet(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int = CLASSES,
-           seed: int = 0) -> bytes:
+           seed: int = 0, image: tuple[int, int, int] | None = None) -> bytes:
     """A ResNet-50-shaped CNN (bottleneck blocks) with random He-initialised weights.
 
+    `image` is the input's row shape (default `IMAGE`, 3x224x224).
     Batch norm is folded into each convolution's bias, as exporters do for inference. Each
     residual branch's last convolution is scaled down so activations stay O(1) through the
     depth with random weights (no training to keep them in range).
     """
+    image = image or IMAGE
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -99,12 +106,12 @@ def resnet(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int
         return r
 
     # Input normalisation, as exported image models start: (x - mean) / std.
-    inits.append(numpy_helper.from_array(np.full((1, IMAGE[0], 1, 1), 0.5, np.float32), "mean"))
-    inits.append(numpy_helper.from_array(np.full((1, IMAGE[0], 1, 1), 1 / 0.29, np.float32),
+    inits.append(numpy_helper.from_array(np.full((1, image[0], 1, 1), 0.5, np.float32), "mean"))
+    inits.append(numpy_helper.from_array(np.full((1, image[0], 1, 1), 1 / 0.29, np.float32),
                                          "inv_std"))
     nodes.append(helper.make_node("Sub", ["image", "mean"], ["centered"]))
     nodes.append(helper.make_node("Mul", ["centered", "inv_std"], ["normalized"]))
-    x = conv("normalized", IMAGE[0], width, 7, stride=2)
+    x = conv("normalized", image[0], width, 7, stride=2)
     pooled = name("pool")
     nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[3, 3], strides=[2, 2],
                                   pads=[1, 1, 1, 1]))
@@ -131,7 +138,7 @@ def resnet(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int
     nodes.append(helper.make_node("Gemm", [flat, "fc_w", "fc_b"], ["logits"]))
     graph = helper.make_graph(
         nodes, "resnet_bench",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *IMAGE])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", *image])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
                               producer_name="bench.gpu_pipeline")
@@ -140,10 +147,12 @@ def resnet(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64, classes: int
     return bytes(model.SerializeToString())
 
 
-def model_flops(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64) -> float:
+def model_flops(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64,
+                image: tuple[int, int, int] | None = None) -> float:
     """Multiply-adds x 2 of one image through `resnet` (convolutions and the classifier)."""
-    h = IMAGE[1] // 2
-    flops = 2 * IMAGE[0] * width * 49 * h * h
+    image = image or IMAGE
+    h = image[1] // 2
+    flops = 2 * image[0] * width * 49 * h * h
     h //= 2
     cin = width
     for stage, repeats in enumerate(blocks):
@@ -161,23 +170,51 @@ def model_flops(blocks: tuple[int, ...] = (3, 4, 6, 3), width: int = 64) -> floa
 
 
 # Data -----------------------------------------------------------------------------------------
-def write_images(path: Path, rows: int, row_group: int, seed: int, start: int = 0) -> Shard:
-    """`rows` random images (uniform [0,1) float32, a fixed-shape tensor column) and a uid."""
+def image_column(images: np.ndarray, layout: str) -> pa.Array:
+    """The images as a fixed-shape tensor column, or as one fixed_size_binary value per row."""
+    if layout == "binary":
+        return tensor_to_binary_column(images)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(images)
+
+
+def write_images(paths: dict[str, Path], rows: int, row_group: int, seed: int,
+                 start: int = 0, image: tuple[int, int, int] | None = None) -> dict[str, Shard]:
+    """`rows` random images (uniform [0,1) float32) and a uid, the same in every layout's file.
+
+    `paths` maps a layout (`LAYOUTS`) to its file; `image` is the row shape (default `IMAGE`).
+    The binary column is written without dictionary encoding: each value is a whole image, so
+    a dictionary would only cost time.
+    """
+    image = image or IMAGE
     rng = np.random.default_rng(seed)
-    schema = pa.schema([("uid", pa.int64()),
-                        ("img", pa.fixed_shape_tensor(pa.float32(), list(IMAGE)))])
-    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+    writers = {}
+    for layout, path in paths.items():
+        image_type = (pa.binary(4 * math.prod(image)) if layout == "binary"
+                      else pa.fixed_shape_tensor(pa.float32(), list(image)))
+        schema = pa.schema([("uid", pa.int64()), ("img", image_type)])
+        writers[layout] = pq.ParquetWriter(
+            path, schema, compression="snappy",
+            use_dictionary=["uid"] if layout == "binary" else True)
+    try:
         for offset in range(0, rows, row_group):
             n = min(row_group, rows - offset)
-            images = rng.random((n, *IMAGE), dtype=np.float32)
-            writer.write_table(pa.table({
-                "uid": pa.array(np.arange(start + offset, start + offset + n), pa.int64()),
-                "img": pa.FixedShapeTensorArray.from_numpy_ndarray(images)}, schema=schema))
-    fs, p = filesystem(str(path))
-    info = fs.info(p)
-    meta = pq.read_metadata(path)
-    return Shard(url=fs.unstrip_protocol(p), size=int(info["size"]), version=file_version(info),
-                 row_groups=(0, meta.num_row_groups), rows=meta.num_rows)
+            images = rng.random((n, *image), dtype=np.float32)
+            uid = pa.array(np.arange(start + offset, start + offset + n), pa.int64())
+            for layout, writer in writers.items():
+                writer.write_table(pa.table({"uid": uid, "img": image_column(images, layout)},
+                                            schema=writer.schema))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    shards = {}
+    for layout, path in paths.items():
+        fs, p = filesystem(str(path))
+        info = fs.info(p)
+        meta = pq.read_metadata(path)
+        shards[layout] = Shard(url=fs.unstrip_protocol(p), size=int(info["size"]),
+                               version=file_version(info), row_groups=(0, meta.num_row_groups),
+                               rows=meta.num_rows)
+    return shards
 
 
 def read_images(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -298,10 +335,14 @@ def stage_summary(result: ShardResult) -> dict[str, float]:
             "first_batch": t.first_batch}
 
 
-def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shard],
-             parts: list[Shard], reference: np.ndarray, check_uid: np.ndarray,
+def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, dict[str, Shard]],
+             layout_parts: dict[str, list[Shard]], reference: np.ndarray, check_uid: np.ndarray,
              args: argparse.Namespace, work: Path, log: Any) -> dict[str, Any]:
-    """Engine only, then the pipeline at every K, for one model in one math mode."""
+    """Engine only, then the pipeline at every K for every layout, for one model in one math mode.
+
+    `datasets` maps each layout to its `main`, `warm` and `check` shards, `layout_parts` to the
+    main file cut into shards for the shards-in-flight runs.
+    """
     options = {"use_tf32": "1" if math_mode == "tf32" else "0"}
     result: dict[str, Any] = {"model": model_name, "gflops": model_flops(MODELS[model_name]) / 1e9,
                               "math": math_mode, "cuda_options": options}
@@ -319,7 +360,9 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
         baseline = max(e["rows_per_s"] for e in engine)
         result["engine_rows_per_s"] = baseline
         pipelines = []
-        for k in args.slots:
+        for k, layout in itertools.product(args.slots, datasets):
+            data, parts = datasets[layout], layout_parts[layout]
+            label = f"{math_mode} {layout}"
             with SlotPool(backend, k, args.batch) as pool:
                 out = work / f"out-k{k}"
                 config = config_for(out, args.batch, k, args.readers)
@@ -332,7 +375,7 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
                     check = check_part(res, np.arange(data["main"].rows))
                     runs.append({"rows_per_s": res.rows / res.times.total,
                                  "stages": stage_summary(res), "check": check})
-                    log(f"[{math_mode}] pipeline K={k} run {r}: "
+                    log(f"[{label}] pipeline K={k} run {r}: "
                         f"{res.rows / res.times.total:.0f} rows/s, stages "
                         + json.dumps({s: round(v, 3) for s, v in stage_summary(res).items()})
                         + f", check {check}")
@@ -360,7 +403,7 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
                     stream_runs.append({"rows_per_s": rows / wall, "gpu_busy_fraction": busy,
                                         "first_batch": [res.times.first_batch for res in results],
                                         "checks": checks})
-                    log(f"[{math_mode}] pipeline K={k} {len(results)} shards ({rows} rows), "
+                    log(f"[{label}] pipeline K={k} {len(results)} shards ({rows} rows), "
                         f"2 in flight, run "
                         f"{r}: {rows / wall:.0f} rows/s, GPU busy {busy:.3f}, first batch s "
                         f"{[round(res.times.first_batch, 2) for res in results]}, "
@@ -370,11 +413,12 @@ def run_mode(model_name: str, math_mode: str, model: bytes, data: dict[str, Shar
                 poison(pool)
                 res = process_shard(data["check"], config, backend, slots=pool)
                 correctness = check_part(res, check_uid, reference)
-                log(f"[{math_mode}] correctness K={k}: {correctness}")
+                log(f"[{label}] correctness K={k}: {correctness}")
                 shutil.rmtree(out, ignore_errors=True)
             median = statistics.median(r["rows_per_s"] for r in runs)
             stream = statistics.median(r["rows_per_s"] for r in stream_runs)
-            pipelines.append({"slots": k, "rows_per_s": median, "ratio": median / baseline,
+            pipelines.append({"layout": layout, "slots": k, "rows_per_s": median,
+                              "ratio": median / baseline,
                               "runs": runs, "stream_rows_per_s": stream,
                               "stream_ratio": stream / baseline, "stream_runs": stream_runs,
                               "correctness": correctness})
@@ -390,14 +434,14 @@ def table(results: dict[str, Any]) -> str:
         f"{results['host']['cpus']} CPUs; onnxruntime {results['onnxruntime']}; "
         f"batch {results['batch']}, shard {results['rows']} rows of float32 3x224x224 "
         f"in row groups of {results['row_group']}, {results['readers']} reading threads",
-        "read only (Parquet on local disk -> model input, no GPU): "
-        + ", ".join(f"{r['readers']} thread(s) {r['rows_per_s']:.0f} rows/s"
-                    for r in results["read_only"]),
+        *(f"read only, {layout} layout (Parquet on local disk -> model input, no GPU): "
+          + ", ".join(f"{r['readers']} thread(s) {r['rows_per_s']:.0f} rows/s" for r in reads)
+          for layout, reads in results["read_only"].items()),
         "",
-        "| model | math | K | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
+        "| model | math | layout | K | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
         "(c) = (b)/(a) | GPU busy | first batch s | (b') pipeline, shards 2 in flight, rows/s | "
         "(c') = (b')/(a) | GPU busy | rel. error vs CPU | (centered) | all written |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in results["runs"]:
         for p in mode["pipeline"]:
@@ -411,7 +455,7 @@ def table(results: dict[str, Any]) -> str:
                        and all(x["nan_elements"] == 0 and x["uid_in_order"]
                                for r in p["stream_runs"] for x in r["checks"]))
             lines.append(f"| {mode['model']} ({mode['gflops']:.1f} GFLOP) | {mode['math']} | "
-                         f"{p['slots']} | {mode['engine_rows_per_s']:.0f} | "
+                         f"{p['layout']} | {p['slots']} | {mode['engine_rows_per_s']:.0f} | "
                          f"{p['rows_per_s']:.0f} | {p['ratio']:.3f} | {busy:.3f} | {first:.2f} | "
                          f"{p['stream_rows_per_s']:.0f} | {p['stream_ratio']:.3f} | "
                          f"{stream_busy:.3f} | "
@@ -443,9 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="resnet50:tf32,resnet50:fp32",
                         help="MODEL:MATH pairs; MODEL in resnet50, resnet101, resnet152; "
                              "MATH tf32 (ONNX Runtime's default) or fp32 (strict)")
+    parser.add_argument("--layout", default=",".join(LAYOUTS),
+                        help="image column layouts to write and measure, comma-separated: "
+                             "tensor (fixed-shape tensor), binary (each row's raw bytes)")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     args.slots = [int(k) for k in args.slots.split(",")]
+    args.layout = list(dict.fromkeys(x.strip() for x in args.layout.split(",") if x.strip()))
+    unknown = [x for x in args.layout if x not in LAYOUTS]
+    if unknown or not args.layout:
+        parser.error(f"--layout takes {', '.join(LAYOUTS)} (comma-separated), got {unknown}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_pipeline{('_' + args.tag) if args.tag else ''}"
@@ -474,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                    "driver": cuda.driver_version()},
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "onnxruntime": ort.__version__, "batch": args.batch, "rows": args.rows,
-        "row_group": args.row_group, "readers": args.readers,
+        "row_group": args.row_group, "readers": args.readers, "layouts": args.layout,
     }
     log(f"device {results['device']}, host {results['host']}, onnxruntime {ort.__version__}")
 
@@ -482,28 +533,40 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
-    paths = {"main": work / "main.parquet", "warm": work / "warm.parquet",
-             "check": work / "check.parquet"}
-    data = {
+    paths = {name: {layout: work / f"{name}-{layout}.parquet" for layout in args.layout}
+             for name in ("main", "warm", "check")}
+    # Every layout's file holds the same images (one seed per file, each written once).
+    written = {
         "main": write_images(paths["main"], args.rows, args.row_group, seed=10),
         "warm": write_images(paths["warm"], 4 * args.batch, args.row_group, seed=11),
         "check": write_images(paths["check"], args.check_rows, 100, seed=12),
     }
+    datasets = {layout: {name: written[name][layout] for name in written}
+                for layout in args.layout}
     # The main file again, cut into 4 shards of whole row groups, for the shards-in-flight runs.
-    groups = data["main"].row_groups[1]
-    cuts = [round(i * groups / 4) for i in range(5)]
-    footer = pq.read_metadata(paths["main"])
-    parts = [replace(data["main"], row_groups=(a, b),
-                     rows=sum(footer.row_group(g).num_rows for g in range(a, b)))
-             for a, b in itertools.pairwise(cuts)]
-    size = sum(p.stat().st_size for p in paths.values())
-    log(f"data: {size / 1e9:.2f} GB of Parquet written in {time.perf_counter() - t0:.1f} s")
+    layout_parts: dict[str, list[Shard]] = {}
+    for layout, data in datasets.items():
+        groups = data["main"].row_groups[1]
+        cuts = [round(i * groups / 4) for i in range(5)]
+        footer = pq.read_metadata(paths["main"][layout])
+        layout_parts[layout] = [
+            replace(data["main"], row_groups=(a, b),
+                    rows=sum(footer.row_group(g).num_rows for g in range(a, b)))
+            for a, b in itertools.pairwise(cuts)]
+    for layout in args.layout:
+        size = sum(files[layout].stat().st_size for files in paths.values())
+        log(f"data, {layout} layout: {size / 1e9:.2f} GB of Parquet")
+    log(f"data written in {time.perf_counter() - t0:.1f} s")
 
-    results["read_only"] = [read_only(data["main"], n) for n in sorted({1, 4, 8, args.readers})]
-    for r in results["read_only"]:
-        log(f"read only, {r['readers']} thread(s): {r['rows_per_s']:.0f} rows/s")
+    results["read_only"] = {}
+    for layout, data in datasets.items():
+        reads = [read_only(data["main"], n) for n in sorted({1, 4, 8, args.readers})]
+        results["read_only"][layout] = reads
+        for r in reads:
+            log(f"read only, {layout} layout, {r['readers']} thread(s): "
+                f"{r['rows_per_s']:.0f} rows/s")
 
-    check_uid, check_images = read_images(paths["check"])
+    check_uid, check_images = read_images(paths["check"][args.layout[0]])
 
     results["runs"] = []
     references: dict[str, np.ndarray] = {}
@@ -519,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                     for i in range(0, len(check_images), 32)]).astype(np.float64)
             log(f"{model_name}: {len(model) / 1e6:.0f} MB; CPU reference for {len(check_uid)} "
                 f"rows in {time.perf_counter() - t0:.1f} s")
-        results["runs"].append(run_mode(model_name, math_mode, model, data, parts,
+        results["runs"].append(run_mode(model_name, math_mode, model, datasets, layout_parts,
                                         references[model_name], check_uid, args, work, log))
         (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     text = table(results)
