@@ -204,9 +204,11 @@ class ShardPool:
             outcome.results[shard.id] = result
             on_result(result, None)
 
-        def actor_died(index: int, actor: Any, exc: BaseException) -> None:
+        def actor_died(index: int, actor: Any, dead: ray.ObjectRef, exc: BaseException) -> None:
             """Settle every call of a dead actor: blame the executing one, requeue the rest."""
-            refs = [r for r in calls[index] if r in inflight]
+            # An actor already replaced had its other calls settled when it died.
+            refs = ([r for r in calls[index] if r in inflight] if self.actors[index] is actor
+                    else [dead])
             # Once an actor is dead its calls resolve quickly; don't hang on a straggler.
             ray.wait(refs, num_returns=len(refs), timeout=30)
             blamed = False
@@ -275,7 +277,7 @@ class ShardPool:
                     finish(ref)
                     task_error(shard, exc)
                 except (RayActorError, OutOfMemoryError) as exc:
-                    actor_died(index, actor, exc)  # settles this call with the actor's others
+                    actor_died(index, actor, ref, exc)  # settles it with the actor's others
                 else:
                     finish(ref)
                     succeeded(shard, result)
