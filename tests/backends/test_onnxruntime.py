@@ -8,8 +8,8 @@ import pytest
 from tests.backends.contract import BackendContract
 from workers.backends import BackendConfig, create_backend
 from workers.backends.base import Backend
-from workers.errors import BackendError, MissingDependencyError, SpecError
 from workers.backends.onnxruntime import cuda_provider_available
+from workers.errors import BackendError, MissingDependencyError, SpecError
 
 
 class TestOnnxRuntimeCPU(BackendContract):
