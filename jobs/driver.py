@@ -300,7 +300,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             model_ref, plans = shared.refs, shared.plans
         else:
             model_ref = ray.put(job.model_bytes)
-        pool = ShardPool(pool_config, worker_config, model_ref)
+        pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
               f"{worker_info['device']}", file=stream, flush=True)

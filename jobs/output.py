@@ -58,6 +58,14 @@ class OutputDir:
         names = retrying(f"cannot list output '{self.url}'", listing)
         return {m.group(1): name for name in names if (m := PART_RE.match(name))}
 
+    def has_part(self, shard: Shard) -> bool:
+        """Whether the shard's part is in OUTPUT (False when storage cannot tell)."""
+        try:
+            return bool(retrying(f"cannot check '{self.file_url(shard.part_name)}'",
+                                 lambda: self.fs.exists(self.path(shard.part_name))))
+        except StorageError:
+            return False
+
     def read_json(self, name: str) -> dict[str, Any] | None:
         def read() -> bytes | None:
             try:

@@ -8,7 +8,8 @@ Failure handling, shard by shard:
 - an actor death (SIGKILL, out of memory, a lost node) is blamed on one shard: the actor's
   oldest unfinished call, the one it was executing (Ray runs a default actor's calls in order;
   were calls to overlap, the oldest is still the likeliest culprit, and a poison shard requeued
-  first is the oldest on its next actor). That shard is requeued until it has killed
+  first is the oldest on its next actor). A call whose part is already in OUTPUT finished
+  (its reply died with the actor) and is not blamed. That shard is requeued until it has killed
   `max_actor_deaths` workers, and is then reported as doing so; the other calls of the dead
   actor are requeued without blame. The actor is replaced and gets shards again once its model
   is loaded;
@@ -129,8 +130,12 @@ class ShardPool:
     """
 
     def __init__(self, config: PoolConfig, worker_config: WorkerConfig,
-                 model_ref: ray.ObjectRef | PlanRefs) -> None:
+                 model_ref: ray.ObjectRef | PlanRefs,
+                 is_committed: Callable[[Shard], bool] | None = None) -> None:
         self.config = config
+        # Whether a shard's part is in OUTPUT: tells a call that finished (its reply lost with
+        # its dead actor) from the one the actor died executing.
+        self.is_committed = is_committed
         self.worker_config = worker_config
         self.model_ref = model_ref
         # TensorRT: every actor gets all plans' refs and fetches the one for its own GPU.
@@ -217,7 +222,10 @@ class ShardPool:
                 try:
                     result = ray.get(ref, timeout=0)
                 except (RayActorError, OutOfMemoryError, GetTimeoutError) as err:
-                    if not blamed and not isinstance(err, GetTimeoutError):
+                    done = (not blamed and self.is_committed is not None
+                            and not isinstance(err, OutOfMemoryError)
+                            and self.is_committed(shard))
+                    if not blamed and not done and not isinstance(err, GetTimeoutError):
                         blamed = True
                         deaths[shard.id] += 1
                         if deaths[shard.id] >= self.config.max_actor_deaths:
