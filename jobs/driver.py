@@ -192,7 +192,8 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # "local": a new Ray in this process, never a cluster some other `ray start` left running.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def gpu_nodes_for(requested: str) -> list[GpuNode]:

@@ -24,14 +24,14 @@ def restart_ray(**init: Any) -> bool:
     was_running = ray.is_initialized()
     if was_running:
         ray.shutdown()
-    ray.init(**init)
+    ray.init(address="local", **init)
     return was_running
 
 
 def leave_ray(was_running: bool) -> None:
     ray.shutdown()
     if was_running:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def cluster() -> Iterator[tuple[Cluster, Any]]:
         nodes.shutdown()
         if was_running:  # leave a plain local Ray for the session's other tests, as found
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 def test_node_removed_mid_job(cluster: tuple[Cluster, Any], two_input_onnx: Path,
