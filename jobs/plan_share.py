@@ -259,7 +259,8 @@ class PlanWorker(ShardWorker):
         return info
 
     def process(self, shard: Shard) -> ShardResult:
-        self._ensure_plan()
+        with self._lock:  # calls may overlap on a GPU actor; pick and load the plan once
+            self._ensure_plan()
         return super().process(shard)
 
 

@@ -140,9 +140,13 @@ class ShardPool:
         self.model_ref = model_ref
         # TensorRT: every actor gets all plans' refs and fetches the one for its own GPU.
         worker_class = PlanWorker if isinstance(model_ref, PlanRefs) else ShardWorker
+        # A GPU actor runs its queued shards' calls concurrently, so the next shard reads ahead
+        # and fills the device slots while the last batches of the one before are on the GPU
+        # (`SlotPool` turns keep their order); synchronous backends serialize in the worker.
         self._remote = ray.remote(worker_class).options(
             num_gpus=config.num_gpus, num_cpus=config.num_cpus, max_restarts=0,
-            max_task_retries=0)
+            max_task_retries=0,
+            max_concurrency=config.shards_in_flight if config.num_gpus else 1)
         self.actors: list[Any] = []
         self.replaced = 0
 

@@ -141,3 +141,31 @@ def test_s3_model_input_output(ray_cluster: None, s3_bucket: str, tmp_path: Path
     rerun = run_job(spec_for(f"{s3_bucket}/models/m.onnx", f"{s3_bucket}/table/", out,
                              rows_per_shard=200))
     assert (rerun.skipped, rerun.committed) == (4, 0)
+
+
+@pytest.mark.subprocess
+def test_gpu_actors_with_overlapping_calls(two_input_onnx: Path, dataset: Path, tmp_path: Path
+                                           ) -> None:
+    """A cluster that declares GPUs: actors take num_gpus=1 and run queued calls concurrently;
+    a synchronous backend (ONNX Runtime without a CUDA provider here) still runs one shard at a
+    time, and the output is exact."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    script = (
+        "import ray, sys; from jobs.driver import run_job; from tests.test_job import spec_for\n"
+        "ray.init(address='local', num_cpus=2, num_gpus=2, include_dashboard=False)\n"
+        f"r = run_job(spec_for({str(two_input_onnx)!r}, {str(dataset)!r}, {str(out)!r}, "
+        "workers=None, shards_in_flight=3))\n"
+        "sys.exit(r.exit_code)\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(repo)
+    result = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "workers: 2 x onnxruntime" in result.stderr
+    check_exact(two_input_onnx.read_bytes(), read_input(str(dataset)), read_output(str(out)))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sum(w["shards"] for w in manifest["workers"]) == 9

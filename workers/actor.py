@@ -34,6 +34,7 @@ class ShardWorker:
         # Calls may run concurrently (an actor with two shards in flight): the second reads
         # ahead while the first holds the slots (`SlotPool.turn`); this guards the shared state.
         self._lock = threading.Lock()
+        self._serial = threading.Lock()
 
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
@@ -41,8 +42,14 @@ class ShardWorker:
             self.backend.load()
             if self.slots is None and self.backend.uses_slots:
                 self.slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
-        result = process_shard(shard, self.config, self.backend, worker=self.name,
-                               slots=self.slots)
+        if self.slots is None:
+            # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
+            # a time: its session or execution context is not shared between threads.
+            with self._serial:
+                result = process_shard(shard, self.config, self.backend, worker=self.name)
+        else:
+            result = process_shard(shard, self.config, self.backend, worker=self.name,
+                                   slots=self.slots)
         with self._lock:
             self.times.add(result.times)
             self.shards += 1
