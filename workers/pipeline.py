@@ -288,7 +288,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 if clock is not None:
                     spans.append(slot.timer.compute_span(clock))
                 # The views alias the slot's pinned buffers, which its next batch overwrites.
-                outputs = {name: np.array(view) for name, view in views.items()}
+                outputs = {name: np.array(view[:rows]) for name, view in views.items()}
             finally:
                 pool.free.put(slot)
             if pending is not None:
@@ -317,9 +317,16 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                         for name, array in feeds.items():
                             np.copyto(slot.host_inputs[name][rows:rows + n], array)
                         rows += n
+                    if rows < slot.max_rows:
+                        # Pad a short (last) batch to the slot's full size: every batch then has
+                        # one shape, so ONNX Runtime/cuDNN never re-plans for a new batch size
+                        # and a fixed-batch TensorRT profile fits. Rows are independent; the
+                        # padding's outputs are dropped in `collect`.
+                        for host in slot.host_inputs.values():
+                            host[rows:].fill(0)
                     t1 = time.perf_counter()
                     fill += t1 - t0
-                    slot.submit(rows)
+                    slot.submit(slot.max_rows)
                 except BaseException:
                     pool.free.put(slot)
                     raise
