@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rows-small", type=int, default=160_000,
                    help="rows of the small model's dataset")
-    p.add_argument("--rows-cnn", type=int, default=32_000, help="rows of the CNN's dataset")
+    p.add_argument("--rows-cnn", type=int, default=64_000, help="rows of the CNN's dataset")
     p.add_argument("--files", type=int, default=16)
     p.add_argument("--row-group-rows", type=int, default=1024)
     p.add_argument("--image", type=parse_image, default=(3, 32, 32), metavar="C,H,W")
@@ -242,6 +242,8 @@ def run_case(ctx: Context, model: str, mode: str, storage: str, workers: int,
     if profile is not None:
         result.detail["profile"] = profile
     result.detail["monitor_cpu_s"] = round(usage.monitor_cpu_s, 3)
+    if storage == "s3" and mode != "engine":
+        result.detail["s3_server_cpu_s"] = round(usage.excluded_cpu_s, 2)
     result.detail["cpu_by_process"] = usage.cpu_by_title
     try:
         rows = result.rows if mode == "engine" else output_rows(output_url)
@@ -299,16 +301,27 @@ def comparison_table(results: list[Measurement]) -> str:
                     f"{_fmt(_median([m.first_output_s for m in runs]), '.1f'):>9} "
                     f"{_fmt(_median([m.cpu_s_per_1k_rows for m in runs]), '.2f'):>8}")
             job = {m.repeat: m.rows_per_s for m in rows_of["job"]}
+            # The job's rate inside its shards: rows over the busiest worker's time in them,
+            # leaving out actor start, model load and the manifest.
+            in_shards = {m.repeat: m.rows / max(m.detail["worker_busy_s"])
+                         for m in rows_of["job"] if m.detail.get("worker_busy_s")}
             parts = []
-            for other, name in (("engine", "(b)/(a)"), ("raydata", "(b)/(c)")):
+            for mine, other, name in ((job, "engine", "(b)/(a)"), (job, "raydata", "(b)/(c)"),
+                                      (in_shards, "engine", "(b) in shards/(a)")):
                 base = {m.repeat: m.rows_per_s for m in (engine if other == "engine"
                                                          else rows_of[other])}
-                paired = [job[r] / base[r] for r in job if r in base and base[r] > 0]
+                paired = [mine[r] / base[r] for r in mine if r in base and base[r] > 0]
                 if paired:
                     parts.append(f"{name} = {statistics.median(paired):.2f} "
                                  f"[{min(paired):.2f}-{max(paired):.2f}]")
             if parts:
                 ratios.append(f"{model:<6} {storage:<7} " + ", ".join(parts))
+            servers = {mode: _median([m.detail.get("s3_server_cpu_s") for m in rows_of[mode]])
+                       for mode in ("job", "raydata")}
+            if any(v is not None for v in servers.values()):
+                ratios.append(f"{'':<14} S3 server CPU per run: " + ", ".join(
+                    f"{LABELS[mode][:3]} {v:.1f}s" for mode, v in servers.items()
+                    if v is not None))
         lines.append("")
     if ratios:
         lines += ["ratios of rows/s (median of per-repeat ratios [min-max]):", *ratios]
@@ -327,9 +340,11 @@ def stage_table(results: list[Measurement]) -> str:
         shown = {s: statistics.median(v) for s, v in stages.items() if max(v) > 0}
         total = shown.get("total") or 1.0
         outside = _median([m.detail.get("outside_shards_s") for m in runs])
+        server = _median([m.detail.get("s3_server_cpu_s") for m in runs])
         lines.append(f"{key[0]:<6} {key[1]:<7} " + "  ".join(
             f"{s} {v:.1f}s ({100 * v / total:.0f}%)" for s, v in shown.items())
-            + f"; wall outside shards (start, load, manifest) {_fmt(outside, '.1f')}s")
+            + f"; wall outside shards (start, load, manifest) {_fmt(outside, '.1f')}s"
+            + (f"; S3 server CPU {server:.1f}s" if server is not None else ""))
     return "\n".join(lines)
 
 
@@ -440,11 +455,13 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> list[Measuremen
         # (which a bare ray.init() would join).
         ray.init(address="local", num_cpus=args.ray_cpus or most * args.threads + 2,
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         plan = schedule(args)
+        if any(mode == "raydata" for _, mode, _, _ in plan):
+            # Imported only when used: Ray Data needs pandas (pip install 'ray[data]').
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            context.print_on_execution_start = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         results: list[Measurement] = []
         for repeat in range(args.repeats):
             shift = repeat % len(plan)
@@ -480,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{info['memory_gib']} GiB; load average {info['load_average']}")
     results = run(args, log)
     info["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    sizes = [(m, args.rows_small if m == "small" else args.rows_cnn)
+             for m in (["cnn"] if args.scaling else args.models)]
     profiles = "\n".join(f"--- {m.model} {m.storage} {LABELS[m.mode]} x{m.workers} repeat "
                          f"{m.repeat + 1}\n{m.detail['profile']}"
                          for m in results if m.detail.get("profile"))
@@ -494,7 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{info['load_average_after']}\n"
               f"workers {args.workers if not args.scaling else args.scaling}, batch "
               f"{args.batch_size}, {args.threads} ORT thread(s) per worker, {args.repeats} "
-              f"repeats, medians\n\n{body}\n"
+              f"repeats, medians\n"
+              f"data: {', '.join(f'{m} {r:,} rows' for m, r in sizes)} of image "
+              f"{'x'.join(map(str, args.image))} + {args.features} features (float32), "
+              f"{args.files} files, row groups of {args.row_group_rows:,}\n\n{body}\n"
               + (f"\npy-spy profiles (samples of every Ray worker; profiled runs are slower):\n"
                  f"{profiles}\n" if profiles else ""))
     print(report)

@@ -20,13 +20,14 @@ MiB = 2**20
 
 @dataclass
 class Usage:
-    """Peak memory above the idle tree, CPU seconds, and when the first complete output appeared."""
+    """Peak memory the run added to the tree, CPU seconds, when the first complete output appeared."""
 
     peak_bytes: int = 0
     cpu_seconds: float = 0.0
     first_output_s: float | None = None
     samples: int = 0
     monitor_cpu_s: float = 0.0  # what sampling itself cost (in this driver process)
+    excluded_cpu_s: float = 0.0  # CPU of the excluded processes (the storage server)
     cpu_by_title: dict[str, float] = field(default_factory=dict)  # "driver", "ray::X", "raylet"
 
 
@@ -85,8 +86,20 @@ class TreeMonitor:
         self._cpu_start: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self._titles: dict[int, str] = {}
-        self._baseline = 0
+        self._pss_start: dict[int, int] = {}
+        self._excluded_start: dict[int, float] = {}
         self._started = 0.0
+
+    def _excluded_cpu(self) -> dict[int, float]:
+        seconds = {}
+        for pid in self.exclude:
+            try:
+                cpu = _cpu(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+            if cpu is not None:
+                seconds[pid] = cpu
+        return seconds
 
     def _tree(self) -> list[psutil.Process]:
         procs = [self.root]
@@ -105,7 +118,9 @@ class TreeMonitor:
     def _sample_tree(self) -> None:
         total = 0
         for proc in self._tree():
-            total += _pss(proc)
+            # Growth per process: a process that existed before the run (an idle worker left
+            # by an earlier run) and shrinks, or exits, must not offset what this run adds.
+            total += max(0, _pss(proc) - self._pss_start.get(proc.pid, 0))
             cpu = _cpu(proc)
             if cpu is not None:
                 self._cpu_last[proc.pid] = cpu
@@ -113,7 +128,7 @@ class TreeMonitor:
             title = "driver" if proc.pid == self.root.pid else _title(proc)
             if title and (title != "ray::IDLE" or proc.pid not in self._titles):
                 self._titles[proc.pid] = title
-        self.usage.peak_bytes = max(self.usage.peak_bytes, total - self._baseline)
+        self.usage.peak_bytes = max(self.usage.peak_bytes, total)
         self.usage.samples += 1
 
     def _sample(self, final: bool = False) -> None:
@@ -138,13 +153,14 @@ class TreeMonitor:
         self.usage.monitor_cpu_s = time.thread_time() - cpu
 
     def start(self) -> TreeMonitor:
-        """Measure the idle tree (the baseline), then sample on a thread."""
+        """Measure each process of the idle tree (the baselines), then sample on a thread."""
         tree = self._tree()
-        self._baseline = sum(_pss(p) for p in tree)
         for proc in tree:
+            self._pss_start[proc.pid] = _pss(proc)
             cpu = _cpu(proc)
             if cpu is not None:
                 self._cpu_start[proc.pid] = cpu
+        self._excluded_start = self._excluded_cpu()
         self._cpu_last = dict(self._cpu_start)
         self._started = time.perf_counter()
         self._thread.start()
@@ -155,6 +171,8 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join()
         self._sample(final=True)
+        end = self._excluded_cpu()
+        self.usage.excluded_cpu_s = sum(end[p] - self._excluded_start.get(p, 0.0) for p in end)
         by_title: dict[str, float] = {}
         for pid, last in self._cpu_last.items():
             title = self._titles.get(pid, "?")
