@@ -154,17 +154,38 @@ class ShardPool:
         return self._remote.remote(self.worker_config, self.model_ref)
 
     def start(self, count: int) -> dict[str, Any]:
-        """Start `count` actors and load the model in each; a load failure stops the job here."""
+        """Start `count` actors and load the model in each; a load failure stops the job here.
+
+        A worker that dies while loading (its node just went away, say) is replaced, up to
+        `max_actor_deaths` times in a row; a model that fails to load fails the job at once.
+        """
         self.actors = [self._new_actor() for _ in range(count)]
-        try:
-            infos = ray.get([a.load.remote() for a in self.actors])
-        except RayTaskError as exc:
-            self.shutdown()
-            raise BackendError(f"the workers could not load the model: {error_text(exc)}") from exc
-        except RayActorError as exc:
-            self.shutdown()
-            raise BackendError(f"a worker died while loading the model: {exc}") from exc
-        return dict(infos[0])
+        infos: dict[int, Any] = {}
+        pending = list(range(count))
+        last: BaseException | None = None
+        for _ in range(self.config.max_actor_deaths):
+            refs = [self.actors[i].load.remote() for i in pending]
+            died: list[int] = []
+            for index, ref in zip(pending, refs, strict=True):
+                try:
+                    infos[index] = ray.get(ref)
+                except RayTaskError as exc:
+                    self.shutdown()
+                    raise BackendError(f"the workers could not load the model: "
+                                       f"{error_text(exc)}") from exc
+                except RayActorError as exc:
+                    died.append(index)
+                    last = exc
+            if not died:
+                return dict(infos[min(infos)])
+            for index in died:
+                ray.kill(self.actors[index], no_restart=True)
+                self.actors[index] = self._new_actor()
+                self.replaced += 1
+            pending = died
+        self.shutdown()
+        raise BackendError(f"workers kept dying while loading the model "
+                           f"({self.config.max_actor_deaths} times): {last}") from last
 
     def run(self, shards: list[Shard],
             on_result: Callable[[ShardResult | None, ShardFailure | None], None],

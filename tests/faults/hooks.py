@@ -2,7 +2,8 @@
 
 `install` is the workers' `worker_process_setup_hook` (see `fault_runtime_env`). It wraps
 `PartWriter.write`, so after a shard's first row group is written (its part half-done, in a
-temporary file) the worker checks in with the `FaultController` actor, which answers:
+temporary file) the worker checks in with the `FaultController` actor (and `ShardWorker.load`,
+which checks in with the url `LOAD` before the model loads); the controller answers:
 
 - "continue": go on;
 - "block": report (pid, node) to the test and wait to be killed: the test SIGKILLs the process
@@ -26,6 +27,7 @@ from typing import Any
 import ray
 
 CONTROLLER = "faults-controller"
+LOAD = "<loading the model>"  # the `url` a worker reports while it loads the model
 NAMESPACE = "faults"
 
 
@@ -60,6 +62,9 @@ class FaultController:
     async def checkpoint(self, info: dict[str, Any]) -> str:
         action = "continue"
         for rule in self.rules:
+            # Only rules that name LOAD act while a worker loads its model.
+            if (info["url"] == LOAD) != (rule.match == LOAD):
+                continue
             if rule.match in info["url"] and (rule.times is None or rule.times > 0):
                 if rule.times is not None:
                     rule.times -= 1
@@ -88,15 +93,19 @@ _controller: Any = None
 
 
 def _checkpoint(writer: Any) -> None:
+    part = writer.final_path.rsplit("/", 1)[-1]
+    _ask({"part": part, "url": _shard_url.get(part, ""), "tmp": writer.tmp_path})
+
+
+def _ask(info: dict[str, Any]) -> None:
+    """Check in with the controller and do what it says."""
     global _controller
     if _controller is None:
         try:
             _controller = ray.get_actor(CONTROLLER, namespace=NAMESPACE)
         except ValueError:
             return  # no controller: this test injects nothing into workers
-    part = writer.final_path.rsplit("/", 1)[-1]
-    info = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "part": part,
-            "url": _shard_url.get(part, ""), "tmp": writer.tmp_path}
+    info = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), **info}
     action = ray.get(_controller.checkpoint.remote(info))
     if action == "block":
         # Wait to be killed; if the test never does, fail the shard instead of hanging.
@@ -118,17 +127,18 @@ _shard_url: dict[Any, str] = {}
 
 def install() -> None:
     """Wrap PartWriter.write and process_shard in this worker process (the setup hook)."""
+    import workers.actor
     import workers.commit
     import workers.pipeline
 
+    original_load = workers.actor.ShardWorker.load
     original_write = workers.commit.PartWriter.write
     original_process = workers.pipeline.process_shard
-    seen: set[int] = set()
-
     def write(self: Any, table: Any) -> None:
         original_write(self, table)
-        if id(self) not in seen:
-            seen.add(id(self))
+        # Marked on the writer itself: ids of collected writers are reused by new ones.
+        if not getattr(self, "_fault_checked", False):
+            self._fault_checked = True
             _checkpoint(self)
 
     def process_shard(shard: Any, *args: Any, **kwargs: Any) -> Any:
@@ -136,11 +146,14 @@ def install() -> None:
         _shard_url[shard.part_name] = shard.url
         return original_process(shard, *args, **kwargs)
 
+    def load(self: Any) -> Any:
+        _ask({"part": "", "url": LOAD})  # rules matching LOAD act while the model loads
+        return original_load(self)
+
     workers.commit.PartWriter.write = write  # type: ignore[method-assign]
     workers.pipeline.process_shard = process_shard
-    import workers.actor
-
     workers.actor.process_shard = process_shard  # the actor imported the name directly
+    workers.actor.ShardWorker.load = load  # type: ignore[method-assign]
 
 
 def fault_runtime_env(repo: str) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from tests.faults.helpers import (
     read_parts,
     spec_for,
 )
+from tests.faults.hooks import LOAD
+from workers.errors import BackendError
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 
@@ -92,6 +94,8 @@ def test_transient_failures_are_retried_then_bounded(controller: Any, two_input_
                     max_retries=2)
     report = run_job(spec, io.StringIO())
 
+    history = ray.get(controller.get_history.remote())
+    assert len(report.failed) == 1, history
     (failure,) = report.failed
     assert failure["file"].endswith("data-002.parquet")
     assert failure["kind"] == "storage" and failure["attempts"] == 3
@@ -99,8 +103,29 @@ def test_transient_failures_are_retried_then_bounded(controller: Any, two_input_
     record = manifest(str(out))
     first = next(s for s in record["shards"] if s["url"].endswith("data-000.parquet"))
     assert first["status"] == "committed" and first["errors"] == 1
-    history = ray.get(controller.get_history.remote())
     assert sum(h["action"] == "raise" and h["url"].endswith("data-002.parquet")
                for h in history) == 3
     source = read_files([str(dataset / "data-000.parquet"), str(dataset / "data-001.parquet")])
     check_exactly_once(two_input_onnx.read_bytes(), source, read_parts(str(out)))
+
+
+def test_worker_dying_while_loading_is_replaced(controller: Any, two_input_onnx: Path,
+                                                dataset: Path, tmp_path: Path) -> None:
+    """A worker that dies while it loads the model (its node going away, say) is replaced."""
+    out = tmp_path / "out"
+    ray.get(controller.arm.remote("die", match=LOAD, times=1))
+    report = run_job(spec_for(str(two_input_onnx), str(dataset), str(out)), io.StringIO())
+    assert report.exit_code == 0 and report.committed == 9
+    assert manifest(str(out))["actors_replaced"] >= 1
+    check_exactly_once(two_input_onnx.read_bytes(), read_files(sorted(map(str, dataset.iterdir()))),
+                       read_parts(str(out)))
+
+
+def test_workers_that_keep_dying_while_loading_stop_the_job(controller: Any, two_input_onnx: Path,
+                                                            dataset: Path, tmp_path: Path) -> None:
+    ray.get(controller.arm.remote("die", match=LOAD, times=None))
+    spec = spec_for(str(two_input_onnx), str(dataset), str(tmp_path / "out"), max_actor_deaths=2)
+    with pytest.raises(BackendError, match=r"workers kept dying while loading the model \(2 "
+                       r"times\): The actor died unexpectedly"):
+        run_job(spec, io.StringIO())
+    assert not (tmp_path / "out" / "_lock.json").exists()  # the lock was released
