@@ -216,6 +216,24 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None,
     return data
 
 
+@contextlib.contextmanager
+def _local_temp(path: str, data: bytes) -> Iterator[str]:
+    """`data` in a synced temporary file beside `path` (so a rename or link into place is
+    atomic); the temporary name is removed on the way out, whatever happened."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None,
                        policy: RetryPolicy = DEFAULT_RETRY) -> None:
     """Write a small object so that readers see the old or the new bytes, never a mix."""
@@ -223,18 +241,8 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
 
     def write() -> None:
         if is_local(fs):
-            parent = os.path.dirname(path)
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+            with _local_temp(path, data) as tmp:
                 os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         else:
             # One PUT: object stores make it visible whole or not at all.
             fs.pipe_file(path, data)
@@ -256,20 +264,11 @@ def create_exclusive(url: str, data: bytes, storage_options: Mapping[str, Any] |
     fs, path = filesystem(url, storage_options)
 
     def create_local() -> bool:
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _local_temp(path, data) as tmp:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
         return True
 
     def create() -> bool:
