@@ -64,8 +64,8 @@ class DeviceSlot(ABC):
         """Block until the submitted batch is done; its outputs, as pinned host views."""
 
     def stage_seconds(self) -> dict[str, float]:
-        """Seconds of the last batch spent in h2d/compute/d2h, from CUDA events (if measured)."""
-        return {}
+        """Seconds of the last batch spent in h2d/compute/d2h, from the slot's `timer` events."""
+        return {} if self.timer is None else dict(self.timer.stage_seconds())
 
     @abstractmethod
     def close(self) -> None:

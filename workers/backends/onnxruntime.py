@@ -221,9 +221,6 @@ class OrtCudaSlot(DeviceSlot):
         rows, self._rows = self._rows, None
         return {name: host[:rows] for name, host in self.host_outputs.items()}
 
-    def stage_seconds(self) -> dict[str, float]:
-        return dict(self.timer.stage_seconds())
-
     def close(self) -> None:
         """Wait for anything in flight, then free the session and every buffer, stream and event."""
         stream = self._resources[0] if self._resources else None

@@ -379,9 +379,6 @@ class TensorRTSlot(DeviceSlot):
             out[meta.name] = self._host_out[meta.name][: math.prod(shape)].reshape(shape)[:rows]
         return out
 
-    def stage_seconds(self) -> dict[str, float]:
-        return dict(self.timer.stage_seconds())
-
     def close(self) -> None:
         """Wait for the stream, then free the context, buffers, events and stream."""
         if self._closed:
