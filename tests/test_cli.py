@@ -8,11 +8,13 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from tests.faults.helpers import kill_marked, wait_gone
 from tests.models import chain_model, chain_table, two_input_model
 
 pytestmark = pytest.mark.subprocess
@@ -139,7 +141,11 @@ def test_resume_after_the_whole_job_is_killed(tmp_path: Path) -> None:
     args = ["--model", str(model), "--input", str(data), "--output", str(out), "--keep", "uid",
             "--rows-per-shard", "60", "--batch-size", "20", "--workers", "1",
             "--shards-in-flight", "1", "--backend", "onnxruntime", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=REPO, env=cli_env(),
+    # Ray's actor processes leave the driver's process group: a marker in the environment,
+    # unique to this test, finds every process this job started (and nothing else).
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.run", *args], cwd=REPO,
+                            env={**cli_env(), "RESUME_TEST_MARKER": marker},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.monotonic() + 240
@@ -147,7 +153,9 @@ def test_resume_after_the_whole_job_is_killed(tmp_path: Path) -> None:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, all at once
+    kill_marked(marker)  # and its actors, which run in process groups of their own
     proc.wait()
+    assert wait_gone(marker, 60), "the killed job's processes did not exit"
     assert not (out / "_SUCCESS").exists(), "the job finished before it could be killed"
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 3 <= len(before) < 80
