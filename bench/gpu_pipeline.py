@@ -332,7 +332,7 @@ def stage_summary(result: ShardResult) -> dict[str, float]:
     return {"read": t.read, "convert": t.convert, "h2d": t.h2d, "compute": t.compute,
             "d2h": t.d2h, "write": t.write, "host_infer": t.infer, "commit": t.commit,
             "total": t.total, "gpu_busy": t.gpu_busy, "gpu_busy_fraction": t.gpu_busy_fraction,
-            "first_batch": t.first_batch}
+            "first_batch": t.first_batch, "submit": t.submit}
 
 
 def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, dict[str, Shard]],

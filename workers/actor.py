@@ -31,6 +31,8 @@ class ShardWorker:
         # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened on
         # the first shard and reused for every later one.
         self.slots: SlotPool | None = None
+        #: Seconds the slots' warm-up batch took (0 on the CPU path).
+        self.warmup_seconds = 0.0
         # Calls may run concurrently (an actor with two shards in flight): the second reads
         # ahead while the first holds the slots (`SlotPool.turn`); this guards the shared state.
         self._lock = threading.Lock()
@@ -39,9 +41,7 @@ class ShardWorker:
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
         with self._lock:
-            self.backend.load()
-            if self.slots is None and self.backend.uses_slots:
-                self.slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
+            self._load()
         if self.slots is None:
             # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
             # a time: its session or execution context is not shared between threads.
@@ -62,11 +62,29 @@ class ShardWorker:
         return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
                 "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
                 "slots": len(self.slots.slots) if self.slots else 0,
+                "warmup_seconds": round(self.warmup_seconds, 3),
                 "gpu_busy_fraction": round(self.times.gpu_busy_fraction, 4)}
 
-    def load(self) -> dict[str, Any]:
-        """Load the backend; returns the worker's name, backend and I/O tensors."""
+    def _load(self) -> None:
+        """Load the backend and, on a GPU, open the slots and warm them up; idempotent."""
         self.backend.load()
+        if self.slots is None and self.backend.uses_slots:
+            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
+            try:
+                self.warmup_seconds = slots.warm_up()
+            except BaseException:
+                slots.close()
+                raise
+            self.slots = slots
+
+    def load(self) -> dict[str, Any]:
+        """Load the backend (and warm its GPU slots up); the worker's name, backend and tensors.
+
+        The driver calls this on every actor at once before handing out shards, so one-time
+        costs (sessions per slot, algorithm search) are paid in parallel, not by first shards.
+        """
+        with self._lock:
+            self._load()
         return {"worker": self.name, "backend": self.backend.name,
                 "inputs": [m.to_json() for m in self.backend.inputs],
                 "outputs": [m.to_json() for m in self.backend.outputs],

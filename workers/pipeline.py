@@ -150,6 +150,24 @@ class SlotPool:
             self.close()
             raise
 
+    def warm_up(self) -> float:
+        """Run one full batch of zeros through every slot at once; returns the seconds it took.
+
+        The first execution on a slot pays one-time costs (ONNX Runtime's cuDNN algorithm
+        search and arena growth, TensorRT's lazy module loading) that would otherwise stall the
+        first shard's first batches. Every batch the pipeline submits has `max_rows` rows (a
+        short last batch is padded), so this is the only shape a slot ever plans for. Call it
+        before any shard takes the slots.
+        """
+        t0 = time.perf_counter()
+        for slot in self.slots:
+            for host in slot.host_inputs.values():
+                host.fill(0)
+            slot.submit(self.max_rows)
+        for slot in self.slots:
+            slot.wait()
+        return time.perf_counter() - t0
+
     def ticket(self) -> int:
         """A place in the queue for the slots; every ticket must end in `done`."""
         with self._turns:
@@ -332,7 +350,9 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                     raise
                 if not count:
                     times.first_batch = t1 - started
-                times.infer += time.perf_counter() - t1
+                submitted = time.perf_counter() - t1
+                times.submit += submitted
+                times.infer += submitted
                 kept = pieces[0][1] if len(pieces) == 1 else \
                     pa.concat_tables([kept for _, kept in pieces])
                 in_flight.append((slot, kept, rows))

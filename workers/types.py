@@ -134,6 +134,9 @@ class StageTimes:
     #: GPU path: seconds from the shard's start until its first batch was submitted (the time
     #: the GPU waits for the first row group to be read and converted).
     first_batch: float = 0.0
+    #: GPU path: host seconds spent enqueuing batches (copies, the model's kernels, events);
+    #: part of `infer`, which also counts waiting for batches to finish.
+    submit: float = 0.0
 
     def add(self, other: StageTimes) -> None:
         for name, value in asdict(other).items():

@@ -185,6 +185,44 @@ def test_pool_is_reused_across_shards(model: bytes, tmp_path: Path) -> None:
     assert all(slot.closed for slot in backend.opened)
 
 
+def test_worker_load_opens_and_warms_every_slot_before_the_first_shard(
+        model: bytes, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.actor
+
+    backend = ThreadSlotBackend(model)
+    monkeypatch.setattr(workers.actor, "create_backend", lambda *args: backend)
+    worker = workers.actor.ShardWorker(worker_config(tmp_path / "out", slots=3), model)
+    try:
+        worker.load()
+        # Every slot ran one full-size batch (zeros) at load, all three at once.
+        assert [slot.submitted for slot in backend.opened] == [[64], [64], [64]]
+        assert all(slot._future is None for slot in backend.opened), "a warm-up batch left in flight"
+        assert worker.stats()["warmup_seconds"] >= 0
+        worker.load()  # idempotent: no new slots, no second warm-up
+        assert len(backend.opened) == 3 and backend.submits == 3
+        result = worker.process(whole_file_shard(str(data)))
+        assert len(backend.opened) == 3, "the shard opened slots of its own"
+        assert backend.submits == 3 + 8
+        check_part(result.part_url, expected(model, data))
+    finally:
+        worker.close()
+    assert all(slot.closed for slot in backend.opened)
+
+
+def test_worker_load_failure_in_warm_up_closes_the_slots(
+        model: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.actor
+
+    backend = ThreadSlotBackend(model, fail_at=1)
+    monkeypatch.setattr(workers.actor, "create_backend", lambda *args: backend)
+    worker = workers.actor.ShardWorker(worker_config(tmp_path / "out", slots=2), model)
+    with pytest.raises(BackendError, match="injected failure"):
+        worker.load()
+    assert worker.slots is None
+    assert len(backend.opened) == 2 and all(slot.closed for slot in backend.opened)
+    worker.close()
+
+
 def test_slot_failure_commits_nothing_and_leaves_pool_usable(
         model: bytes, data: Path, tmp_path: Path) -> None:
     backend = ThreadSlotBackend(model, fail_at=3)
