@@ -298,10 +298,12 @@ def poison(pool: SlotPool) -> None:
         slot.stream.synchronize()
 
 
-def config_for(out: Path, batch: int, slots: int, readers: int) -> WorkerConfig:
+def config_for(out: Path, batch: int, slots: int, readers: int,
+               concurrent: int = 2) -> WorkerConfig:
     return WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cuda"),
                         output_url=str(out), bindings=(("image", "img"),), keep=("uid",),
-                        batch_size=batch, slots=slots, readers=readers)
+                        batch_size=batch, slots=slots, readers=readers,
+                        concurrent_batches=concurrent)
 
 
 def check_part(result: ShardResult, uid: np.ndarray,
@@ -360,12 +362,14 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
         baseline = max(e["rows_per_s"] for e in engine)
         result["engine_rows_per_s"] = baseline
         pipelines = []
-        for k, layout in itertools.product(args.slots, datasets):
+        # Batches executing at once: every value of --concurrent up to K (more is the same as K).
+        settings = [(k, c) for k in args.slots for c in args.concurrent if c <= k]
+        for (k, concurrent), layout in itertools.product(settings, datasets):
             data, parts = datasets[layout], layout_parts[layout]
-            label = f"{math_mode} {layout}"
-            with SlotPool(backend, k, args.batch) as pool:
+            label = f"{math_mode} {layout} C={concurrent}"
+            with SlotPool(backend, k, args.batch, concurrent) as pool:
                 out = work / f"out-k{k}"
-                config = config_for(out, args.batch, k, args.readers)
+                config = config_for(out, args.batch, k, args.readers, concurrent)
                 process_shard(data["warm"], config, backend, slots=pool)  # warm-up
                 runs: list[dict[str, Any]] = []
                 for r in range(args.single_repeats):
@@ -417,7 +421,8 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
                 shutil.rmtree(out, ignore_errors=True)
             median = statistics.median(r["rows_per_s"] for r in runs)
             stream = statistics.median(r["rows_per_s"] for r in stream_runs)
-            pipelines.append({"layout": layout, "slots": k, "rows_per_s": median,
+            pipelines.append({"layout": layout, "slots": k, "concurrent": concurrent,
+                              "rows_per_s": median,
                               "ratio": median / baseline,
                               "runs": runs, "stream_rows_per_s": stream,
                               "stream_ratio": stream / baseline, "stream_runs": stream_runs,
@@ -438,10 +443,10 @@ def table(results: dict[str, Any]) -> str:
           + ", ".join(f"{r['readers']} thread(s) {r['rows_per_s']:.0f} rows/s" for r in reads)
           for layout, reads in results["read_only"].items()),
         "",
-        "| model | math | layout | K | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
+        "| model | math | layout | K | C | (a) engine only rows/s | (b) pipeline, 1 shard, rows/s | "
         "(c) = (b)/(a) | GPU busy | first batch s | (b') pipeline, shards 2 in flight, rows/s | "
         "(c') = (b')/(a) | GPU busy | rel. error vs CPU | (centered) | all written |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in results["runs"]:
         for p in mode["pipeline"]:
@@ -455,7 +460,8 @@ def table(results: dict[str, Any]) -> str:
                        and all(x["nan_elements"] == 0 and x["uid_in_order"]
                                for r in p["stream_runs"] for x in r["checks"]))
             lines.append(f"| {mode['model']} ({mode['gflops']:.1f} GFLOP) | {mode['math']} | "
-                         f"{p['layout']} | {p['slots']} | {mode['engine_rows_per_s']:.0f} | "
+                         f"{p['layout']} | {p['slots']} | {p.get('concurrent', p['slots'])} | "
+                         f"{mode['engine_rows_per_s']:.0f} | "
                          f"{p['rows_per_s']:.0f} | {p['ratio']:.3f} | {busy:.3f} | {first:.2f} | "
                          f"{p['stream_rows_per_s']:.0f} | {p['stream_ratio']:.3f} | "
                          f"{stream_busy:.3f} | "
@@ -474,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--row-group", type=int, default=400, help="rows per Parquet row group")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--slots", default="1,2,3", help="K values to run")
+    parser.add_argument("--concurrent", default="2",
+                        help="batches executing at once (SlotPool's `concurrent`) to run with "
+                             "each K, comma-separated; values above K are skipped")
     parser.add_argument("--readers", type=int, default=12, help="reading threads per shard")
     parser.add_argument("--repeats", type=int, default=2,
                         help="timed runs of the shards-in-flight measurement (median)")
@@ -493,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     args.slots = [int(k) for k in args.slots.split(",")]
+    args.concurrent = [int(c) for c in args.concurrent.split(",")]
     args.layout = list(dict.fromkeys(x.strip() for x in args.layout.split(",") if x.strip()))
     unknown = [x for x in args.layout if x not in LAYOUTS]
     if unknown or not args.layout:

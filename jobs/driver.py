@@ -291,6 +291,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
             slots=spec.slots, readers=spec.readers,
+            concurrent_batches=spec.concurrent_batches,
             preprocess=job.processing.preprocess if job.processing else (),
             postprocess=job.processing.postprocess if job.processing else (),
             preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)

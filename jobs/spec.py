@@ -67,6 +67,8 @@ class JobSpec:
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
     slots: int = 2
     readers: int = 4
+    #: GPU actors: of the `slots` batches in flight, how many execute at once.
+    concurrent_batches: int = 2
     plan_cache: str | None = None
     progress: bool | None = None
     workspace: int | None = None
@@ -87,7 +89,7 @@ class JobSpec:
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
         for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
-                     "slots", "readers"):
+                     "slots", "readers", "concurrent_batches"):
             _positive(name, getattr(self, name))
         if self.workers is not None:
             _positive("workers", self.workers)
@@ -214,6 +216,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--slots", type=int, metavar="K",
                    help="GPU actors: batches in flight, each with its own CUDA stream and "
                    "buffers (default 2; 3 keeps a GPU busier)")
+    p.add_argument("--concurrent-batches", type=int, metavar="N",
+                   help="GPU actors: of the K batches in flight, how many execute at once "
+                   "(default 2, the rest wait with their inputs copied in; raise it for small "
+                   "models whose batch leaves the GPU idle)")
     p.add_argument("--readers", type=int, metavar="N",
                    help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
                    "when the actor has the cores and large tensor columns)")

@@ -69,7 +69,8 @@ class ShardWorker:
         """Load the backend and, on a GPU, open the slots and warm them up; idempotent."""
         self.backend.load()
         if self.slots is None and self.backend.uses_slots:
-            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size)
+            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size,
+                             self.config.concurrent_batches)
             try:
                 self.warmup_seconds = slots.warm_up()
             except BaseException:

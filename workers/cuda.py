@@ -380,6 +380,12 @@ class SlotTimer(_Resource):
         self._require_open()
         return self._events[3]
 
+    @property
+    def executed(self) -> Event:
+        """Event 2: recorded after the execution, before the copy-out."""
+        self._require_open()
+        return self._events[2]
+
     def mark(self, index: int, stream: Stream | int) -> None:
         """Record event `index` (0 start, 1 copied in, 2 executed, 3 copied out) on `stream`."""
         self._require_open()

@@ -124,12 +124,26 @@ class SlotPool:
     """K device slots for batches of up to `max_rows` rows: opened once, reused for every shard.
 
     Buffers are sized for the largest batch, so a shard's last, shorter batch uses the same ones.
+
+    At most `concurrent` batches execute on the GPU at once: each submitted batch's execution
+    waits on the GPU for the end of the one submitted `concurrent` batches before it, while its
+    copy-in overlaps them. Two batches alternating keep a large model's GPU as busy as it gets
+    (the next one's first kernels fill the last one's tail); letting every slot execute at once
+    slows each batch down and delays the oldest, whose completion the host waits for to refill
+    its slot. Small models whose batch leaves the GPU idle may gain from `concurrent` = K.
     """
 
-    def __init__(self, backend: Backend, count: int, max_rows: int) -> None:
+    def __init__(self, backend: Backend, count: int, max_rows: int, concurrent: int = 2) -> None:
         if count < 1:
             raise ValueError(f"SlotPool needs at least one slot, got {count}")
+        if concurrent < 1:
+            raise ValueError(f"SlotPool needs concurrent >= 1 (batches executing at once), "
+                             f"got {concurrent}")
         self.max_rows = max_rows
+        self.concurrent = concurrent
+        # The slots of the last `concurrent` submissions, oldest first (for `submit`).
+        self._recent: deque[DeviceSlot] = deque(maxlen=concurrent)
+        self._submit_lock = threading.Lock()
         self.slots: list[DeviceSlot] = []
         #: Slots no batch is using; a shard takes one per batch and puts it back once collected.
         self.free: queue.Queue[DeviceSlot] = queue.Queue()
@@ -167,6 +181,13 @@ class SlotPool:
         for slot in self.slots:
             slot.wait()
         return time.perf_counter() - t0
+
+    def submit(self, slot: DeviceSlot, rows: int) -> None:
+        """Submit `rows` of `slot`, its execution after the batch `concurrent` submissions back."""
+        with self._submit_lock:
+            gate = self._recent[0] if len(self._recent) == self.concurrent else None
+            slot.submit(rows, after=None if gate is None or gate is slot else gate.executed)
+            self._recent.append(slot)
 
     def ticket(self) -> int:
         """A place in the queue for the slots; every ticket must end in `done`."""
@@ -344,7 +365,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                             host[rows:].fill(0)
                     t1 = time.perf_counter()
                     fill += t1 - t0
-                    slot.submit(slot.max_rows)
+                    pool.submit(slot, slot.max_rows)
                 except BaseException:
                     pool.free.put(slot)
                     raise
@@ -458,7 +479,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     try:
         if backend.uses_slots:
             pool = slots if slots is not None else SlotPool(backend, config.slots,
-                                                            config.batch_size)
+                                                            config.batch_size,
+                                                            config.concurrent_batches)
             ticket = pool.ticket()
             try:
                 if shard.files:  # image files: one reading thread fetches them concurrently

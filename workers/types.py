@@ -90,10 +90,16 @@ class WorkerConfig:
     preprocess_threads: int = 1
     #: Threads decoding row groups in parallel on the GPU path (the CPU path reads on one).
     readers: int = 4
+    #: GPU path: batches executing at once (`workers.pipeline.SlotPool`); the rest of the
+    #: `slots` wait with their inputs copied in.
+    concurrent_batches: int = 2
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"WorkerConfig.slots must be >= 1 (batches in flight), got {self.slots}")
+        if self.concurrent_batches < 1:
+            raise ValueError(f"WorkerConfig.concurrent_batches must be >= 1, "
+                             f"got {self.concurrent_batches}")
         if self.readers < 1:
             raise ValueError(f"WorkerConfig.readers must be >= 1 (reading threads), "
                              f"got {self.readers}")
@@ -126,7 +132,9 @@ class StageTimes:
     commit: float = 0.0
     total: float = 0.0
     # GPU path only, from CUDA events: summed copy-in, execution and copy-out time of every
-    # batch, and `gpu_busy`, the time at least one batch was executing (overlaps counted once).
+    # batch (a batch's execution counts from its copy-in's end, so it includes waiting for the
+    # batches before it), and `gpu_busy`, the time at least one batch was executing (overlaps
+    # counted once).
     h2d: float = 0.0
     compute: float = 0.0
     d2h: float = 0.0

@@ -1,4 +1,5 @@
-"""The GPU actors' flags: --slots (batches in flight) and --readers (row-group readers)."""
+"""The GPU actors' flags: --slots (batches in flight), --concurrent-batches (executing at once)
+and --readers (row-group readers)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ BASE = ["--model", "m.onnx", "--input", "in/", "--output", "out/"]
 
 def test_defaults_and_flags() -> None:
     spec = spec_from_args(BASE)
-    assert (spec.slots, spec.readers) == (2, 4)
-    spec = spec_from_args([*BASE, "--slots", "3", "--readers", "12"])
-    assert (spec.slots, spec.readers) == (3, 12)
+    assert (spec.slots, spec.concurrent_batches, spec.readers) == (2, 2, 4)
+    spec = spec_from_args([*BASE, "--slots", "3", "--concurrent-batches", "1", "--readers", "12"])
+    assert (spec.slots, spec.concurrent_batches, spec.readers) == (3, 1, 12)
 
 
-@pytest.mark.parametrize("flag", ["slots", "readers"])
+@pytest.mark.parametrize("flag", ["slots", "readers", "concurrent-batches"])
 def test_zero_is_refused(flag: str) -> None:
-    with pytest.raises(SpecError, match=f"{flag} must be an integer >= 1, got 0"):
+    name = flag.replace("-", "_")
+    with pytest.raises(SpecError, match=f"{name} must be an integer >= 1, got 0"):
         spec_from_args([*BASE, f"--{flag}", "0"])

@@ -191,7 +191,8 @@ def test_ort_cuda_slot_matches_cpu(model: bytes, rows: int) -> None:
 
 @pytest.mark.gpu
 @needs_ort_cuda
-def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path) -> None:
+@pytest.mark.parametrize("concurrent", [1, 2, 3])
+def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent: int) -> None:
     import pyarrow.parquet as pq
 
     from tests.workers.test_pipeline import whole_file_shard, worker_config
@@ -203,7 +204,7 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path) -> None:
         want = pq.read_table(process_shard(shard, worker_config(tmp_path / "cpu"), cpu).part_url)
     config = worker_config(tmp_path / "gpu", slots=3)
     with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as gpu, \
-            SlotPool(gpu, 3, config.batch_size) as pool:
+            SlotPool(gpu, 3, config.batch_size, concurrent=concurrent) as pool:
         result = process_shard(shard, config, gpu, slots=pool)
     got = pq.read_table(result.part_url)
     assert got.column("uid").equals(want.column("uid"))

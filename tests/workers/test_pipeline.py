@@ -58,7 +58,7 @@ class ThreadSlot(DeviceSlot):
         except BaseException as exc:
             future.set_exception(exc)
 
-    def submit(self, rows: int) -> None:
+    def submit(self, rows: int, after: object = None) -> None:
         assert self._future is None, "submit before the previous batch was collected"
         assert 0 < rows <= self.max_rows
         if self.backend.fail_at is not None and self.backend.submits == self.backend.fail_at:
@@ -278,6 +278,62 @@ def test_cpu_onnxruntime_has_no_slots(model: bytes) -> None:
     with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as backend, \
             pytest.raises(BackendError, match="runs on the CPU here, so it has no device slots"):
         backend.open_slot(8)
+
+
+class GateSlot(DeviceSlot):
+    """Records, per submission, the slot whose execution it was told to wait for."""
+
+    def __init__(self, name: str, log: list[tuple[str, str | None]]) -> None:
+        self.name = name
+        self.max_rows = 4
+        self.host_inputs = {}
+        self.log = log
+
+    @property
+    def executed(self) -> str:
+        return self.name  # stands for the slot's "executed" event
+
+    def submit(self, rows: int, after: object = None) -> None:
+        self.log.append((self.name, None if after is None else str(after)))
+
+    def wait(self) -> Batch:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class GateBackend(ThreadSlotBackend):
+    def __init__(self, model: bytes) -> None:
+        super().__init__(model)
+        self.log: list[tuple[str, str | None]] = []
+        self.gates: list[GateSlot] = []
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        self.gates.append(GateSlot(f"s{len(self.gates)}", self.log))
+        return self.gates[-1]
+
+
+@pytest.mark.parametrize(("concurrent", "gates"), [
+    # Submissions s0 s1 s2 s0 s1 s2 s0: each waits for the execution `concurrent` submissions
+    # back; a slot never waits for itself (its own stream already orders it).
+    (1, [None, "s0", "s1", "s2", "s0", "s1", "s2"]),
+    (2, [None, None, "s0", "s1", "s2", "s0", "s1"]),
+    (3, [None, None, None, None, None, None, None]),
+])
+def test_pool_bounds_batches_executing_at_once(
+        model: bytes, concurrent: int, gates: list[str | None]) -> None:
+    backend = GateBackend(model)
+    with backend, SlotPool(backend, 3, 4, concurrent=concurrent) as pool:
+        for i in range(7):
+            pool.submit(backend.gates[i % 3], 4)
+    assert [slot for slot, _ in backend.log] == ["s0", "s1", "s2"] * 2 + ["s0"]
+    assert [after for _, after in backend.log] == gates
+
+
+def test_pool_refuses_zero_concurrent(model: bytes) -> None:
+    with pytest.raises(ValueError, match="concurrent >= 1"):
+        SlotPool(ThreadSlotBackend(model), 2, 4, concurrent=0)
 
 
 def test_busy_seconds_counts_overlaps_once() -> None:

@@ -46,7 +46,9 @@ class DeviceSlot(ABC):
     The GPU pipeline keeps K slots busy: it fills `host_inputs[name][:rows]` on the host,
     calls `submit(rows)` (async H2D, execute, D2H, event; returns at once) and later `wait()`,
     which returns the outputs as views `[:rows]` of pinned host buffers, valid until the slot's
-    next `submit`. Buffers are sized once for `max_rows`.
+    next `submit`. Buffers are sized once for `max_rows`. `submit(rows, after=event)` makes the
+    execution (not the copy-in) wait on the GPU for `event`, another slot's `executed`: that is
+    how `SlotPool` bounds how many batches execute at once.
     """
 
     max_rows: int
@@ -56,8 +58,16 @@ class DeviceSlot(ABC):
     timer: Any = None
 
     @abstractmethod
-    def submit(self, rows: int) -> None:
-        """Enqueue copy-in, execution and copy-out of the first `rows` rows on the slot's stream."""
+    def submit(self, rows: int, after: Any = None) -> None:
+        """Enqueue copy-in, execution and copy-out of the first `rows` rows on the slot's stream.
+
+        `after`: a `workers.cuda.Event` the execution waits for (None: no wait).
+        """
+
+    @property
+    def executed(self) -> Any:
+        """The event recorded when this slot's last execution ended (None: the slot has none)."""
+        return None if self.timer is None else self.timer.executed
 
     @abstractmethod
     def wait(self) -> Batch:

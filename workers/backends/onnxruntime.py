@@ -194,7 +194,7 @@ class OrtCudaSlot(DeviceSlot):
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on a batch of {rows} rows: {exc}") from exc
 
-    def submit(self, rows: int) -> None:
+    def submit(self, rows: int, after: Any = None) -> None:
         from workers import cuda
 
         if not 0 < rows <= self.max_rows:
@@ -207,6 +207,8 @@ class OrtCudaSlot(DeviceSlot):
         for _, host, pinned, device in self._inputs:
             cuda.copy_htod_async(device.ptr, pinned.ptr, rows * host[0].nbytes, stream)
         self.timer.mark(1, stream)
+        if after is not None:
+            self.stream.wait_event(after)
         self.execute(rows)
         self.timer.mark(2, stream)
         for _, host, pinned, device in self._outputs:

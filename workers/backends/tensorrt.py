@@ -332,8 +332,11 @@ class TensorRTSlot(DeviceSlot):
         view: np.ndarray = pinned.view(meta.dtype, shape)
         return view
 
-    def submit(self, rows: int) -> None:
-        """Enqueue copy-in, `execute_async_v3` and copy-out of `rows` rows on the slot's stream."""
+    def submit(self, rows: int, after: Any = None) -> None:
+        """Enqueue copy-in, `execute_async_v3` and copy-out of `rows` rows on the slot's stream.
+
+        `after`: an event the execution waits for (copies in still overlap it).
+        """
         context = self._context
         if self._closed or context is None:
             raise BackendError("this TensorRT slot is closed")
@@ -354,6 +357,8 @@ class TensorRTSlot(DeviceSlot):
             cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
                                  exec_rows * math.prod(row) * meta.dtype.itemsize, stream)
         self.timer.mark(1, stream)
+        if after is not None:
+            self.stream.wait_event(after)
         if not context.execute_async_v3(stream):
             raise BackendError(f"TensorRT failed to enqueue a batch of {rows} rows: "
                                f"{self._logger.last_errors()}")
