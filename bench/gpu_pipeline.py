@@ -359,6 +359,13 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
             log(f"[{math_mode}] engine only, {e['streams']} stream(s): "
                 f"{e['rows_per_s']:.0f} rows/s (runs {[round(r) for r in e['runs']]})")
         result["engine"] = engine
+        if args.engine_sustained_iters:
+            # Two streams again, for about as long as a shards-in-flight run: the GPU's clocks
+            # under sustained load, against the short runs' (a). Reported, not the baseline.
+            sustained = engine_only(backend, args.batch, args.engine_sustained_iters, 2, 1)
+            result["engine_sustained"] = sustained
+            log(f"[{math_mode}] engine only, sustained ({args.engine_sustained_iters} batches): "
+                f"{sustained['rows_per_s']:.0f} rows/s")
         baseline = max(e["rows_per_s"] for e in engine)
         result["engine_rows_per_s"] = baseline
         pipelines = []
@@ -368,6 +375,7 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
             data, parts = datasets[layout], layout_parts[layout]
             label = f"{math_mode} {layout} C={concurrent}"
             with SlotPool(backend, k, args.batch, concurrent) as pool:
+                log(f"[{label}] K={k}: slots warmed up in {pool.warm_up():.2f} s")
                 out = work / f"out-k{k}"
                 config = config_for(out, args.batch, k, args.readers, concurrent)
                 process_shard(data["warm"], config, backend, slots=pool)  # warm-up
@@ -491,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3,
                         help="times the 4 shards go through the actor in the shards-in-flight run")
     parser.add_argument("--engine-iters", type=int, default=24)
+    parser.add_argument("--engine-sustained-iters", type=int, default=0,
+                        help="also time the engine alone over this many batches (as long as a "
+                             "pipeline run), to see the GPU's sustained rate; 0: skip")
     parser.add_argument("--check-rows", type=int, default=300,
                         help="rows of the correctness shard (one partial last batch)")
     parser.add_argument("--runs", default="resnet50:tf32,resnet50:fp32",

@@ -165,20 +165,21 @@ class SlotPool:
             raise
 
     def warm_up(self) -> float:
-        """Run one full batch of zeros through every slot at once; returns the seconds it took.
+        """Run one full batch of zeros through each slot in turn; returns the seconds it took.
 
         The first execution on a slot pays one-time costs (ONNX Runtime's cuDNN algorithm
         search and arena growth, TensorRT's lazy module loading) that would otherwise stall the
         first shard's first batches. Every batch the pipeline submits has `max_rows` rows (a
-        short last batch is padded), so this is the only shape a slot ever plans for. Call it
-        before any shard takes the slots.
+        short last batch is padded), so this is the only shape a slot ever plans for. One slot
+        at a time: the algorithm search times its candidates on the GPU, and slots searching at
+        once would time them against each other's kernels. Call it before any shard takes the
+        slots.
         """
         t0 = time.perf_counter()
         for slot in self.slots:
             for host in slot.host_inputs.values():
                 host.fill(0)
             slot.submit(self.max_rows)
-        for slot in self.slots:
             slot.wait()
         return time.perf_counter() - t0
 

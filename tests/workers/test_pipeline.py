@@ -194,7 +194,7 @@ def test_worker_load_opens_and_warms_every_slot_before_the_first_shard(
     worker = workers.actor.ShardWorker(worker_config(tmp_path / "out", slots=3), model)
     try:
         worker.load()
-        # Every slot ran one full-size batch (zeros) at load, all three at once.
+        # Every slot ran one full-size batch (zeros) at load, one slot after another.
         assert [slot.submitted for slot in backend.opened] == [[64], [64], [64]]
         assert all(slot._future is None for slot in backend.opened), "a warm-up batch left in flight"
         assert worker.stats()["warmup_seconds"] >= 0
