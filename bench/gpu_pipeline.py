@@ -15,8 +15,9 @@ strict FP32) it reports:
 - (a) engine only: the same ONNX Runtime CUDA sessions, inputs already on the device, batches
   back to back (one stream, and two streams alternating; the faster is the baseline);
 - (b) the actor pipeline (`workers.pipeline.process_shard`) from Parquet to a committed Parquet
-  part, for each layout, with K = 1, 2, 3 slots in flight, after a warm-up shard through the same slots: one
-  shard alone, and (b') the same rows as 4 shards, `--passes` times over, two shards in flight
+  part, for each layout, with K = 1, 2, 3 slots in flight and each C of `--concurrent` (batches
+  executing at once, C <= K), after the slots' warm-up and a warm-up shard: one shard alone,
+  and (b') the same rows as 4 shards, `--passes` times over, two shards in flight
   at once (as an actor with two calls in flight runs them: the next shard reads ahead and takes
   the slots as the last one's batches finish);
 - (c) = (b)/(a), and the per-stage seconds and GPU busy fraction of every (b) run;

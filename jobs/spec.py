@@ -65,7 +65,7 @@ class JobSpec:
     cpus_per_worker: int = 1
     shards_in_flight: int = 2
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
-    slots: int = 2
+    slots: int = 3
     readers: int = 4
     #: GPU actors: of the `slots` batches in flight, how many execute at once.
     concurrent_batches: int = 2
@@ -215,7 +215,7 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="shards queued per actor (default 2)")
     p.add_argument("--slots", type=int, metavar="K",
                    help="GPU actors: batches in flight, each with its own CUDA stream and "
-                   "buffers (default 2; 3 keeps a GPU busier)")
+                   "buffers (default 3: two executing, one being filled)")
     p.add_argument("--concurrent-batches", type=int, metavar="N",
                    help="GPU actors: of the K batches in flight, how many execute at once "
                    "(default 2, the rest wait with their inputs copied in; raise it for small "

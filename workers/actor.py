@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from typing import Any
 
 from workers.backends import create_backend
@@ -37,11 +38,28 @@ class ShardWorker:
         # ahead while the first holds the slots (`SlotPool.turn`); this guards the shared state.
         self._lock = threading.Lock()
         self._serial = threading.Lock()
+        # Wall time with at least one call running (overlapping calls counted once): the
+        # denominator of the worker's GPU busy fraction.
+        self.working_seconds = 0.0
+        self._active = 0
+        self._active_since = 0.0
 
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
         with self._lock:
             self._load()
+            if not self._active:
+                self._active_since = time.perf_counter()
+            self._active += 1
+        try:
+            return self._process(shard)
+        finally:
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    self.working_seconds += time.perf_counter() - self._active_since
+
+    def _process(self, shard: Shard) -> ShardResult:
         if self.slots is None:
             # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
             # a time: its session or execution context is not shared between threads.
@@ -63,7 +81,11 @@ class ShardWorker:
                 "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
                 "slots": len(self.slots.slots) if self.slots else 0,
                 "warmup_seconds": round(self.warmup_seconds, 3),
-                "gpu_busy_fraction": round(self.times.gpu_busy_fraction, 4)}
+                "working_seconds": round(self.working_seconds, 3),
+                # Summed shard seconds double count while two shards run at once; the
+                # worker's own working time does not.
+                "gpu_busy_fraction": round(min(1.0, self.times.gpu_busy / self.working_seconds), 4)
+                if self.working_seconds > 0 else 0.0}
 
     def _load(self) -> None:
         """Load the backend and, on a GPU, open the slots and warm them up; idempotent."""

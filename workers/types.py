@@ -81,7 +81,7 @@ class WorkerConfig:
     storage_options: tuple[tuple[str, Any], ...] = ()
     prefetch: int = 2
     #: Batches in flight on the GPU (each with its own stream and buffers); GPU backends only.
-    slots: int = 2
+    slots: int = 3
     #: Resolved preprocessors feeding every model input; empty: `bindings` as tensor columns.
     preprocess: tuple[PrepSpec, ...] = ()
     #: Resolved postprocessors making the output columns; empty: every output as is (`raw`).

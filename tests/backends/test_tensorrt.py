@@ -119,11 +119,13 @@ def test_slots_keep_batches_in_flight(fp32_plan: BuildResult, model_bytes: bytes
         slots = [backend.open_slot(32) for _ in range(2)]
         try:
             results = []
-            # Two in flight, then reuse the first slot for the partial third batch.
+            # Two in flight (the second's execution waiting for the first's, as SlotPool
+            # orders them), then reuse the first slot for the partial third batch.
             for slot, data in zip(slots, batches[:2], strict=True):
                 for name, array in data.items():
                     np.copyto(slot.host_inputs[name][: len(array)], array)
-                slot.submit(len(data["image"]))
+                slot.submit(len(data["image"]),
+                            after=None if slot is slots[0] else slots[0].executed)
             for slot in slots:
                 results.append({k: v.copy() for k, v in slot.wait().items()})
             third = batches[2]

@@ -44,7 +44,8 @@ def test_the_table_is_complete() -> None:
     for flag in ("--batch-size", "--rows-per-shard", "--workers", "--shards-in-flight",
                  "--cpus-per-worker", "--max-retries", "--max-failed-shards",
                  "--max-actor-deaths", "--lock-timeout", "--backend", "--precision", "--column",
-                 "--keep", "--storage-options", "--model", "--input", "--output", "--config"):
+                 "--keep", "--storage-options", "--model", "--input", "--output", "--config",
+                 "--slots", "--concurrent-batches", "--readers"):
         assert flag in options, f"{flag} has no row in the bad-spec table"
     assert len(ROWS) >= 30
 

@@ -204,6 +204,9 @@ def test_worker_load_opens_and_warms_every_slot_before_the_first_shard(
         assert len(backend.opened) == 3, "the shard opened slots of its own"
         assert backend.submits == 3 + 8
         check_part(result.part_url, expected(model, data))
+        stats = worker.stats()
+        assert stats["working_seconds"] > 0 and stats["shards"] == 1
+        assert stats["working_seconds"] <= result.times.total + 0.5
     finally:
         worker.close()
     assert all(slot.closed for slot in backend.opened)

@@ -260,7 +260,8 @@ class TensorRTSlot(DeviceSlot):
     """One batch in flight: an execution context, a stream, timing events, pinned and device buffers.
 
     The slot owns every resource it creates and frees them in `close()`, after its stream's
-    work is done. Execution contexts are independent, so K slots run K batches concurrently.
+    work is done. Execution contexts are independent, so K slots can hold K batches at once (the
+    pool decides how many execute at once, through `submit`'s `after` event).
     """
 
     def __init__(self, backend: TensorRTBackend, max_rows: int) -> None:
