@@ -29,8 +29,8 @@ class ShardWorker:
         self.shards = 0
         self.rows = 0
         self.batches = 0
-        # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened on
-        # the first shard and reused for every later one.
+        # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened and
+        # warmed up by `load()` (or the first shard, if load was not called), reused for all.
         self.slots: SlotPool | None = None
         #: Seconds the slots' warm-up batch took (0 on the CPU path).
         self.warmup_seconds = 0.0
