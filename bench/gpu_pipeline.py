@@ -399,6 +399,7 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
                 for r in range(args.repeats):
                     shutil.rmtree(out, ignore_errors=True)
                     poison(pool)
+                    busy0 = pool.busy.seconds
                     t0 = time.perf_counter()
                     with ThreadPoolExecutor(2, thread_name_prefix="call") as calls:
                         futures = [calls.submit(process_shard, shard, config, backend,
@@ -412,7 +413,8 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
                     checks = [check_part(res, np.arange(shard.rows) + offset)
                               for res, shard, offset in zip(results[-len(parts):], parts,
                                                             offsets, strict=True)]
-                    busy = sum(res.times.gpu_busy for res in results) / wall
+                    # The union of every batch's execution (the pool's, across shards).
+                    busy = (pool.busy.seconds - busy0) / wall
                     stream_runs.append({"rows_per_s": rows / wall, "gpu_busy_fraction": busy,
                                         "first_batch": [res.times.first_batch for res in results],
                                         "checks": checks})

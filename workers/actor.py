@@ -77,14 +77,16 @@ class ShardWorker:
 
     def stats(self) -> dict[str, Any]:
         """Totals over the shards this worker committed."""
+        busy = self.slots.busy.seconds if self.slots is not None else 0.0
         return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
                 "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
                 "slots": len(self.slots.slots) if self.slots else 0,
                 "warmup_seconds": round(self.warmup_seconds, 3),
                 "working_seconds": round(self.working_seconds, 3),
-                # Summed shard seconds double count while two shards run at once; the
-                # worker's own working time does not.
-                "gpu_busy_fraction": round(min(1.0, self.times.gpu_busy / self.working_seconds), 4)
+                # The union of every batch's execution over the worker's working time: summed
+                # per-shard figures would count twice while two shards' batches overlap.
+                "gpu_busy_seconds": round(busy, 3),
+                "gpu_busy_fraction": round(busy / self.working_seconds, 4)
                 if self.working_seconds > 0 else 0.0}
 
     def _load(self) -> None:

@@ -160,6 +160,10 @@ class SlotPool:
                 self.slots.append(backend.open_slot(max_rows))
                 self.free.put(self.slots[-1])
             self.timed = all(slot.timer is not None for slot in self.slots)
+            #: Origin of every batch's execution span (None: untimed slots), and the union of
+            #: the spans of every shard: the time the GPU had at least one batch executing.
+            self.clock = self._new_clock()
+            self.busy = BusyTime()
         except BaseException:
             self.close()
             raise
@@ -217,8 +221,8 @@ class SlotPool:
                 self._serving += 1
             self._turns.notify_all()
 
-    def new_clock(self) -> Any:
-        """A timing event recorded now, the origin of a shard's execution spans (None untimed)."""
+    def _new_clock(self) -> Any:
+        """A timing event recorded now, the origin of execution spans (None untimed)."""
         if not self.timed:
             return None
         from workers import cuda
@@ -240,6 +244,9 @@ class SlotPool:
         if self._read_pool is not None:
             self._read_pool.close()
             self._read_pool = None
+        clock, self.clock = getattr(self, "clock", None), None
+        if clock is not None:
+            clock.close()
         while self.slots:
             try:
                 self.slots.pop().close()
@@ -269,6 +276,51 @@ def busy_seconds(spans: list[tuple[float, float]]) -> float:
         total += end - max(start, reach)
         reach = end
     return total
+
+
+class BusyTime:
+    """The union length of `[start, end)` spans added over a long run, in bounded memory.
+
+    Spans arrive about in time order (batches are collected within seconds of each other), so
+    merged intervals that ended `horizon` seconds before the latest start are folded into a
+    total and forgotten.
+    """
+
+    def __init__(self, horizon: float = 60.0, keep: int = 256) -> None:
+        self.horizon = horizon
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._settled = 0.0
+        self._open: list[tuple[float, float]] = []
+        self._latest = float("-inf")
+
+    def add(self, start: float, end: float) -> None:
+        with self._lock:
+            self._open.append((start, end))
+            self._latest = max(self._latest, start)
+            if len(self._open) > self.keep:
+                self._settle()
+
+    def _settle(self) -> None:
+        merged: list[tuple[float, float]] = []
+        for start, end in sorted(self._open):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        cutoff = self._latest - self.horizon
+        self._settled += sum(end - start for start, end in merged if end < cutoff)
+        self._open = [span for span in merged if span[1] >= cutoff]
+
+    @property
+    def seconds(self) -> float:
+        with self._lock:
+            return self._settled + busy_seconds(self._open)
+
+    @property
+    def pending(self) -> int:
+        """Spans held unmerged (for tests: memory stays bounded)."""
+        return len(self._open)
 
 
 Batches = Callable[[], Iterator[tuple[Batch, pa.Table]]]
@@ -311,7 +363,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
     spans: list[tuple[float, float]] = []
     count = 0
     fill = 0.0
-    clock = pool.new_clock()
+    clock = pool.clock
 
     with ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
         pending: Future[None] | None = None
@@ -326,7 +378,9 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 for stage, seconds in slot.stage_seconds().items():
                     setattr(times, stage, getattr(times, stage) + seconds)
                 if clock is not None:
-                    spans.append(slot.timer.compute_span(clock))
+                    span = slot.timer.compute_span(clock)
+                    spans.append(span)
+                    pool.busy.add(*span)
                 # The views alias the slot's pinned buffers, which its next batch overwrites.
                 outputs = {name: np.array(view[:rows]) for name, view in views.items()}
             finally:
@@ -395,8 +449,6 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 with contextlib.suppress(Exception):
                     slot.wait()
                 pool.free.put(slot)
-            if clock is not None:
-                clock.close()
     times.gpu_busy += busy_seconds(spans)
     return count
 

@@ -206,6 +206,7 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent:
     with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as gpu, \
             SlotPool(gpu, 3, config.batch_size, concurrent=concurrent) as pool:
         result = process_shard(shard, config, gpu, slots=pool)
+        pool_busy = pool.busy.seconds
     got = pq.read_table(result.part_url)
     assert got.column("uid").equals(want.column("uid"))
     a = np.stack(got.column("logits").combine_chunks().to_numpy_ndarray())
@@ -213,3 +214,4 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent:
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-3
     assert result.times.compute > 0 and result.times.h2d > 0
     assert 0 < result.times.gpu_busy <= result.times.total
+    assert pool_busy == pytest.approx(result.times.gpu_busy)  # one shard: the same union

@@ -21,7 +21,7 @@ from tests.models import two_input_model, write_dataset
 from workers.backends.base import BackendConfig, Batch, DeviceSlot
 from workers.backends.onnxruntime import OnnxRuntimeBackend
 from workers.errors import BackendError, DataError
-from workers.pipeline import SlotPool, busy_seconds, process_shard
+from workers.pipeline import BusyTime, SlotPool, busy_seconds, process_shard
 from workers.storage import file_version, filesystem
 from workers.types import Shard, StageTimes, WorkerConfig
 
@@ -344,6 +344,23 @@ def test_busy_seconds_counts_overlaps_once() -> None:
     assert busy_seconds([(0.0, 1.0), (2.0, 3.0)]) == pytest.approx(2.0)
     assert busy_seconds([(0.0, 2.0), (1.0, 3.0), (1.5, 2.5)]) == pytest.approx(3.0)
     assert busy_seconds([(4.0, 5.0), (0.0, 1.0), (0.5, 0.7)]) == pytest.approx(2.0)
+
+
+def test_busy_time_is_the_union_of_spans_in_bounded_memory() -> None:
+    rng = np.random.default_rng(5)
+    busy = BusyTime(horizon=5.0, keep=16)
+    spans = []
+    # 2000 batches of 0.1 s from two shards at once: overlapping, slightly out of order, with
+    # idle gaps now and then.
+    t = 0.0
+    for i in range(2000):
+        t += 0.1 if i % 50 else 0.7
+        span = (t - 0.1 - rng.uniform(0, 0.03), t + rng.uniform(0, 0.03))
+        spans.append(span)
+    for i in range(len(spans)):
+        busy.add(*spans[i ^ 1])  # neighbours swapped: collected out of order
+    assert busy.seconds == pytest.approx(busy_seconds(spans), rel=1e-9)
+    assert busy.pending <= 16 + 5.0 / 0.1 + 2, "old spans were not folded into the total"
 
 
 def test_stage_times_busy_fraction() -> None:
