@@ -293,13 +293,17 @@ class BusyTime:
         self._settled = 0.0
         self._open: list[tuple[float, float]] = []
         self._latest = float("-inf")
+        # Settle again once the list doubles: amortized O(log n) per span even when many spans
+        # stay within the horizon (small batches with gaps between them).
+        self._limit = keep
 
     def add(self, start: float, end: float) -> None:
         with self._lock:
             self._open.append((start, end))
             self._latest = max(self._latest, start)
-            if len(self._open) > self.keep:
+            if len(self._open) > self._limit:
                 self._settle()
+                self._limit = max(self.keep, 2 * len(self._open))
 
     def _settle(self) -> None:
         merged: list[tuple[float, float]] = []
