@@ -400,6 +400,8 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
                     shutil.rmtree(out, ignore_errors=True)
                     poison(pool)
                     busy0 = pool.busy.seconds
+                    if r == 0 and args.trace:
+                        pool.trace = []
                     t0 = time.perf_counter()
                     with ThreadPoolExecutor(2, thread_name_prefix="call") as calls:
                         futures = [calls.submit(process_shard, shard, config, backend,
@@ -415,6 +417,12 @@ def run_mode(model_name: str, math_mode: str, model: bytes, datasets: dict[str, 
                                                             offsets, strict=True)]
                     # The union of every batch's execution (the pool's, across shards).
                     busy = (pool.busy.seconds - busy0) / wall
+                    if pool.trace is not None:
+                        # Per batch: shard ticket, host submit and collect seconds, GPU start
+                        # and end seconds (host and GPU clocks start about together).
+                        result.setdefault("traces", []).append(
+                            {"label": label, "slots": k, "batches": pool.trace})
+                        pool.trace = None
                     stream_runs.append({"rows_per_s": rows / wall, "gpu_busy_fraction": busy,
                                         "first_batch": [res.times.first_batch for res in results],
                                         "checks": checks})
@@ -513,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default=",".join(LAYOUTS),
                         help="image column layouts to write and measure, comma-separated: "
                              "tensor (fixed-shape tensor), binary (each row's raw bytes)")
+    parser.add_argument("--trace", action="store_true",
+                        help="record every batch of the first shards-in-flight run (host submit "
+                             "and collect times, GPU execution span) into the JSON")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     args.slots = [int(k) for k in args.slots.split(",")]

@@ -164,6 +164,11 @@ class SlotPool:
             #: the spans of every shard: the time the GPU had at least one batch executing.
             self.clock = self._new_clock()
             self.busy = BusyTime()
+            #: Set to a list to record every batch: (ticket, host seconds at submit and at
+            #: collect, GPU execution start and end), host times from `clock_host`, GPU times
+            #: from `clock`. For benchmarks; None (off) by default.
+            self.trace: list[tuple[int, float, float, float, float]] | None = None
+            self.clock_host = time.perf_counter()
         except BaseException:
             self.close()
             raise
@@ -354,7 +359,7 @@ def _run_sync(backend: Backend, batches: Batches,
 
 def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes,
-               started: float, submitted_all: Callable[[], None]) -> int:
+               started: float, submitted_all: Callable[[], None], ticket: int = -1) -> int:
     """The GPU path: keep every slot of `pool` busy; collect batches in submission order.
 
     `batches` comes from a producer thread (reading and converting); this thread only copies
@@ -363,7 +368,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
     `submitted_all` (ending its turn), and the next shard fills each slot this one collects
     while its last batches still run, so the GPU does not drain between shards.
     """
-    in_flight: deque[tuple[DeviceSlot, pa.Table, int]] = deque()
+    in_flight: deque[tuple[DeviceSlot, pa.Table, int, float]] = deque()
     spans: list[tuple[float, float]] = []
     count = 0
     fill = 0.0
@@ -374,7 +379,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
 
         def collect() -> None:
             nonlocal pending
-            slot, kept, rows = in_flight.popleft()
+            slot, kept, rows, submitted_at = in_flight.popleft()
             try:
                 t0 = time.perf_counter()
                 views = slot.wait()
@@ -385,6 +390,9 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                     span = slot.timer.compute_span(clock)
                     spans.append(span)
                     pool.busy.add(*span)
+                    if pool.trace is not None:
+                        pool.trace.append((ticket, submitted_at - pool.clock_host,
+                                           time.perf_counter() - pool.clock_host, *span))
                 # The views alias the slot's pinned buffers, which its next batch overwrites.
                 outputs = {name: np.array(view[:rows]) for name, view in views.items()}
             finally:
@@ -435,7 +443,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 times.infer += submitted
                 kept = pieces[0][1] if len(pieces) == 1 else \
                     pa.concat_tables([kept for _, kept in pieces])
-                in_flight.append((slot, kept, rows))
+                in_flight.append((slot, kept, rows, t1))
                 count += 1
             submitted_all()
             while in_flight:
@@ -544,7 +552,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                     with pool.turn(ticket), Prefetcher(batches, config.prefetch) as ahead:
                         count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
                                            write_outputs, times, time.perf_counter(),
-                                           lambda: pool.done(ticket))
+                                           lambda: pool.done(ticket), ticket)
                 else:
                     # Reading starts now, on the threads the shard holding the slots leaves
                     # idle, so this shard's batches are ready when its turn comes.
@@ -555,7 +563,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                             Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
                         count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),
                                            write_outputs, times, time.perf_counter(),
-                                           lambda: pool.done(ticket))
+                                           lambda: pool.done(ticket), ticket)
             finally:
                 pool.done(ticket)
                 if slots is None:

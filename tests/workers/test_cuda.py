@@ -205,8 +205,10 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent:
     config = worker_config(tmp_path / "gpu", slots=3)
     with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as gpu, \
             SlotPool(gpu, 3, config.batch_size, concurrent=concurrent) as pool:
+        pool.trace = []
         result = process_shard(shard, config, gpu, slots=pool)
         pool_busy = pool.busy.seconds
+        trace = pool.trace
     got = pq.read_table(result.part_url)
     assert got.column("uid").equals(want.column("uid"))
     a = np.stack(got.column("logits").combine_chunks().to_numpy_ndarray())
@@ -215,3 +217,11 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent:
     assert result.times.compute > 0 and result.times.h2d > 0
     assert 0 < result.times.gpu_busy <= result.times.total
     assert pool_busy == pytest.approx(result.times.gpu_busy)  # one shard: the same union
+    assert len(trace) == result.batches
+    submits = [t[1] for t in trace]
+    assert submits == sorted(submits)
+    assert all(collected >= submitted and end >= start
+               for _, submitted, collected, start, end in trace)
+    if concurrent == 1:  # executions one after another: they end in submission order
+        ends = [t[4] for t in trace]
+        assert ends == sorted(ends)
