@@ -144,6 +144,8 @@ class SlotPool:
         # The slots of the last `concurrent` submissions, oldest first (for `submit`).
         self._recent: deque[DeviceSlot] = deque(maxlen=concurrent)
         self._submit_lock = threading.Lock()
+        #: Batches submitted through `submit` and not yet `release`d, over every shard.
+        self.in_flight = 0
         self.slots: list[DeviceSlot] = []
         #: Slots no batch is using; a shard takes one per batch and puts it back once collected.
         self.free: queue.Queue[DeviceSlot] = queue.Queue()
@@ -198,6 +200,14 @@ class SlotPool:
             gate = self._recent[0] if len(self._recent) == self.concurrent else None
             slot.submit(rows, after=None if gate is None or gate is slot else gate.executed)
             self._recent.append(slot)
+            self.in_flight += 1
+
+    def release(self, slot: DeviceSlot) -> None:
+        """Give back a slot whose submitted batch was collected."""
+        # Put first: a shard that sees the count drop must find the slot (see `_run_slots`).
+        self.free.put(slot)
+        with self._submit_lock:
+            self.in_flight -= 1
 
     def ticket(self) -> int:
         """A place in the queue for the slots; every ticket must end in `done`."""
@@ -396,7 +406,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 # The views alias the slot's pinned buffers, which its next batch overwrites.
                 outputs = {name: np.array(view[:rows]) for name, view in views.items()}
             finally:
-                pool.free.put(slot)
+                pool.release(slot)
             if pending is not None:
                 pending.result()
             pending = behind.submit(write_outputs, kept, outputs, rows)
@@ -407,10 +417,13 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                     return pool.free.get_nowait()
                 except queue.Empty:
                     pass
-                if not in_flight:
-                    # Every slot holds the previous shard's last batches; it frees them in order.
+                if not in_flight or pool.in_flight > len(in_flight):
+                    # The previous shard's last batches, submitted before any of ours, hold the
+                    # other slots: the first of them to finish frees one, sooner than our own
+                    # oldest would (waiting on ours left the GPU idle at each shard boundary).
                     return pool.free.get()
-                collect()
+                if pool.free.empty():
+                    collect()
 
         try:
             for pieces in batches:
@@ -460,7 +473,7 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 # The failure already propagating is the one to report.
                 with contextlib.suppress(Exception):
                     slot.wait()
-                pool.free.put(slot)
+                pool.release(slot)
     times.gpu_busy += busy_seconds(spans)
     return count
 

@@ -9,7 +9,9 @@ last batch are exercised with real numbers, without a GPU.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -224,6 +226,67 @@ def test_worker_load_failure_in_warm_up_closes_the_slots(
     assert worker.slots is None
     assert len(backend.opened) == 2 and all(slot.closed for slot in backend.opened)
     worker.close()
+
+
+class HeldSlot(ThreadSlot):
+    """A ThreadSlot whose n-th submission (over the backend) runs once `gates[n]` is set."""
+
+    backend: HoldBackend
+
+    def submit(self, rows: int, after: object = None) -> None:
+        self.number = self.backend.submits
+        super().submit(rows, after)
+
+    def _run(self, rows: int, future: Future[int]) -> None:
+        self.backend.gates[self.number].wait(10)
+        super()._run(rows, future)
+
+
+class HoldBackend(ThreadSlotBackend):
+    def __init__(self, model: bytes) -> None:
+        super().__init__(model)
+        self.gates = [threading.Event() for _ in range(64)]
+
+    def open_slot(self, max_rows: int) -> DeviceSlot:
+        slot = HeldSlot(self, max_rows)
+        self.opened.append(slot)
+        return slot
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_next_shard_takes_a_slot_the_previous_shard_frees_before_its_own_first_finishes(
+        model: bytes, data: Path, tmp_path: Path) -> None:
+    backend = HoldBackend(model)
+    with backend, SlotPool(backend, 2, 64) as pool:
+        # The previous shard's last batch (submission 0) holds one slot.
+        previous = pool.free.get()
+        pool.submit(previous, 64)
+        with ThreadPoolExecutor(1) as call:
+            future = call.submit(process_shard, whole_file_shard(str(data)),
+                                 worker_config(tmp_path / "out", slots=2), backend, slots=pool)
+            # This shard's first batch (submission 1) takes the other slot and is held.
+            assert wait_until(lambda: backend.submits == 2)
+            # The previous shard's batch finishes and is collected: its slot must go to this
+            # shard's second batch now, not after this shard's own first batch finishes.
+            backend.gates[0].set()
+            previous.wait()
+            pool.release(previous)
+            assert wait_until(lambda: backend.submits == 3, 5), \
+                "the shard waited on its own first batch instead of taking the freed slot"
+            assert not backend.gates[1].is_set()
+            for gate in backend.gates:
+                gate.set()
+            result = future.result(timeout=30)
+    check_part(result.part_url, expected(model, data))
+    assert pool.in_flight == 0
 
 
 def test_slot_failure_commits_nothing_and_leaves_pool_usable(
