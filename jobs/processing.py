@@ -35,7 +35,6 @@ from workers.postprocess import (
     POST_KINDS,
     ArgmaxPost,
     EmbeddingPost,
-    FunctionPost,
     PostSpec,
     RawPost,
     SigmoidPost,
@@ -284,52 +283,44 @@ def _build(cls: type[Any], item: Mapping[str, Any], where: str, rename: Mapping[
             data[f.name] = (value,)
     try:
         return cls(**data)
-    except SpecError as exc:
+    except (SpecError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}") from exc
-    except TypeError as exc:
-        raise SpecError(f"{where}: {exc}") from exc
+
+
+def _parse_items(value: Any, section: str, kinds: Mapping[str, type[Any]],
+                 rename: Mapping[str, str], source: str) -> tuple[Any, ...]:
+    """Config items (or specs already built) of `section` -> specs of `kinds`.
+
+    An item whose kind is `module.path:function` is a user function (the `function` kind);
+    `rename` maps setting names to field names for the built-in kinds.
+    """
+    if isinstance(value, tuple) and all(isinstance(v, tuple(kinds.values())) for v in value):
+        return value
+    specs: list[Any] = []
+    for i, item in enumerate(_items(value, section, source)):
+        kind = _kind(item)
+        where = f"{section}[{i}] ({item.get('kind')}) in {source}"
+        if kind == "function":
+            data = dict(item)
+            data.setdefault("function", str(item["kind"]))
+            specs.append(_build(kinds["function"], data, where, {}))
+        elif kind in kinds:
+            specs.append(_build(kinds[kind], item, where, rename))
+        else:
+            raise SpecError(f"{where}: unknown kind {item.get('kind')!r}; kinds are "
+                            f"{', '.join(k for k in kinds if k != 'function')} or "
+                            "module.path:function")
+    return tuple(specs)
 
 
 def parse_preprocess(value: Any, source: str = "settings") -> tuple[PrepSpec, ...]:
     """Config items (or specs) -> preprocessor specs."""
-    if isinstance(value, tuple) and all(isinstance(v, tuple(PREP_KINDS.values())) for v in value):
-        return value
-    specs: list[PrepSpec] = []
-    for i, item in enumerate(_items(value, "preprocess", source)):
-        kind = _kind(item)
-        where = f"preprocess[{i}] ({item.get('kind')}) in {source}"
-        if kind == "function":
-            data = dict(item)
-            data.setdefault("function", str(item["kind"]))
-            specs.append(_build(FunctionPrep, data, where, {}))
-        elif kind in PREP_KINDS:
-            specs.append(_build(PREP_KINDS[kind], item, where, {}))
-        else:
-            raise SpecError(f"{where}: unknown kind {item.get('kind')!r}; kinds are "
-                            f"{', '.join(k for k in PREP_KINDS if k != 'function')} or "
-                            "module.path:function")
-    return tuple(specs)
+    return _parse_items(value, "preprocess", PREP_KINDS, {}, source)
 
 
 def parse_postprocess(value: Any, source: str = "settings") -> tuple[PostSpec, ...]:
     """Config items (or specs) -> postprocessor specs."""
-    if isinstance(value, tuple) and all(isinstance(v, tuple(POST_KINDS.values())) for v in value):
-        return value
-    specs: list[PostSpec] = []
-    for i, item in enumerate(_items(value, "postprocess", source)):
-        kind = _kind(item)
-        where = f"postprocess[{i}] ({item.get('kind')}) in {source}"
-        if kind == "function":
-            data = dict(item)
-            data.setdefault("function", str(item["kind"]))
-            specs.append(_build(FunctionPost, data, where, {}))
-        elif kind in POST_KINDS:
-            specs.append(_build(POST_KINDS[kind], item, where, {"top_k": "k"}))
-        else:
-            raise SpecError(f"{where}: unknown kind {item.get('kind')!r}; kinds are "
-                            f"{', '.join(k for k in POST_KINDS if k != 'function')} or "
-                            "module.path:function")
-    return tuple(specs)
+    return _parse_items(value, "postprocess", POST_KINDS, {"top_k": "k"}, source)
 
 
 # --- resolution against the model and the input ------------------------------------------------
