@@ -475,3 +475,54 @@ def test_pool_turns_follow_tickets_and_skip_forfeited_ones(model: bytes) -> None
         pool.done(third)  # idempotent
         assert order == [0, 2]
         assert pool.ticket() == 3
+
+
+class _Done:
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def synchronize(self) -> None:
+        self.waits += 1
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.done = _Done()
+
+
+class ProtocolSlot(DeviceSlot):
+    """A timed slot that only keeps the submit/wait protocol of `DeviceSlot`'s helpers."""
+
+    def __init__(self) -> None:
+        self.max_rows = 8
+        self.host_inputs = {}
+        self.timer = _Timer()
+
+    def submit(self, rows: int, after: object = None) -> None:
+        self._check_submit(rows)
+        self._rows = rows
+
+    def wait(self) -> Batch:
+        return {"rows": np.arange(self._wait_rows())}
+
+    def close(self) -> None:
+        pass
+
+
+def test_device_slot_protocol_messages() -> None:
+    slot = ProtocolSlot()
+    with pytest.raises(BackendError, match="wait\\(\\) on a slot with no batch submitted; "
+                                           "call submit\\(\\) first"):
+        slot.wait()
+    for rows in (0, 9):
+        with pytest.raises(BackendError, match=f"a batch of {rows} rows does not fit a device "
+                                               "slot of 8 rows; keep batches within the batch "
+                                               "size"):
+            slot.submit(rows)
+    slot.submit(5)
+    with pytest.raises(BackendError, match="submit\\(\\) on a slot whose batch was not "
+                                           "collected; call wait\\(\\) first"):
+        slot.submit(3)
+    assert len(slot.wait()["rows"]) == 5 and slot.timer.done.waits == 1
+    slot.submit(8)  # collected: the slot takes the next batch
+    assert len(slot.wait()["rows"]) == 8

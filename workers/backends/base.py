@@ -56,6 +56,8 @@ class DeviceSlot(ABC):
     #: Optional `workers.cuda.SlotTimer` whose events mark the last batch's stages; the
     #: pipeline reads it for the GPU busy fraction. None: the slot does not time itself.
     timer: Any = None
+    #: Rows of the batch submitted and not yet collected (None: no batch in flight).
+    _rows: int | None = None
 
     @abstractmethod
     def submit(self, rows: int, after: Any = None) -> None:
@@ -63,6 +65,23 @@ class DeviceSlot(ABC):
 
         `after`: a `workers.cuda.Event` the execution waits for (None: no wait).
         """
+
+    def _check_submit(self, rows: int) -> None:
+        """Refuse a batch that does not fit, or a submit before the last batch was collected."""
+        if not 0 < rows <= self.max_rows:
+            raise BackendError(f"a batch of {rows} rows does not fit a device slot of "
+                               f"{self.max_rows} rows; keep batches within the batch size")
+        if self._rows is not None:
+            raise BackendError("submit() on a slot whose batch was not collected; call wait() first")
+
+    def _wait_rows(self) -> int:
+        """Block on `timer.done` until the submitted batch (`_rows` rows) is done; its rows."""
+        rows = self._rows
+        if rows is None:
+            raise BackendError("wait() on a slot with no batch submitted; call submit() first")
+        self.timer.done.synchronize()
+        self._rows = None
+        return rows
 
     @property
     def executed(self) -> Any:

@@ -132,7 +132,7 @@ class OrtCudaSlot(DeviceSlot):
         self.max_rows = max_rows
         self._device_id = backend.config.device_id
         self._resources: list[Any] = []
-        self._rows: int | None = None
+        self._rows = None
         self._bound_rows: int | None = None
         try:
             cuda.set_device(self._device_id)
@@ -197,11 +197,7 @@ class OrtCudaSlot(DeviceSlot):
     def submit(self, rows: int, after: Any = None) -> None:
         from workers import cuda
 
-        if not 0 < rows <= self.max_rows:
-            raise BackendError(f"a batch of {rows} rows does not fit a device slot of "
-                               f"{self.max_rows} rows; keep batches within the batch size")
-        if self._rows is not None:
-            raise BackendError("submit() on a slot whose batch was not collected; call wait() first")
+        self._check_submit(rows)
         stream = self.stream.handle
         self.timer.mark(0, stream)
         for _, host, pinned, device in self._inputs:
@@ -217,10 +213,7 @@ class OrtCudaSlot(DeviceSlot):
         self._rows = rows
 
     def wait(self) -> Batch:
-        if self._rows is None:
-            raise BackendError("wait() on a slot with no batch submitted; call submit() first")
-        self.timer.done.synchronize()
-        rows, self._rows = self._rows, None
+        rows = self._wait_rows()
         return {name: host[:rows] for name, host in self.host_outputs.items()}
 
     def close(self) -> None:

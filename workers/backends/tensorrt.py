@@ -277,7 +277,7 @@ class TensorRTSlot(DeviceSlot):
         self._outputs = backend.outputs
         self._resources: list[Any] = []
         self._context: trt.IExecutionContext | None = None
-        self._rows: int | None = None
+        self._rows = None
         self._closed = False
         self.host_inputs = {}
         self._host_out: dict[str, np.ndarray] = {}
@@ -341,11 +341,7 @@ class TensorRTSlot(DeviceSlot):
         context = self._context
         if self._closed or context is None:
             raise BackendError("this TensorRT slot is closed")
-        if not 0 < rows <= self.max_rows:
-            raise BackendError(f"a batch of {rows} rows does not fit a device slot of "
-                               f"{self.max_rows} rows; keep batches within the batch size")
-        if self._rows is not None:
-            raise BackendError("submit() on a slot whose batch was not collected; call wait() first")
+        self._check_submit(rows)
         cuda = self._cuda
         stream = self.stream.handle
         exec_rows = self._exec_rows if self._fixed else rows
@@ -375,10 +371,7 @@ class TensorRTSlot(DeviceSlot):
 
     def wait(self) -> Batch:
         """Block until the batch is done; outputs are pinned views, valid until the next submit."""
-        if self._rows is None:
-            raise BackendError("wait() on a slot with no batch submitted; call submit() first")
-        self.timer.done.synchronize()
-        rows, self._rows = self._rows, None
+        rows = self._wait_rows()
         out = {}
         for meta in self._outputs:
             shape = self._out_shapes[meta.name]
