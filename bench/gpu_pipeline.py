@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.runlog import RunLog
 from workers import cuda
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend, OrtCudaSlot, import_onnxruntime
@@ -532,16 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in args.layout if x not in LAYOUTS]
     if unknown or not args.layout:
         parser.error(f"--layout takes {', '.join(LAYOUTS)} (comma-separated), got {unknown}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_pipeline{('_' + args.tag) if args.tag else ''}"
-    log_file = open(out / f"{stem}.log", "w")  # noqa: SIM115 - open for the whole run
-
-    def log(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(Path(args.out), "gpu_pipeline", args.tag)
 
     ort = import_onnxruntime()
     if hasattr(ort, "preload_dlls"):
@@ -619,12 +611,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"rows in {time.perf_counter() - t0:.1f} s")
         results["runs"].append(run_mode(model_name, math_mode, model, datasets, layout_parts,
                                         references[model_name], check_uid, args, work, log))
-        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        log.path(".json").write_text(json.dumps(results, indent=1))
     text = table(results)
-    (out / f"{stem}.md").write_text(text + "\n")
+    log.path(".md").write_text(text + "\n")
     log("\n" + text)
     shutil.rmtree(work, ignore_errors=True)
-    log_file.close()
+    log.close()
     ok = all(p["correctness"]["rel_error"] <= 1e-3 and p["correctness"]["nan_elements"] == 0
              for mode in results["runs"] for p in mode["pipeline"])
     return 0 if ok else 1

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.gpu_pipeline import IMAGE, LAYOUTS, MODELS, engine_only, model_flops, resnet, write_images
+from bench.runlog import RunLog
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend
 from workers.convert import column_to_tensor
@@ -307,16 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     image = CPU_IMAGE if args.cpu else IMAGE
     blocks = CPU_BLOCKS if args.cpu else MODELS[args.model]
     width = 8 if args.cpu else 64
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu_scaling{('_' + args.tag) if args.tag else ''}"
-    log_file = open(out / f"{stem}.log", "w")  # noqa: SIM115 - open for the whole run
-
-    def log(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
+    log = RunLog(Path(args.out), "gpu_scaling", args.tag)
 
     import ray
 
@@ -381,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{read['rows_per_s']:.0f} rows/s")
             job_out = work / f"out-{n}"
             run = run_scaled_job(n, model_path, work / "input", job_out, args, sys.stdout,
-                                 log_file)
+                                 log.file)
             run["read_alone"] = read
             results["runs"].append(run)
             log(f"N={n}: job {run['rows']} rows in {run['seconds']:.1f} s, "
@@ -390,9 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"(load {run['load_seconds'] or 0:.1f} s), GPU busy "
                 f"{[round(b, 3) for b in run['gpu_busy_fractions']]}, exit {run['exit_code']}")
             shutil.rmtree(job_out, ignore_errors=True)
-            (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+            log.path(".json").write_text(json.dumps(results, indent=1, default=str))
         text = table(results)
-        (out / f"{stem}.md").write_text(text + "\n")
+        log.path(".md").write_text(text + "\n")
         log("\n" + text)
         shutil.rmtree(work, ignore_errors=True)
         ok = all(r["exit_code"] == 0 and r["rows"] == results["rows"] for r in results["runs"])
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if started_ray:
             ray.shutdown()
-        log_file.close()
+        log.close()
 
 
 if __name__ == "__main__":
