@@ -46,14 +46,27 @@ class LostLockError(OutputConflictError):
     """Another job took this job's lock on OUTPUT, or it could not be refreshed for too long."""
 
 
-def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+def _proc_stat(pid: int) -> list[str]:
+    """Fields 3 and on of `/proc/PID/stat` (Linux); empty when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             # The command name (field 2) may hold spaces; fields after its ')' are fixed.
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _proc_exited(pid: int) -> bool:
+    """True when the process is gone, or has exited and waits as a zombie (state Z or X) for a
+    parent that may never reap it (PID 1 of a container that does not)."""
+    fields = _proc_stat(pid)
+    return not fields or fields[0] in ("Z", "X")
 
 
 def _pid_namespace() -> str:
@@ -111,7 +124,7 @@ class LockInfo:
         if self.host != socket.gethostname() or not self.pid_namespace \
                 or self.pid_namespace != _pid_namespace():
             return False
-        if not os.path.exists(f"/proc/{self.pid}"):
+        if _proc_exited(self.pid):
             return True
         return bool(self.pid_start) and _proc_start(self.pid) != self.pid_start
 

@@ -125,6 +125,29 @@ def test_lock_of_an_exited_process_is_taken_over_at_once(tmp_path: Path) -> None
     lock.release()
 
 
+def test_lock_of_a_zombie_process_is_taken_over_at_once(tmp_path: Path) -> None:
+    """A killed driver that nobody reaps (PID 1 of a container that does not) keeps its /proc
+    entry as a zombie: it is dead all the same."""
+    import os
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        # Wait for it to exit without reaping it: it stays a zombie until child.wait().
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        assert os.path.exists(f"/proc/{child.pid}")
+        me = LockInfo.mine(60, "", Clock())
+        start = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        foreign_lock(tmp_path / "out", host=me.host, pid=child.pid, heartbeat=Clock()(),
+                     pid_namespace=me.pid_namespace, pid_start=start)
+        lock = OutputLock(str(tmp_path / "out"), timeout=60, clock=Clock())
+        lock.acquire()
+        assert lock.took_over is not None
+        assert lock.took_over[1] == f"its process {child.pid} on this host has exited"
+        lock.release()
+    finally:
+        child.wait()
+
+
 def test_fresh_lock_of_another_host_is_kept_unless_takeover(tmp_path: Path) -> None:
     clock = Clock()
     foreign_lock(tmp_path / "out", heartbeat=clock.now - 5)
