@@ -22,6 +22,9 @@ from jobs.spec import JobSpec
 from workers.errors import MissingDependencyError, RunnerError
 
 SEED = 0
+#: The demo's own folder: the examples (`python -m examples.NAME demo-data/NAME`) have theirs,
+#: so none writes into another's input.
+DEFAULT_WORKDIR = "demo-data/demo"
 
 
 def train_digits_model(path: str) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -89,7 +92,8 @@ def write_digits(directory: str, images: np.ndarray, labels: np.ndarray, split: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="demo-data", help="where the model, data and output go")
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help=f"where the model, data and output go (default {DEFAULT_WORKDIR})")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)

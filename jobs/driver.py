@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import sys
 import time
@@ -21,8 +20,10 @@ from jobs.output import (
     SUCCESS_FILE,
     OutputDir,
     diff_inputs,
+    fingerprint,
     inputs_record,
 )
+from jobs.paths import resolve_paths
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.processing import Processing, check_preprocess_schema, resolve_processing
@@ -36,6 +37,7 @@ from jobs.shards import (
     list_image_files,
     list_input,
     read_footers,
+    select_files,
 )
 from jobs.spec import JobSpec
 from jobs.validate import check_keep, resolve_bindings, schema_problem
@@ -45,6 +47,9 @@ from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
 from workers.types import Shard, ShardResult, WorkerConfig
+
+#: Failures the summary prints one per line; the manifest lists every one.
+SUMMARY_FAILURES = 10
 
 
 @dataclass
@@ -77,7 +82,8 @@ class PreparedJob:
     bindings: tuple[tuple[str, str], ...]
     #: Resolved pre- and postprocessing (None: the bindings as tensors, raw outputs).
     processing: Processing | None = None
-    #: Files of the input that are not images, when the input is an image directory (skipped).
+    #: Files of the input the job does not read: not of `--file-extensions` (Parquet), or not
+    #: images (an image directory).
     skipped_files: tuple[str, ...] = ()
 
     @property
@@ -101,8 +107,7 @@ class PreparedJob:
         }
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
-        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return {"fingerprint": fingerprint, "model": self.spec.model, **key}
+        return {"fingerprint": fingerprint(key), "model": self.spec.model, **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
@@ -120,6 +125,7 @@ def prepare(spec: JobSpec) -> PreparedJob:
     if spec.input_format == "images" or (spec.input_format == "auto"
                                          and is_image_listing(listing)):
         return _prepare_images(spec, model_bytes, model, fs, listing)
+    listing, others = select_files(fs, spec.input, listing, spec.file_extensions)
     footers = read_footers(fs, listing)
     files = [f for f in footers if isinstance(f, InputFile)]
     bad = [f for f in footers if isinstance(f, BadFile)]
@@ -140,7 +146,7 @@ def prepare(spec: JobSpec) -> PreparedJob:
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
                        bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
-                       bindings=bindings, processing=processing)
+                       bindings=bindings, processing=processing, skipped_files=tuple(others))
 
 
 def _reference_processing(spec: JobSpec, model: ModelInfo, files: list[InputFile]) -> Processing:
@@ -230,8 +236,10 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     """Run a job to the end; raises RunnerError only for problems found before work starts."""
     stream = stream or sys.stderr
     started, started_at = time.monotonic(), _now()
+    spec = resolve_paths(spec)  # one spelling of every path, for the identity and the manifest
     job = prepare(spec)
     out = OutputDir(spec.output, spec.storage)
+    out.require_directory()
     lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
                       job=job.identity["fingerprint"])
     lock.acquire(takeover=spec.takeover)  # one job at a time writes OUTPUT
@@ -262,17 +270,20 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     # so OUTPUT never holds parts of two versions of a file.
     record = inputs_record(job.identity["fingerprint"],
                            [(f.url, f.size, f.version) for f in job.files], job.shards)
-    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed)
+    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed,
+                          earlier=out.earlier_fingerprints)
     out.remove([p["part"] for p in changes.stale])
+    # Parts named by an earlier version, or before a file added ahead of theirs moved their
+    # file's position, take their input-order names (kept, not recomputed).
+    renamed = out.align_parts(job.shards)
     committed = {sid: name for sid, name in committed.items() if sid in current}
     out.write_json(INPUTS_FILE, record)
     if changes:
         print(f"input changed since the last run: {changes.summary()}", file=stream, flush=True)
-    print(f"job: {job.file_count} file(s), {sum(s.rows for s in job.shards):,} rows in "
-          f"{len(job.shards)} shard(s); {len(skipped)} already committed (skipped), "
-          f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else "")
-          + (f"; {len(job.skipped_files)} non-image file(s) ignored" if job.skipped_files else ""),
-          file=stream, flush=True)
+    if renamed:
+        print(f"output: renamed {len(renamed)} committed part(s) to their input-order names",
+              file=stream, flush=True)
+    print(job_line(job, len(skipped), len(todo)), file=stream, flush=True)
     try:  # failed rows of shards committed by an earlier run are carried into this manifest
         previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
                     if isinstance(e, dict)}
@@ -344,12 +355,13 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                 "actor_deaths": f.actor_deaths}
                for f in failures.values()]
     seconds = time.monotonic() - started
+    gpu = bool(worker_info.get("slots"))  # the CPU path measures no copies or GPU time
     shard_rows = []
     for s in job.shards:
         entry: dict[str, Any] = {**s.to_json(), "part": s.part_name}
         if s.id in results:
             r = results[s.id]
-            entry.update(status="committed", worker=r.worker, seconds=vars(r.times),
+            entry.update(status="committed", worker=r.worker, seconds=r.times.to_json(gpu),
                          bytes=r.part_bytes)
             if outcome and (outcome.errors.get(s.id) or outcome.deaths.get(s.id)):
                 # Committed in the end, after retries: say so, the part is still exactly once.
@@ -367,7 +379,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             entry.update(status="failed", part=None,
                          reason=failures[s.id].reason if s.id in failures else "not run")
         shard_rows.append(entry)
-    done_rows = sum(s.rows for s in job.shards if s.id in results or s.id in committed)
+    # Rows written: a done shard's rows less those preprocessing left out (on_error: skip).
+    done_rows = sum(s.rows - int(e.get("rows_failed", 0)) for s, e in zip(job.shards, shard_rows,
+                                                                          strict=True)
+                    if e["status"] != "failed")
     manifest = {
         "job": job.identity, "spec": spec.to_json(), "backend": backend, "plans": plans,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
@@ -378,7 +393,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         # Rows of done shards that preprocessing failed (on_error: skip): not in the parts.
         "rows_failed": sum(int(e.get("rows_failed", 0)) for e in shard_rows),
         "shards_skipped": len(skipped), "shards_failed": len(failures),
-        "failures": failed, "stale_parts_removed": changes.stale,
+        "failures": failed, "files_skipped": list(job.skipped_files),
+        "stale_parts_removed": changes.stale,
+        "parts_renamed": [{"from": a, "to": b} for a, b in renamed],
         "input_changes": changes.to_json(), "lock": lock.to_json(),
         "workers": outcome.worker_stats if outcome else [],
         "actors_replaced": outcome.actors_replaced if outcome else 0,
@@ -398,15 +415,36 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     return report
 
 
+def job_line(job: PreparedJob, skipped: int, todo: int) -> str:
+    """What the job is about to do: files, rows, shards, and the files it will not read."""
+    line = (f"job: {job.file_count} file(s), {sum(s.rows for s in job.shards):,} rows in "
+            f"{len(job.shards)} shard(s); {skipped} already committed (skipped), {todo} to run")
+    if job.bad_files:
+        line += f"; {len(job.bad_files)} unreadable file(s)"
+    if job.skipped_files:
+        kinds = ("images" if any(s.files for s in job.shards)
+                 else " or ".join(f".{e}" for e in job.spec.file_extensions))
+        line += f"; {len(job.skipped_files)} other file(s) skipped (not {kinds})"
+    return line
+
+
 def summary(report: JobReport) -> str:
+    """The job's last lines: rows written, shards (and unreadable files) counted apart, and at
+    most `SUMMARY_FAILURES` failures, the rest left to the manifest."""
+    files = sum(1 for f in report.failed if f.get("kind") == "bad_file")
     lines = [f"done: {report.rows:,} rows in {report.seconds:.1f}s; shards: {report.committed} "
-             f"committed, {report.skipped} skipped (already committed), {len(report.failed)} "
-             f"failed; backend {report.backend}; output {report.output}"]
+             f"committed, {report.skipped} skipped (already committed), "
+             f"{len(report.failed) - files} failed"
+             + (f"; files: {files:,} unreadable" if files else "")
+             + f"; backend {report.backend}; output {report.output}"]
     if report.manifest.get("rows_failed"):
         lines.append(f"rows left out: {report.manifest['rows_failed']:,} row(s) failed "
                      "preprocessing; _manifest.json lists them under row_failures")
-    for f in report.failed:
+    for f in report.failed[:SUMMARY_FAILURES]:
         where = f"{f['file']}" + (f" row groups {f['row_groups'][0]}-{f['row_groups'][1] - 1}"
                                   if f.get("row_groups") else "")
         lines.append(f"failed: {where}: {f['reason']}")
+    if len(report.failed) > SUMMARY_FAILURES:
+        lines.append(f"... and {len(report.failed) - SUMMARY_FAILURES:,} more, see "
+                     f"{report.output.rstrip('/')}/{MANIFEST_FILE}")
     return "\n".join(lines)

@@ -7,14 +7,17 @@ before any new part is written, so OUTPUT never holds parts of two versions of a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 
+from jobs.paths import canonical_url
 from workers.commit import TMP_DIR
 from workers.errors import OutputConflictError, StorageError
 from workers.storage import filesystem, retrying, write_bytes_atomic
@@ -24,7 +27,50 @@ JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 INPUTS_FILE = "_inputs.json"
-PART_RE = re.compile(r"^part-([0-9a-f]{24})\.parquet$")
+#: `part-<position>-<row group>-<id>.parquet`, and the `part-<id>.parquet` of earlier versions.
+PART_RE = re.compile(r"^part-(?:\d+-\d+-)?([0-9a-f]{24})\.parquet$")
+
+#: The fields of a job's identity, in the order a conflict names them.
+IDENTITY_FIELDS = ("model_sha256", "input", "bindings", "keep", "precision", "processing")
+
+
+def fingerprint(key: Mapping[str, Any]) -> str:
+    """The identity's hash, over the identity fields present in `key`."""
+    fields = {k: key[k] for k in IDENTITY_FIELDS if k in key}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def canonical_identity(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A `_job.json` as this version writes it: earlier ones stored the input as typed
+    (`demo-data/x/`), now it is canonical (`jobs.paths.canonical_url`; a relative input is
+    taken relative to this process's directory), and the fingerprint follows."""
+    out = dict(record)
+    if isinstance(out.get("input"), str):
+        out["input"] = canonical_url(out["input"])
+    if isinstance(out.get("model"), str):
+        out["model"] = canonical_url(out["model"])
+    out["fingerprint"] = fingerprint(out)
+    return out
+
+
+def _show(name: str, record: Mapping[str, Any]) -> str:
+    value = record.get(name)
+    if name == "model_sha256":
+        return f"sha256 {str(value)[:12]} of '{record.get('model')}'"
+    if name == "bindings" and isinstance(value, list):
+        return ", ".join(f"{i}={c}" for i, c in value) or "none"
+    if name == "input":
+        return f"'{value}'"
+    if value is None:
+        return "none"
+    return json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
+
+
+def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """Which identity fields differ, each with both values: `input: '/a' there, '/b' in this job`."""
+    names = {"model_sha256": "model", "bindings": "column mapping", "keep": "kept columns"}
+    return "; ".join(f"{names.get(k, k)}: {_show(k, previous)} there, {_show(k, current)} in "
+                     "this job" for k in IDENTITY_FIELDS if previous.get(k) != current.get(k))
 
 
 @dataclass
@@ -38,6 +84,8 @@ class OutputDir:
         self.fs: fsspec.AbstractFileSystem
         self.fs, self.root = filesystem(self.url, self.storage_options)
         self.root = self.root.rstrip("/")
+        #: Fingerprints the same job had in records of earlier versions (see `check`).
+        self.earlier_fingerprints: set[str] = set()
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -45,8 +93,17 @@ class OutputDir:
     def file_url(self, name: str) -> str:
         return str(self.fs.unstrip_protocol(self.path(name)))
 
-    def committed(self) -> dict[str, str]:
-        """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
+    def require_directory(self) -> None:
+        """SpecError when OUTPUT is an existing file (it must be a directory, new or not)."""
+        from workers.errors import SpecError
+
+        if retrying(f"cannot check output '{self.url}'", lambda: self.fs.isfile(self.root)):
+            raise SpecError(f"--output '{self.url}' is a file; --output must be a directory (it "
+                            "will hold part-*.parquet, _manifest.json and _SUCCESS): pass the "
+                            "path of a new or existing directory")
+
+    def _parts(self) -> list[tuple[str, str]]:
+        """(shard id, part name) of every part in OUTPUT, in name order."""
         def listing() -> list[str]:
             # Parts are written by other processes: never trust this process's listing cache.
             self.fs.invalidate_cache(self.root)
@@ -56,7 +113,37 @@ class OutputDir:
                 return []
 
         names = retrying(f"cannot list output '{self.url}'", listing)
-        return {m.group(1): name for name in names if (m := PART_RE.match(name))}
+        return [(m.group(1), name) for name in sorted(names) if (m := PART_RE.match(name))]
+
+    def committed(self) -> dict[str, str]:
+        """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
+        return dict(self._parts())
+
+    def align_parts(self, shards: Iterable[Shard]) -> list[tuple[str, str]]:
+        """Give every committed part of `shards` its shard's current name; the renames done.
+
+        A part's name holds its file's position in the input, so a file added before others
+        moves their parts' names; parts of earlier versions are named by id alone. Renaming is
+        atomic on local disks; on object stores it is a copy and a delete, and a run
+        interrupted in between leaves two names of the same bytes: the one that is not the
+        shard's name is removed here.
+        """
+        wanted = {s.id: s.part_name for s in shards}
+        names: dict[str, list[str]] = defaultdict(list)
+        for sid, name in self._parts():
+            names[sid].append(name)
+        renamed = []
+        for sid, found in names.items():
+            target = wanted.get(sid)
+            if target is None or found == [target]:
+                continue  # not a shard of this input (stale: removed elsewhere), or in place
+            others = [n for n in found if n != target]
+            if target not in found:
+                source = others.pop(0)
+                self._move(source, target)
+                renamed.append((source, target))
+            self.remove(others)
+        return renamed
 
     def has_part(self, shard: Shard) -> bool:
         """Whether the shard's part is in OUTPUT (False when storage cannot tell)."""
@@ -65,6 +152,11 @@ class OutputDir:
                                  lambda: self.fs.exists(self.path(shard.part_name))))
         except StorageError:
             return False
+
+    def _move(self, source: str, target: str) -> None:
+        paths = self.path(source), self.path(target)
+        retrying(f"cannot rename '{self.file_url(source)}' to '{target}'",
+                 lambda: self.fs.mv(*paths))
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         def read() -> bytes | None:
@@ -112,10 +204,17 @@ class OutputDir:
         parts = self.committed()
         previous = self.read_json(JOB_FILE)
         same = previous is not None and previous.get("fingerprint") == identity["fingerprint"]
+        if previous is not None and not same:
+            # Written by an earlier version, with the input as it was typed?
+            migrated = canonical_identity(previous)
+            same = migrated["fingerprint"] == identity["fingerprint"]
+            if same:
+                self.earlier_fingerprints.add(str(previous.get("fingerprint")))
+            previous = migrated
         if parts and not same:
             if not overwrite:
-                whose = (f"model {previous.get('model')}, input {previous.get('input')}"
-                         if previous else f"no {JOB_FILE}: not written by this runner")
+                whose = (identity_differences(previous, identity) if previous
+                         else f"no {JOB_FILE}: not written by this runner")
                 raise OutputConflictError(
                     f"output '{self.url}' already holds {len(parts)} part(s) of another job "
                     f"({whose}); choose another --output, or pass --overwrite to replace them"
@@ -182,13 +281,15 @@ class InputChanges:
 
 
 def diff_inputs(previous: Mapping[str, Any] | None, current: Mapping[str, Any],
-                committed: Mapping[str, str]) -> InputChanges:
+                committed: Mapping[str, str], earlier: Iterable[str] = ()) -> InputChanges:
     """Compare the previous run's input record with the current one; find stale parts.
 
     A part is stale when its shard id is not one of the current input's shards: shard ids
     cover the file's path, size, version and row groups, so a rewritten file's old parts are.
+    `earlier`: fingerprints the same job had in an earlier version's records.
     """
-    same_job = previous is not None and previous.get("job") == current.get("job")
+    same_job = previous is not None and (previous.get("job") == current.get("job")
+                                         or previous.get("job") in set(earlier))
     before: Mapping[str, Any] = previous.get("files", {}) if previous and same_job else {}
     now: Mapping[str, Any] = current["files"]
     changes = InputChanges(known=bool(same_job))

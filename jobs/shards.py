@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import fsspec
@@ -27,6 +27,8 @@ class InputFile:
     version: str
     schema: pa.Schema
     row_group_rows: tuple[int, ...]
+    #: Place in the input's sorted listing (names the parts: see `Shard.position`).
+    position: int = 0
 
     @property
     def rows(self) -> int:
@@ -68,6 +70,34 @@ def list_input(url: str, storage_options: Mapping[str, Any] | None = None
         raise SpecError(f"input '{url}' holds no files; check --input (hidden names starting "
                         "with '_' or '.' are skipped)")
     return fs, files
+
+
+def _extension(path: str) -> str:
+    name = posixpath.basename(path)
+    return name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
+
+
+def select_files(fs: fsspec.AbstractFileSystem, url: str, files: Mapping[str, dict[str, Any]],
+                 extensions: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The files of a listing whose extension is one of `extensions` (`*`: all), and the URLs
+    of the others, which the job skips (as Ray Data's `read_parquet(file_extensions=...)` does).
+
+    A file named as the input itself is read whatever its extension.
+    """
+    if "*" in extensions or (len(files) == 1
+                             and fs._strip_protocol(url).rstrip("/") in files):
+        return dict(files), []
+    wanted = {e.lower() for e in extensions}
+    kept = {p: info for p, info in files.items() if _extension(p) in wanted}
+    others = [str(fs.unstrip_protocol(p)) for p in files if p not in kept]
+    if not kept:
+        found = sorted({f".{_extension(p)}" if _extension(p) else "(none)" for p in files})
+        raise SpecError(
+            f"input '{url}' holds {len(files)} file(s), none ending in "
+            f"{' or '.join('.' + e for e in extensions)} (found {', '.join(found)}); check "
+            "--input, or pass --file-extensions to read others (e.g. --file-extensions "
+            f"{','.join([*extensions, found[0].lstrip('.')])}, or '*' for every file)")
+    return kept, others
 
 
 _TAIL = 64 * 1024  # one ranged read usually holds the whole footer
@@ -114,9 +144,12 @@ def read_footer(fs: fsspec.AbstractFileSystem, path: str, info: Mapping[str, Any
 
 def read_footers(fs: fsspec.AbstractFileSystem, files: Mapping[str, Mapping[str, Any]],
                  threads: int = 16) -> list[InputFile | BadFile]:
-    """Footers of many files, read concurrently (object-store latency dominates), in path order."""
+    """Footers of many files, read concurrently (object-store latency dominates), in path order;
+    each file knows its position in `files`."""
     with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        return list(pool.map(lambda item: read_footer(fs, *item), files.items()))
+        footers = list(pool.map(lambda item: read_footer(fs, *item), files.items()))
+    return [replace(f, position=i) if isinstance(f, InputFile) else f
+            for i, f in enumerate(footers)]
 
 
 def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
@@ -129,7 +162,8 @@ def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
             if rows >= rows_per_shard or i == len(f.row_group_rows) - 1:
                 if rows:
                     shards.append(Shard(url=f.url, size=f.size, version=f.version,
-                                        row_groups=(start, i + 1), rows=rows))
+                                        row_groups=(start, i + 1), rows=rows,
+                                        position=f.position))
                 start, rows = i + 1, 0
     return shards
 
@@ -168,5 +202,6 @@ def cut_file_shards(files: list[FileRef], files_per_shard: int) -> list[Shard]:
     for start in range(0, len(files), files_per_shard):
         group = tuple(files[start:start + files_per_shard])
         shards.append(Shard(url=group[0].url, size=sum(f.size for f in group), version="",
-                            row_groups=(0, len(group)), rows=len(group), files=group))
+                            row_groups=(0, len(group)), rows=len(group), files=group,
+                            position=start))
     return shards

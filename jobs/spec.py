@@ -82,6 +82,9 @@ class JobSpec:
     postprocess: tuple[Any, ...] = ()
     input_format: str = "auto"
     preprocess_threads: int | None = None
+    #: Which files of a directory or glob input are read (Ray Data's `file_extensions`):
+    #: names ending in `.EXT` for any EXT, case-insensitive; `*` reads every file.
+    file_extensions: tuple[str, ...] = ("parquet",)
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -110,6 +113,7 @@ class JobSpec:
                             f"got {self.input_format!r}")
         if self.preprocess_threads is not None:
             _positive("preprocess_threads", self.preprocess_threads)
+        object.__setattr__(self, "file_extensions", _extensions(self.file_extensions))
         object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
         object.__setattr__(self, "postprocess", parse_postprocess(self.postprocess))
         inputs = [name for name, _ in self.columns]
@@ -151,6 +155,19 @@ class JobSpec:
             hardware_compatible=self.hardware_compatible,
             version_compatible=self.version_compatible,
             exclude_lean_runtime=self.exclude_lean_runtime)
+
+
+def _extensions(value: Any) -> tuple[str, ...]:
+    """`.Parquet, pq` or `["parquet", "pq"]` -> ("parquet", "pq"): lower case, no dots."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(v, str) for v in items):
+        raise SpecError(f"file_extensions must be a list of extensions such as [parquet, pq], "
+                        f"got {value!r}")
+    names = tuple(dict.fromkeys(v.strip().lstrip(".").lower() for v in items if v.strip()))
+    if not names or not all(names):
+        raise SpecError("file_extensions must name at least one extension (such as parquet,pq, "
+                        f"or '*' for every file), got {list(names)}")
+    return names
 
 
 def _check_build_options(spec: JobSpec) -> None:
@@ -204,12 +221,19 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="target rows per shard; shards are whole row groups (default 100000)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
+    p.add_argument("--file-extensions", metavar="EXT,...",
+                   help="files of a directory or glob --input that are read, by extension "
+                   "(default parquet; e.g. parquet,pq; '*' for every file); others are skipped "
+                   "and counted")
     p.add_argument("--storage-options", metavar="JSON",
                    help="fsspec storage options as a JSON object; AWS_* variables also apply")
     p.add_argument("--max-failed-shards", type=int, metavar="N",
                    help="exit 0 even if up to N shards fail (default 0)")
     p.add_argument("--max-retries", type=int, metavar="N",
-                   help="retries of a shard that fails on its data or storage (default 2)")
+                   help="retries of a shard whose task failed in a way that may pass (a crash "
+                   "in the backend, storage still failing after its own retries); bad data, "
+                   "a bad spec and permanent storage errors (missing, denied) are not retried "
+                   "(default 2)")
     p.add_argument("--cpus-per-worker", type=int, metavar="N")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")

@@ -27,9 +27,10 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "jobs.run", *args], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, timeout: float = 300, cwd: Path = REPO,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "jobs.run", *args], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -119,12 +120,55 @@ def test_corrupt_file_among_good_ones(job_args: list[str], dataset: Path, tmp_pa
     assert run_cli(*job_args, "--max-failed-shards", "1").returncode == 0
 
 
+def test_files_that_are_not_parquet_are_skipped_and_counted(job_args: list[str], dataset: Path,
+                                                            tmp_path: Path) -> None:
+    (dataset / "README.txt").write_text("where this data came from\n")
+    (dataset / "images").mkdir()
+    (dataset / "images" / "digit-0000.png").write_bytes(b"\x89PNG\r\n\x1a\n not parquet")
+    result = run_cli(*job_args)
+    assert result.returncode == 0, result.stderr
+    job_line = next(line for line in result.stderr.splitlines() if line.startswith("job: "))
+    assert job_line == ("job: 3 file(s), 1,500 rows in 9 shard(s); 0 already committed "
+                        "(skipped), 9 to run; 2 other file(s) skipped (not .parquet)")
+    assert "failed:" not in result.stderr
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert [u.rsplit("/", 1)[-1] for u in manifest["files_skipped"]] == [
+        "README.txt", "digit-0000.png"]
+
+
+def test_resume_does_not_depend_on_how_paths_are_spelled(job_args: list[str], dataset: Path,
+                                                         tmp_path: Path) -> None:
+    """A relative first run; reruns spelled with $PWD and with trailing slashes are the same job."""
+    relative = replace(replace(job_args, "--input", "data"), "--output", "out")
+    first = run_cli(*relative, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    for spelled in (str(dataset), f"{dataset}/", "./data/"):
+        again = run_cli(*replace(replace(job_args, "--input", spelled), "--output",
+                                 f"{tmp_path}/out/"), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert "9 already committed (skipped), 0 to run" in again.stderr
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["job"]["input"] == manifest["spec"]["input"] == str(dataset)
+    assert manifest["model"]["uri"] == manifest["job"]["model"] == job_args[1]
+    assert manifest["spec"]["output"] == str(tmp_path / "out")
+
+
+def test_output_that_is_a_file(job_args: list[str], tmp_path: Path) -> None:
+    target = tmp_path / "scores.parquet"
+    target.write_bytes(b"PAR1")
+    line = one_error_line(run_cli(*replace(job_args, "--output", str(target))))
+    assert line == (f"error: --output '{target}' is a file; --output must be a directory (it "
+                    "will hold part-*.parquet, _manifest.json and _SUCCESS): pass the path of "
+                    "a new or existing directory")
+
+
 def test_other_job_into_output(job_args: list[str], tmp_path: Path) -> None:
     assert run_cli(*job_args).returncode == 0
     other = tmp_path / "other.onnx"
     other.write_bytes(two_input_model(seed=77))
     line = one_error_line(run_cli(*replace(job_args, "--model", str(other))))
-    assert "already holds 7 part(s) of another job" in line or "part(s) of another job" in line
+    assert "already holds 9 part(s) of another job (model: sha256 " in line
     assert line.endswith("choose another --output, or pass --overwrite to replace them")
 
 

@@ -117,7 +117,9 @@ def test_enrich_text_to_embeddings(ray_cluster: None, reviews: dict[str, Any],
 
 def test_relabel_an_image_directory_skipping_a_corrupt_file(ray_cluster: None,
                                                             digits: dict[str, Any],
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
     from examples.digits import preprocess
 
     out = tmp_path / "relabel"
@@ -147,6 +149,9 @@ def test_relabel_an_image_directory_skipping_a_corrupt_file(ray_cluster: None,
     # The corrupt file failed its row, recorded with its path; the shard committed.
     record = manifest(out)
     assert record["rows_failed"] == 1 and record["shards_failed"] == 0
+    # The summary counts the rows written, not the corrupt file's row too.
+    assert record["rows"] == 1797
+    assert "done: 1,797 rows in " in capsys.readouterr().err
     failures = [f for s in record["shards"] for f in s.get("row_failures", [])]
     assert len(failures) == 1 and failures[0]["key"]["path"].endswith("/broken.jpg")
     assert failures[0]["column"] == "image" and "cannot decode" in failures[0]["reason"]

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.driver import run_job
@@ -72,6 +73,46 @@ def test_local_job_exact(ray_cluster: None, two_input_onnx: Path, dataset: Path,
     assert manifest["model"]["sha256"] and manifest["backend"] == "onnxruntime"
     assert {s["status"] for s in manifest["shards"]} == {"committed"}
     assert sum(w["rows"] for w in manifest["workers"]) == 1500
+
+
+GPU_TIMES = {"h2d", "compute", "d2h", "gpu_busy", "first_batch", "submit"}
+
+
+def test_output_directory_reads_in_input_order(ray_cluster: None, two_input_onnx: Path,
+                                               tmp_path: Path) -> None:
+    """Part names sort as the input does (file, then row group), so any reader of the
+    directory gets the input's rows in the input's order; and the CPU path's manifest carries
+    no GPU timings."""
+    data = tmp_path / "data"
+    write_dataset(str(data), files=12, rows_per_file=240, row_group_rows=60, seed=4)
+    out = tmp_path / "out"
+    report = run_job(spec_for(str(two_input_onnx), str(data), str(out), rows_per_shard=120))
+    assert report.exit_code == 0 and report.committed == 24
+    assert pq.read_table(out).column("uid").to_pylist() == list(range(12 * 240))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    for entry in manifest["shards"]:
+        assert not GPU_TIMES & set(entry["seconds"]), entry["seconds"]
+    for worker in manifest["workers"]:
+        assert not GPU_TIMES & set(worker["seconds"])
+        assert not {"slots", "gpu_busy_seconds", "gpu_busy_fraction", "warmup_seconds"} & \
+            set(worker)
+
+
+def test_parts_named_by_an_earlier_version_are_kept_and_renamed(
+        ray_cluster: None, two_input_onnx: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = spec_for(str(two_input_onnx), str(dataset), str(out))
+    run_job(spec)
+    current = sorted(p.name for p in out.glob("part-*.parquet"))
+    for name in current[:5]:  # the old scheme: part-<shard id>.parquet
+        (out / name).rename(out / f"part-{name.rsplit('-', 1)[-1]}")
+    (out / current[-1]).unlink()
+    report = run_job(spec)
+    assert (report.skipped, report.committed) == (8, 1)
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == current
+    assert pq.read_table(out).column("uid").to_pylist() == list(range(1500))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert len(manifest["parts_renamed"]) == 5
 
 
 def test_rerun_skips_committed_parts(ray_cluster: None, two_input_onnx: Path, dataset: Path,

@@ -77,12 +77,16 @@ class ShardWorker:
 
     def stats(self) -> dict[str, Any]:
         """Totals over the shards this worker committed."""
-        busy = self.slots.busy.seconds if self.slots is not None else 0.0
-        return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
-                "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
-                "slots": len(self.slots.slots) if self.slots else 0,
+        stats: dict[str, Any] = {
+            "worker": self.name, "backend": self.backend.name, "shards": self.shards,
+            "rows": self.rows, "batches": self.batches,
+            "seconds": self.times.to_json(gpu=self.slots is not None),
+            "working_seconds": round(self.working_seconds, 3)}
+        if self.slots is None:
+            return stats  # the CPU path: no slots, no GPU to be busy
+        busy = self.slots.busy.seconds
+        return {**stats, "slots": len(self.slots.slots),
                 "warmup_seconds": round(self.warmup_seconds, 3),
-                "working_seconds": round(self.working_seconds, 3),
                 # The union of every batch's execution over the worker's working time: summed
                 # per-shard figures would count twice while two shards' batches overlap.
                 "gpu_busy_seconds": round(busy, 3),
@@ -113,7 +117,8 @@ class ShardWorker:
         return {"worker": self.name, "backend": self.backend.name,
                 "inputs": [m.to_json() for m in self.backend.inputs],
                 "outputs": [m.to_json() for m in self.backend.outputs],
-                "device": getattr(self.backend, "device", "cpu")}
+                "device": getattr(self.backend, "device", "cpu"),
+                "slots": len(self.slots.slots) if self.slots is not None else 0}
 
     def close(self) -> None:
         if self.slots is not None:

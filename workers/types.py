@@ -29,6 +29,10 @@ class Shard:
 
     A files shard (`files` non-empty: a group of image files, one row each) has `url` set to
     its first file, `size` to the files' total bytes and `row_groups` to `(0, len(files))`.
+
+    `position` is the file's place in the input's sorted listing (a files shard's: its first
+    file's); it names the part, so parts sort in input order, but is not part of the id: a
+    file added before this one moves its position, not its identity.
     """
 
     url: str
@@ -37,6 +41,7 @@ class Shard:
     row_groups: tuple[int, int]
     rows: int
     files: tuple[FileRef, ...] = ()
+    position: int = 0
 
     @property
     def id(self) -> str:
@@ -49,8 +54,12 @@ class Shard:
 
     @property
     def part_name(self) -> str:
-        """The output file this shard commits to; deterministic, so retries overwrite."""
-        return f"part-{self.id}.parquet"
+        """The output file this shard commits to; deterministic, so retries overwrite.
+
+        `part-<position>-<first row group>-<id>.parquet`, both numbers zero-padded to 6 digits:
+        a listing of the output sorts in input order (file, then row group).
+        """
+        return f"part-{self.position:06d}-{self.row_groups[0]:06d}-{self.id}.parquet"
 
     def describe(self) -> str:
         if self.files:
@@ -62,7 +71,8 @@ class Shard:
         if self.files:
             # The part's path column lists every file; the manifest names the range.
             return {"id": self.id, "url": self.url, "last": self.files[-1].url,
-                    "files": len(self.files), "size": self.size, "rows": self.rows}
+                    "files": len(self.files), "size": self.size, "rows": self.rows,
+                    "position": self.position}
         out = {"id": self.id, **asdict(self), "row_groups": list(self.row_groups)}
         out.pop("files")
         return out
@@ -121,6 +131,10 @@ class WorkerConfig:
         return dict(self.storage_options)
 
 
+#: StageTimes fields only the GPU path (device slots) measures.
+GPU_STAGES = frozenset({"h2d", "compute", "d2h", "gpu_busy", "first_batch", "submit"})
+
+
 @dataclass
 class StageTimes:
     """Seconds spent per pipeline stage in one shard (or summed over many)."""
@@ -149,6 +163,10 @@ class StageTimes:
     def add(self, other: StageTimes) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
+
+    def to_json(self, gpu: bool) -> dict[str, float]:
+        """The stages' seconds; the GPU path's own (copies, execution, submit) only if `gpu`."""
+        return {k: v for k, v in asdict(self).items() if gpu or k not in GPU_STAGES}
 
     @property
     def gpu_busy_fraction(self) -> float:

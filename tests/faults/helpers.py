@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,10 +20,11 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from jobs.output import PART_RE
 from jobs.spec import JobSpec
 
 REPO = str(Path(__file__).resolve().parents[2])
-PART = re.compile(r"^part-[0-9a-f]{24}\.parquet$")
+PART = PART_RE  # the runner's own pattern: parts only, any naming version
 
 
 def spec_for(model: str, data: str, out: str, **kw: Any) -> JobSpec:

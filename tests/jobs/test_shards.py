@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers
+from jobs.shards import BadFile, InputFile, cut_shards, list_input, read_footers, select_files
 from tests.models import two_input_table, write_dataset
 from workers.errors import SpecError
 
@@ -85,3 +85,60 @@ def test_directory_without_files(tmp_path: Path) -> None:
     (tmp_path / "_SUCCESS").write_text("")
     with pytest.raises(SpecError, match="holds no files; check --input"):
         list_input(str(tmp_path))
+
+
+def _names(listing: dict[str, object]) -> list[str]:
+    return [os.path.basename(p) for p in listing]
+
+
+def test_files_of_other_extensions_are_skipped(tmp_path: Path) -> None:
+    """A README or the images of another example beside the Parquet files are not input."""
+    write_dataset(str(tmp_path), files=2, rows_per_file=10, row_group_rows=10)
+    (tmp_path / "README.txt").write_text("about this data\n")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "digit-0001.png").write_bytes(b"\x89PNG not really")
+    fs, listing = list_input(str(tmp_path))
+    kept, skipped = select_files(fs, str(tmp_path), listing, ("parquet",))
+    assert _names(kept) == ["data-000.parquet", "data-001.parquet"]
+    assert [u.rsplit("/", 1)[-1] for u in skipped] == ["README.txt", "digit-0001.png"]
+    assert all(u.startswith("file://") for u in skipped)
+
+
+def test_file_extensions_choose_the_files(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path), files=2, rows_per_file=10, row_group_rows=10)
+    os.rename(tmp_path / "data-001.parquet", tmp_path / "data-001.PQ")
+    (tmp_path / "000000_0").write_bytes((tmp_path / "data-000.parquet").read_bytes())
+    fs, listing = list_input(str(tmp_path))
+    assert _names(select_files(fs, str(tmp_path), listing, ("parquet", "pq"))[0]) == [
+        "data-000.parquet", "data-001.PQ"]
+    assert len(select_files(fs, str(tmp_path), listing, ("*",))[0]) == 3  # every file
+
+
+def test_a_file_named_as_the_input_is_read_whatever_its_extension(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path), files=1, rows_per_file=10, row_group_rows=10)
+    named = tmp_path / "scores.bin"
+    os.rename(tmp_path / "data-000.parquet", named)
+    fs, listing = list_input(str(named))
+    assert _names(select_files(fs, str(named), listing, ("parquet",))[0]) == ["scores.bin"]
+
+
+def test_no_file_with_the_extensions(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text("x\n1\n")
+    (tmp_path / "notes.txt").write_text("hi\n")
+    fs, listing = list_input(str(tmp_path))
+    with pytest.raises(SpecError) as info:
+        select_files(fs, str(tmp_path), listing, ("parquet",))
+    assert str(info.value) == (
+        f"input '{tmp_path}' holds 2 file(s), none ending in .parquet (found .csv, .txt); "
+        "check --input, or pass --file-extensions to read others (e.g. --file-extensions "
+        "parquet,csv, or '*' for every file)")
+
+
+def test_files_and_shards_know_their_position_in_the_input(tmp_path: Path) -> None:
+    write_dataset(str(tmp_path), files=3, rows_per_file=250, row_group_rows=100)
+    (tmp_path / "data-001.parquet").write_bytes(b"garbage" * 10)
+    footers = _files(str(tmp_path))
+    assert [f.position for f in footers if isinstance(f, InputFile)] == [0, 2]
+    shards = cut_shards([f for f in footers if isinstance(f, InputFile)], rows_per_shard=150)
+    assert [(s.position, s.row_groups[0]) for s in shards] == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    assert [s.part_name for s in shards] == sorted(s.part_name for s in shards)

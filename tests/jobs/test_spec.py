@@ -84,3 +84,15 @@ def test_settings_json_hides_storage_values() -> None:
     spec = spec_from_settings({"model": "m", "input": "i", "output": "o",
                                "storage_options": {"key": "secret"}})
     assert spec.to_json()["storage_options"] == ["key"]
+
+
+def test_file_extensions() -> None:
+    assert spec_from_args(BASE).file_extensions == ("parquet",)
+    spec = spec_from_args([*BASE, "--file-extensions", ".Parquet, pq"])
+    assert spec.file_extensions == ("parquet", "pq")
+    assert spec_from_settings({"model": "m", "input": "i", "output": "o",
+                               "file_extensions": ["parq"]}).file_extensions == ("parq",)
+    assert spec_from_args([*BASE, "--file-extensions", "*"]).file_extensions == ("*",)
+    with pytest.raises(SpecError, match=r"file_extensions must name at least one extension "
+                       r"\(such as parquet,pq, or '\*' for every file\), got \[\]"):
+        spec_from_args([*BASE, "--file-extensions", ","])
