@@ -9,7 +9,9 @@ bytes in the input's dtype, C order, little-endian; see `tensor_to_binary_column
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -123,6 +125,25 @@ def _fill_dims(shape: tuple[int | None, ...], size: int) -> tuple[int, ...] | No
     return tuple(size // known if d is None else d for d in shape)
 
 
+class NullValueError(DataError):
+    """A tensor column holds a null; `row` is the first row holding one (of the array given),
+    so the caller can name where it is (file, shard row, kept values)."""
+
+    def __init__(self, message: str, column: str, row: int) -> None:
+        super().__init__(message)
+        self.column, self.row = column, row
+
+
+def _first_null_row(array: pa.Array) -> int:
+    """The first row of `array` with a null at any depth (a null row or a null value in it)."""
+    values: pa.Array = array.storage if isinstance(array, pa.ExtensionArray) else array
+    rows = np.arange(len(values))  # the row each element at this depth belongs to
+    while not values.null_count:
+        parents = pc.list_parent_indices(values).to_numpy()
+        rows, values = rows[parents], values.flatten()
+    return int(rows[pc.index(values.is_null(), True).as_py()])
+
+
 def _flat_values(array: pa.Array, column: str) -> tuple[np.ndarray, list[int]]:
     """Flatten nested lists of one chunk; return values and the uniform per-row dims."""
     dims: list[int] = []
@@ -132,8 +153,9 @@ def _flat_values(array: pa.Array, column: str) -> tuple[np.ndarray, list[int]]:
     while pa.types.is_fixed_size_list(values.type) or pa.types.is_list(values.type) \
             or pa.types.is_large_list(values.type) or pa.types.is_list_view(values.type):
         if values.null_count:
-            raise DataError(f"column '{column}' has {values.null_count} null list value(s); "
-                            "fill or filter null rows before inference")
+            raise NullValueError(f"column '{column}' has {values.null_count} null list value(s); "
+                                 "fill or filter null rows before inference", column,
+                                 _first_null_row(array))
         if pa.types.is_fixed_size_list(values.type):
             dims.append(values.type.list_size)
         else:
@@ -145,8 +167,9 @@ def _flat_values(array: pa.Array, column: str) -> tuple[np.ndarray, list[int]]:
             dims.append(lo or 0)
         values = values.flatten()
     if values.null_count:
-        raise DataError(f"column '{column}' has {values.null_count} null value(s); "
-                        "fill or filter nulls before inference")
+        raise NullValueError(f"column '{column}' has {values.null_count} null value(s); "
+                             "fill or filter nulls before inference", column,
+                             _first_null_row(array))
     return values.to_numpy(zero_copy_only=False), dims
 
 
@@ -158,8 +181,9 @@ def _bytes_view(chunk: pa.Array, column: str, meta: TensorMeta) -> tuple[np.ndar
     and the bytes per row.
     """
     if chunk.null_count:
-        raise DataError(f"column '{column}' has {chunk.null_count} null value(s); "
-                        "fill or filter null rows before inference")
+        raise NullValueError(f"column '{column}' has {chunk.null_count} null value(s); "
+                             "fill or filter null rows before inference", column,
+                             _first_null_row(chunk))
     rows = len(chunk)
     buffers = chunk.buffers()
     if pa.types.is_fixed_size_binary(chunk.type):
@@ -198,10 +222,11 @@ def _bytes_to_tensor(column: str, chunks: list[pa.Array], rows: int,
     """A binary tensor column's chunks as one `[N, *row_shape]` array (a view if one chunk)."""
     parts: list[np.ndarray] = []
     row_bytes: int | None = None
-    for chunk in chunks:
+    for start, chunk in _with_offsets(chunks):
         if not len(chunk):
             continue
-        values, width = _bytes_view(chunk, column, meta)
+        with _rows_from(start):
+            values, width = _bytes_view(chunk, column, meta)
         if row_bytes is not None and width != row_bytes:
             raise DataError(f"column '{column}' changes row size within a batch ({row_bytes} "
                             f"then {width} bytes); every row must have the same size")
@@ -225,6 +250,23 @@ def _bytes_to_tensor(column: str, chunks: list[pa.Array], rows: int,
     return array
 
 
+def _with_offsets(chunks: list[pa.Array]) -> Iterator[tuple[int, pa.Array]]:
+    """Each chunk with the row of the column it starts at."""
+    start = 0
+    for chunk in chunks:
+        yield start, chunk
+        start += len(chunk)
+
+
+@contextlib.contextmanager
+def _rows_from(start: int) -> Iterator[None]:
+    """A NullValueError raised for a chunk starting at row `start`, made the column's row."""
+    try:
+        yield
+    except NullValueError as exc:
+        raise NullValueError(str(exc), exc.column, start + exc.row) from None
+
+
 def column_to_tensor(column: str, data: pa.ChunkedArray | pa.Array, meta: TensorMeta) -> np.ndarray:
     """Convert one column of a batch to an `[N, *row_shape]` array of the input's dtype.
 
@@ -236,10 +278,11 @@ def column_to_tensor(column: str, data: pa.ChunkedArray | pa.Array, meta: Tensor
     rows = len(data)
     parts: list[np.ndarray] = []
     row_dims: list[int] | None = None
-    for chunk in chunks:
+    for start, chunk in _with_offsets(chunks):
         if not len(chunk):
             continue
-        values, dims = _flat_values(chunk, column)
+        with _rows_from(start):
+            values, dims = _flat_values(chunk, column)
         if row_dims is not None and dims != row_dims:
             raise DataError(f"column '{column}' changes row shape within a batch "
                             f"({row_dims} then {dims})")

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.commit import PartWriter
+from workers.convert import NullValueError
 from workers.errors import DataError
 from workers.images import read_image_files
 from workers.postprocess import Postprocessor
@@ -494,6 +495,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     failures: list[dict[str, Any]] = []
     failures_lock = threading.Lock()
     rows_failed = 0
+    converted = 0  # rows of the shard converted so far: both paths convert in order
 
     def convert(table: pa.Table) -> Piece:
         """Model inputs and kept columns of a table; both paths convert through here.
@@ -501,9 +503,14 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         Rows a preprocessor failed (bad images, with on_error=skip) are dropped from both and
         recorded with their kept columns' values, which identify them.
         """
-        nonlocal rows_failed
-        prepared = prep(table)
+        nonlocal rows_failed, converted
         kept = table.select(list(config.keep))
+        try:
+            prepared = prep(table, converted)
+        except NullValueError as exc:
+            raise DataError(f"{shard.describe()}, row {converted + exc.row} of the shard "
+                            f"(kept values: {_key_text(kept, exc.row)}): {exc}") from None
+        converted += table.num_rows
         if prepared.failed:
             records = [{"key": _key(kept, row), "column": column, "reason": reason}
                        for row, (column, reason) in sorted(prepared.failed.items())]
@@ -610,6 +617,13 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
 
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
+
+
+def _key_text(kept: pa.Table, row: int) -> str:
+    """`uid=317, name=row-317`, or how to get such values when the job keeps no column."""
+    key = _key(kept, row)
+    return ", ".join(f"{k}={v}" for k, v in key.items()) if key else \
+        "none; --keep an id column to name rows"
 
 
 def _key(kept: pa.Table, row: int) -> dict[str, Any]:

@@ -324,6 +324,46 @@ def test_data_error_in_a_later_batch_drains_slots(model: bytes, tmp_path: Path) 
         assert all(slot._future is None for slot in backend.opened)
 
 
+@pytest.mark.parametrize("path", ["cpu", "slots"])
+@pytest.mark.parametrize(("column", "inner"), [("img", False), ("features", True)])
+def test_a_null_names_the_file_the_row_and_the_kept_values(
+        model: bytes, tmp_path: Path, path: str, column: str, inner: bool) -> None:
+    """A null tensor row (or one null value inside a row) fails the shard naming where it is."""
+    import pyarrow as pa
+
+    write_dataset(str(tmp_path / "src"), files=1, rows_per_file=500, row_group_rows=120, seed=2)
+    table = pq.read_table(tmp_path / "src" / "data-000.parquet")
+    values = table.column(column).combine_chunks()
+    storage = values.storage if isinstance(values, pa.ExtensionArray) else values
+    rows = storage.to_pylist()
+    if inner:
+        rows[317] = [None if i == 3 else v for i, v in enumerate(rows[317])]
+    else:
+        rows[317] = None
+    broken = pa.array(rows, type=storage.type)
+    if isinstance(values, pa.ExtensionArray):
+        broken = pa.ExtensionArray.from_storage(values.type, broken)
+    table = table.set_column(table.schema.get_field_index(column), column, broken)
+    pq.write_table(table, tmp_path / "f.parquet", row_group_size=120)
+    whole = whole_file_shard(str(tmp_path / "f.parquet"))
+    shard = Shard(url=whole.url, size=whole.size, version=whole.version, row_groups=(2, 5),
+                  rows=260)
+    config = worker_config(tmp_path / "out")
+    with pytest.raises(DataError) as info:
+        if path == "cpu":
+            with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as cpu:
+                process_shard(shard, config, cpu)
+        else:
+            backend = ThreadSlotBackend(model)
+            with backend, SlotPool(backend, 2, 64) as pool:
+                process_shard(shard, config, backend, slots=pool)
+    what = "1 null list value(s)" if not inner else "1 null value(s)"
+    assert str(info.value).startswith(
+        f"{whole.url} row groups 2-4, row 77 of the shard (kept values: uid=317): column "
+        f"'{column}' has {what}")
+    assert not (tmp_path / "out" / shard.part_name).exists()
+
+
 def test_worker_config_rejects_zero_slots(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"WorkerConfig\.slots must be >= 1"):
         worker_config(tmp_path, slots=0)
