@@ -44,7 +44,7 @@ from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
-from workers.storage import read_bytes
+from workers.storage import probe, read_bytes
 from workers.tensors import ModelInfo, describe_onnx
 from workers.types import Shard, ShardResult, WorkerConfig
 
@@ -237,6 +237,10 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     stream = stream or sys.stderr
     started, started_at = time.monotonic(), _now()
     spec = resolve_paths(spec)  # one spelling of every path, for the identity and the manifest
+    for flag in ("model", "input", "output"):
+        # Seconds, not minutes of every layer's retries: no credentials or a dead endpoint is
+        # one line before anything starts.
+        probe(getattr(spec, flag), flag, spec.storage)
     job = prepare(spec)
     out = OutputDir(spec.output, spec.storage)
     out.require_directory()

@@ -222,3 +222,98 @@ def test_resume_after_the_whole_job_is_killed(tmp_path: Path) -> None:
     got = table.column("y").combine_chunks().to_numpy_ndarray()
     assert np.abs(got - want).max() <= 1e-4
     assert not (out / "_tmp").exists() or not list((out / "_tmp").iterdir())
+
+
+# --- object storage without credentials, or with an endpoint that does not answer ---------
+
+
+class ClosingServer:
+    """An endpoint that accepts TCP connections and closes them at once, counting them: a
+    store that is there but never answers, so every retry of every layer shows up here."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by stop()
+                return
+            self.connections += 1
+            conn.close()
+
+    def stop(self) -> None:
+        import socket
+
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join()
+
+
+def s3_case(which: str, job_args: list[str], bucket: str) -> tuple[list[str], str]:
+    """The job's flags with --model, --input or --output on S3; and that URL."""
+    url = {"model": f"{bucket}/models/two_input.onnx", "input": f"{bucket}/data",
+           "output": f"{bucket}/out"}[which]
+    return replace(job_args, f"--{which}", url), url
+
+
+def no_credentials_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The CLI's environment with no AWS credentials anywhere botocore looks."""
+    env = {k: v for k, v in cli_env().items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                        "AWS_PROFILE")}
+    env.update(HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), **extra)
+    return env
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("which", ["model", "input", "output"])
+def test_s3_without_credentials(which: str, job_args: list[str], s3_bucket: str,
+                                two_input_onnx: Path, dataset: Path, tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(two_input_onnx), f"{s3_bucket}/models/two_input.onnx")
+    fs.put(f"{dataset}/", f"{s3_bucket}/data/", recursive=True)
+    args, url = s3_case(which, job_args, s3_bucket)
+    line = one_error_line(run_cli(*args, env=no_credentials_env(tmp_path)))
+    assert line.startswith(f"error: --{which} '{url}': no credentials for it (NoCredentialsError: "
+                           "Unable to locate credentials); ")
+    assert "AWS_ACCESS_KEY_ID" in line and "instance profile" in line and '"anon": true' in line
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("which", ["model", "input", "output"])
+@pytest.mark.parametrize("endpoint", ["unused port", "closes connections"])
+def test_s3_endpoint_that_does_not_answer(which: str, endpoint: str, job_args: list[str],
+                                          tmp_path: Path) -> None:
+    """One line, exit 2, after a bounded number of attempts (counted, not timed)."""
+    from tests.conftest import free_port
+
+    server = ClosingServer() if endpoint == "closes connections" else None
+    port = server.port if server else free_port()
+    try:
+        args, url = s3_case(which, job_args, "s3://bucket")
+        env = {**cli_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        line = one_error_line(run_cli(*args, env=env))
+    finally:
+        if server:
+            server.stop()
+    assert line.startswith(f"error: --{which} '{url}' cannot be reached (")
+    assert f"http://127.0.0.1:{port}/" in line
+    assert line.endswith("nothing was started; check the store's endpoint and the network, "
+                         "then rerun")
+    if server:
+        assert 1 <= server.connections <= 6, server.connections

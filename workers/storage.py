@@ -52,6 +52,25 @@ _TRANSIENT_CLASSES = frozenset({
 _PERMANENT_OSERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError,
                        NotADirectoryError)
 
+# Storage clients that found no credentials (botocore, google-auth), by class name as above.
+_CREDENTIAL_CLASSES = frozenset({
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "NoAuthTokenError", "DefaultCredentialsError", "RefreshError",
+})
+
+# Where each client library looks for credentials, by the module of its exception.
+_CREDENTIAL_HINTS = {
+    "botocore": ("s3fs (botocore) looks in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, then "
+                 "AWS_PROFILE and ~/.aws/credentials, then the node's instance profile (IAM "
+                 "role); under `ray job submit` the cluster's nodes need them, not your shell; "
+                 "or pass --storage-options '{\"key\": ..., \"secret\": ...}', or "
+                 "'{\"anon\": true}' for a public bucket"),
+    "google": ("gcsfs (google-auth) looks in GOOGLE_APPLICATION_CREDENTIALS, then gcloud's "
+               "application-default login, then the node's service account; under `ray job "
+               "submit` the cluster's nodes need them; or pass --storage-options "
+               "'{\"token\": \"anon\"}' for a public bucket"),
+}
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -140,11 +159,16 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_credentials_error(exc: BaseException) -> bool:
+    """True when the storage client found no (usable) credentials to sign the request with."""
+    return bool({cls.__name__ for cls in type(exc).__mro__} & _CREDENTIAL_CLASSES)
+
+
 def is_storage_failure(exc: BaseException) -> bool:
     """True for exceptions that come from storage (OSError or a storage client's own types)."""
     if isinstance(exc, RunnerError):
         return isinstance(exc, StorageError)
-    return isinstance(exc, OSError) or is_transient(exc)
+    return isinstance(exc, OSError) or is_transient(exc) or is_credentials_error(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -161,6 +185,11 @@ def storage_error(action: str, exc: BaseException) -> StorageError:
     if isinstance(exc, PermissionError):
         return StorageError(f"{action}: permission denied ({exc}); check the credentials and "
                             "the bucket policy")
+    if is_credentials_error(exc):
+        hint = _CREDENTIAL_HINTS.get(type(exc).__module__.split(".")[0],
+                                     "set the credentials its fsspec implementation reads, or "
+                                     "pass them in --storage-options")
+        return StorageError(f"{action}: no credentials for it ({_describe(exc)}); {hint}")
     if is_transient(exc):
         return TransientStorageError(f"{action}: {_describe(exc)}")
     return StorageError(f"{action}: {_describe(exc)}")
@@ -206,6 +235,64 @@ def retrying(action: str, call: Callable[[], T], policy: RetryPolicy = DEFAULT_R
                         policy.attempts - 1, wait)
             time.sleep(wait)  # backoff, not synchronization: give the store time to recover
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+#: The spec-time probe's own attempts: the client retries once (`_FAIL_FAST_OPTIONS`), and a
+#: store that is down should fail the job in seconds.
+PROBE_RETRY = RetryPolicy(attempts=1)
+
+# Client options that make one call fail fast (short connect timeout, few client retries), per
+# fsspec implementation, in its own option names; the user's storage options win. Without them
+# a dead endpoint took botocore's and s3fs's retries times ours: 50-200 s and 60-250
+# connections before the job said so.
+_FAIL_FAST_OPTIONS: dict[str, dict[str, Any]] = {
+    "S3FileSystem": {"config_kwargs": {"connect_timeout": 5, "read_timeout": 15,
+                                       "retries": {"max_attempts": 2, "mode": "standard"}}},
+}
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merged(out[key], value) if isinstance(value, Mapping)
+                    and isinstance(out.get(key), Mapping) else value)
+    return out
+
+
+def probe(url: str, flag: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Check, in seconds, that the store behind `url` answers and takes our credentials.
+
+    One metadata call (the object, or a glob's fixed prefix), with a short connect timeout and
+    few retries; a missing object passes (the caller's own checks name it). Raises one-line
+    StorageErrors naming `flag` and `url`: no credentials, denied, or the store not answering.
+    """
+    protocol = fsspec.core.split_protocol(url)[0]
+    try:
+        name = fsspec.get_filesystem_class(protocol).__name__ if protocol else ""
+    except (ImportError, ValueError):
+        name = ""  # `filesystem` below says what to install
+    options = _merged(_FAIL_FAST_OPTIONS.get(name, {}), _thaw(dict(storage_options or {})))
+    # A private instance: the fail-fast settings must not reach the job's own calls.
+    fs, path = filesystem(url, {**options, "skip_instance_cache": True})
+    if isinstance(getattr(type(fs), "retries", None), int):
+        fs.retries = 1  # s3fs retries a request this many times itself (a class attribute)
+    target = path
+    for i, ch in enumerate(path):
+        if ch in "*?[":
+            target = path[:i].rsplit("/", 1)[0]
+            break
+
+    def call() -> None:
+        with contextlib.suppress(FileNotFoundError):  # reachable: the job's checks name it
+            fs.info(target)
+
+    try:
+        retrying(f"--{flag} '{url}'", call, PROBE_RETRY)
+    except TransientStorageError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise StorageError(f"--{flag} '{url}' cannot be reached ({_describe(cause)}); nothing "
+                           "was started; check the store's endpoint and the network, then "
+                           "rerun") from exc
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None,

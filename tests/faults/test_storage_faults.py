@@ -72,6 +72,25 @@ def test_transient_or_permanent(exc: BaseException, transient: bool) -> None:
     assert is_transient(exc) is transient
 
 
+def test_missing_credentials_are_a_permanent_storage_error_that_says_where_they_come_from(
+        ) -> None:
+    """botocore's NoCredentialsError is no OSError: it used to escape as a 72-line traceback."""
+    from botocore.exceptions import NoCredentialsError
+
+    calls = []
+
+    def sign() -> None:
+        calls.append(1)
+        raise NoCredentialsError()
+
+    with pytest.raises(StorageError) as info:
+        retrying("cannot read 's3://b/m.onnx'", sign, FAST)
+    assert len(calls) == 1 and not isinstance(info.value, TransientStorageError)
+    assert str(info.value).startswith("cannot read 's3://b/m.onnx': no credentials for it "
+                                      "(NoCredentialsError: Unable to locate credentials); "
+                                      "s3fs (botocore) looks in AWS_ACCESS_KEY_ID")
+
+
 def test_retrying_gives_up_naming_the_error() -> None:
     calls = []
 
