@@ -42,7 +42,7 @@ from jobs.shards import (
 from jobs.spec import JobSpec
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
-from workers.errors import SpecError, StorageError
+from workers.errors import ClusterError, SpecError, StorageError
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
 from workers.storage import probe, read_bytes
 from workers.tensors import ModelInfo, describe_onnx
@@ -191,12 +191,32 @@ def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any
                        skipped_files=tuple(others))
 
 
+# Ray 2.59+ (token authentication); older Rays have no such error to catch.
+_AUTHENTICATION_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(ray.exceptions, "AuthenticationError", None),) if cls is not None)
+_TOKEN_FIX = ("export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<the cluster's token> (the one `ray "
+              "start` was given, or ~/.ray/auth_token on the head), as for `ray job submit`; "
+              "see the README's 'Running on a cluster'")
+
+
 def init_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(log_to_driver=True)
+        except _AUTHENTICATION_ERRORS as exc:
+            first = str(getattr(exc, "message", "") or exc).strip().splitlines()[0]
+            raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={address}: it uses "
+                               f"token authentication and this process has no token ({first}); "
+                               f"{_TOKEN_FIX}") from None
+        except ConnectionError as exc:
+            # A wrong token looks like this too: Ray retries, then reports no connection.
+            raise ClusterError(f"cannot join the Ray cluster at RAY_ADDRESS={address} ({exc}); "
+                               "check that it is running (`ray status`), and if it uses token "
+                               f"authentication, {_TOKEN_FIX}") from None
     else:
         # "local": a new Ray in this process, never a cluster some other `ray start` left running.
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
@@ -226,6 +246,21 @@ def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
     return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
                       shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries,
                       max_actor_deaths=spec.max_actor_deaths)
+
+
+def worker_config(spec: JobSpec, job: PreparedJob, backend: str) -> WorkerConfig:
+    """What every actor of this job is given."""
+    return WorkerConfig(
+        backend=backend,
+        backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
+                                     engine_host_code_allowed=spec.version_compatible),
+        output_url=spec.output, bindings=job.bindings, keep=job.keep,
+        batch_size=spec.batch_size, storage_options=spec.storage_options,
+        slots=spec.slots, readers=spec.readers,
+        concurrent_batches=spec.concurrent_batches,
+        preprocess=job.processing.preprocess if job.processing else (),
+        postprocess=job.processing.postprocess if job.processing else (),
+        preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
 
 
 def _now() -> str:
@@ -299,17 +334,6 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     plans: dict[str, Any] = {}
     if todo:
         pool_config = _pool_config(spec, len(todo))
-        worker_config = WorkerConfig(
-            backend=backend,
-            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
-                                         engine_host_code_allowed=spec.version_compatible),
-            output_url=spec.output, bindings=job.bindings, keep=job.keep,
-            batch_size=spec.batch_size, storage_options=spec.storage_options,
-            slots=spec.slots, readers=spec.readers,
-            concurrent_batches=spec.concurrent_batches,
-            preprocess=job.processing.preprocess if job.processing else (),
-            postprocess=job.processing.postprocess if job.processing else (),
-            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
         model_ref: Any
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
@@ -317,7 +341,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             model_ref, plans = shared.refs, shared.plans
         else:
             model_ref = ray.put(job.model_bytes)
-        pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
+        pool = ShardPool(pool_config, worker_config(spec, job, backend), model_ref,
+                         is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
               f"{worker_info['device']}", file=stream, flush=True)
@@ -326,6 +351,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
         def on_result(result: ShardResult | None, failure: ShardFailure | None) -> None:
             if result is not None:
+                # Rows a preprocessor dropped count as processed: the bar's total has them.
                 progress.update(rows=result.rows + result.rows_failed, shards=1)
             else:
                 progress.update(failed=1)
@@ -335,7 +361,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             progress.render()
 
         try:
-            outcome = pool.run(todo, on_result, on_tick=on_tick)
+            outcome = pool.run(todo, on_result, on_tick=on_tick, on_progress=progress.running)
             outcome.worker_stats = pool.stats()
         finally:
             progress.close()

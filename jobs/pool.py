@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,48 @@ class PoolConfig:
     max_actor_deaths: int = 3
     #: Seconds to wait for a replacement worker when no worker is running, before giving up.
     start_timeout: float = 600.0
+
+
+#: The Ray concurrency group of the driver's progress polls: a thread of its own in every
+#: actor, so `ShardWorker.progress` answers while `process` calls run (a CPU actor runs one at
+#: a time, in the default group).
+PROGRESS_GROUP = "progress"
+
+
+class RowsPoll:
+    """Rows written so far by shards still running, asked of every ready actor once per tick.
+
+    Workers never import Ray, so they cannot push; the driver asks instead, without waiting:
+    a tick collects the answers that have come and sends a new question to each actor that
+    has none outstanding, so a slow or dying actor never stalls the driver's loop.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[ray.ObjectRef, int] = {}
+        self.latest: dict[int, dict[str, int]] = {}
+
+    def forget(self, index: int) -> None:
+        """Actor `index` was replaced: its counts are gone with it (its shards run again)."""
+        self.latest.pop(index, None)
+        self.pending = {ref: i for ref, i in self.pending.items() if i != index}
+
+    def tick(self, actors: Sequence[Any], ready: Sequence[bool], finished: Collection[str]) -> int:
+        """Collect the answers that came; ask again; rows of shards not in `finished`."""
+        if self.pending:
+            done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+            for ref in done:
+                index = self.pending.pop(ref)
+                try:
+                    self.latest[index] = ray.get(ref)
+                except (RayActorError, RayTaskError, OutOfMemoryError):
+                    self.latest[index] = {}
+        asked = set(self.pending.values())
+        for index, actor in enumerate(actors):
+            if ready[index] and index not in asked:
+                ref = actor.progress.options(concurrency_group=PROGRESS_GROUP).remote()
+                self.pending[ref] = index
+        return sum(rows for counts in self.latest.values() for sid, rows in counts.items()
+                   if sid not in finished)
 
 
 def error_text(exc: BaseException) -> str:
@@ -143,12 +185,15 @@ class ShardPool:
         # A GPU actor runs its queued shards' calls concurrently, so the next shard reads ahead
         # and fills the device slots while the last batches of the one before are on the GPU
         # (`SlotPool` turns keep their order); synchronous backends serialize in the worker.
-        self._remote = ray.remote(worker_class).options(
+        # Ray's typing of `ray.remote` lacks concurrency_groups, which it documents and takes.
+        remote = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})  # type: ignore[call-overload]
+        self._remote = remote(worker_class).options(
             num_gpus=config.num_gpus, num_cpus=config.num_cpus, max_restarts=0,
             max_task_retries=0,
             max_concurrency=config.shards_in_flight if config.num_gpus else 1)
         self.actors: list[Any] = []
         self.replaced = 0
+        self._poll = RowsPoll()
 
     def _new_actor(self) -> Any:
         return self._remote.remote(self.worker_config, self.model_ref)
@@ -189,12 +234,16 @@ class ShardPool:
 
     def run(self, shards: list[Shard],
             on_result: Callable[[ShardResult | None, ShardFailure | None], None],
-            on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0) -> PoolOutcome:
+            on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0,
+            on_progress: Callable[[int], None] | None = None) -> PoolOutcome:
         """Process every shard; returns committed results and failures (never raises for a shard).
 
         `on_tick` runs at least every `tick_seconds`; an exception it raises stops the run.
+        `on_progress(rows)` runs as often, with the rows the actors have written of the shards
+        still running (see `RowsPoll`: the answers of the tick before).
         """
         outcome = PoolOutcome()
+        self._poll = RowsPoll()
         queue = collections.deque(shards)
         attempts: collections.Counter[str] = collections.Counter()
         deaths: collections.Counter[str] = collections.Counter()
@@ -297,6 +346,9 @@ class ShardPool:
             ready, _ = ray.wait([*inflight, *self._starting], num_returns=1, timeout=tick_seconds)
             if on_tick is not None:
                 on_tick()
+            if on_progress is not None:
+                on_progress(self._poll.tick(self.actors, self._ready,
+                                            outcome.results.keys() | outcome.failures.keys()))
             for ref in ready:
                 if ref in self._starting:
                     started(ref)
@@ -339,6 +391,7 @@ class ShardPool:
         ray.kill(self.actors[index], no_restart=True)
         self.actors[index] = self._new_actor()
         self.replaced += 1
+        self._poll.forget(index)
         ready = getattr(self, "_ready", None)
         if ready is not None:
             ready[index] = False

@@ -115,6 +115,62 @@ def test_parts_named_by_an_earlier_version_are_kept_and_renamed(
     assert len(manifest["parts_renamed"]) == 5
 
 
+def test_the_pool_reports_rows_of_a_shard_before_it_commits(ray_cluster: None,
+                                                            two_input_onnx: Path,
+                                                            tmp_path: Path) -> None:
+    """Rows written by an actor reach the driver while the shard runs (the bar used to sit at
+    0% until a whole shard committed); a CPU actor runs one shard call at a time, so the
+    driver reads its counts through a concurrency group of their own."""
+    import asyncio
+
+    import ray
+
+    from jobs.driver import prepare, worker_config
+    from jobs.paths import resolve_paths
+    from jobs.pool import PoolConfig, ShardPool
+    from tests.user_functions import GATE
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self) -> None:
+            self.event = asyncio.Event()
+
+        async def wait(self) -> None:
+            await self.event.wait()
+
+        def open(self) -> None:
+            self.event.set()
+
+    gate = Gate.options(name=GATE[0], namespace=GATE[1]).remote()
+    data = tmp_path / "data"
+    write_dataset(str(data), files=1, rows_per_file=480, row_group_rows=480, seed=6)
+    spec = resolve_paths(spec_for(str(two_input_onnx), str(data), str(tmp_path / "out"),
+                                  batch_size=64, rows_per_shard=480,
+                                  postprocess=("tests.user_functions:hold_second_batch",)))
+    job = prepare(spec)
+    assert len(job.shards) == 1
+    pool = ShardPool(PoolConfig(workers=1, num_gpus=0, num_cpus=1, shards_in_flight=1,
+                                max_retries=0), worker_config(spec, job, "onnxruntime"),
+                     ray.put(job.model_bytes))
+    seen: list[tuple[int, int]] = []
+    done: list[int] = []
+
+    def on_progress(rows: int) -> None:
+        seen.append((rows, len(done)))
+        if rows and not done:
+            gate.open.remote()
+
+    try:
+        pool.start(1)
+        outcome = pool.run(job.shards, lambda r, f: done.append(1), on_progress=on_progress,
+                           tick_seconds=0.2)
+    finally:
+        pool.shutdown()
+        ray.kill(gate)
+    assert len(outcome.results) == 1, outcome.failures
+    assert (64, 0) in seen  # the first batch, while the shard was still running
+
+
 def test_rerun_skips_committed_parts(ray_cluster: None, two_input_onnx: Path, dataset: Path,
                                      tmp_path: Path) -> None:
     out = tmp_path / "out"

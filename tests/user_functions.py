@@ -52,3 +52,21 @@ def not_a_dict(outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) ->
 
 
 NOT_CALLABLE = 3
+
+
+#: The named actor `hold_second_batch` waits on (see tests/test_job.py's progress test).
+GATE = ("progress-gate", "progress-test")
+_batches = [0]
+
+
+def hold_second_batch(outputs: dict[str, np.ndarray], inputs: dict[str, np.ndarray]
+                      ) -> dict[str, Any]:
+    """Postprocess: the outputs as they are; this process's second batch first waits until the
+    test opens its gate (a named Ray actor), so a shard stays half written while it looks."""
+    import ray
+
+    _batches[0] += 1
+    if _batches[0] == 2:
+        name, namespace = GATE
+        ray.get(ray.get_actor(name, namespace=namespace).wait.remote(), timeout=120)
+    return {"score": outputs["score"].reshape(-1)}

@@ -43,6 +43,10 @@ class ShardWorker:
         self.working_seconds = 0.0
         self._active = 0
         self._active_since = 0.0
+        # Rows written so far per running shard, for the driver's progress (`progress()`). Its
+        # own lock: `_lock` is held while the backend loads, and a poll must not wait for that.
+        self._written: dict[str, int] = {}
+        self._written_lock = threading.Lock()
 
     def process(self, shard: Shard) -> ShardResult:
         """Process and commit one shard (loading the backend first if `load()` was not called)."""
@@ -51,23 +55,44 @@ class ShardWorker:
             if not self._active:
                 self._active_since = time.perf_counter()
             self._active += 1
+        with self._written_lock:
+            self._written[shard.id] = 0
         try:
             return self._process(shard)
         finally:
+            with self._written_lock:
+                self._written.pop(shard.id, None)
             with self._lock:
                 self._active -= 1
                 if not self._active:
                     self.working_seconds += time.perf_counter() - self._active_since
 
+    def progress(self) -> dict[str, int]:
+        """Rows written so far (not yet committed) per shard this worker is running.
+
+        Cheap and lock-light: the driver calls it every tick, in a concurrency group of its
+        own, while `process` calls run (a CPU actor runs one at a time).
+        """
+        with self._written_lock:
+            return dict(self._written)
+
+    def _count(self, shard_id: str, rows: int) -> None:
+        with self._written_lock:
+            self._written[shard_id] = self._written.get(shard_id, 0) + rows
+
     def _process(self, shard: Shard) -> ShardResult:
+        def on_rows(rows: int) -> None:
+            self._count(shard.id, rows)
+
         if self.slots is None:
             # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
             # a time: its session or execution context is not shared between threads.
             with self._serial:
-                result = process_shard(shard, self.config, self.backend, worker=self.name)
+                result = process_shard(shard, self.config, self.backend, worker=self.name,
+                                       on_rows=on_rows)
         else:
             result = process_shard(shard, self.config, self.backend, worker=self.name,
-                                   slots=self.slots)
+                                   slots=self.slots, on_rows=on_rows)
         with self._lock:
             self.times.add(result.times)
             self.shards += 1

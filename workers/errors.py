@@ -31,5 +31,9 @@ class MissingDependencyError(RunnerError, ImportError):
     """An optional package is needed and not installed; the message says how to install it."""
 
 
+class ClusterError(RunnerError, ConnectionError):
+    """The driver cannot join the Ray cluster it was pointed at (RAY_ADDRESS)."""
+
+
 class OutputConflictError(RunnerError, FileExistsError):
     """The output already holds another job's parts, or another job is writing it."""

@@ -480,11 +480,14 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
 
 
 def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
-                  slots: SlotPool | None = None) -> ShardResult:
+                  slots: SlotPool | None = None,
+                  on_rows: Callable[[int], None] | None = None) -> ShardResult:
     """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
 
     A backend with `uses_slots` runs with `config.slots` batches in flight, in `slots` when given
     (an actor keeps one pool for all its shards) or in a pool opened for this shard.
+    `on_rows(n)` is called on the writing thread after each batch's `n` output rows are written
+    (to the part's temporary file: they count as done only once the part commits).
     """
     started = time.perf_counter()
     times = StageTimes()
@@ -540,6 +543,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         t0 = time.perf_counter()
         writer.write(table)
         times.write += time.perf_counter() - t0
+        if on_rows is not None:
+            on_rows(table.num_rows)
 
     def write_outputs(kept: pa.Table, outputs: Batch, rows: int) -> None:
         write(output_table(kept, outputs, rows, post))

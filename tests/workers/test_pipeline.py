@@ -325,6 +325,29 @@ def test_data_error_in_a_later_batch_drains_slots(model: bytes, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("path", ["cpu", "slots"])
+def test_on_rows_reports_every_batch_as_it_is_written(model: bytes, data: Path, tmp_path: Path,
+                                                     path: str) -> None:
+    """The driver's bar moves per batch, not per committed shard."""
+    seen: list[tuple[int, bool]] = []
+    shard = whole_file_shard(str(data))
+    config = worker_config(tmp_path / "out")
+
+    def on_rows(rows: int) -> None:
+        seen.append((rows, (tmp_path / "out" / shard.part_name).exists()))
+
+    if path == "cpu":
+        with OnnxRuntimeBackend(model, BackendConfig(device="cpu")) as cpu:
+            result = process_shard(shard, config, cpu, on_rows=on_rows)
+    else:
+        backend = ThreadSlotBackend(model)
+        with backend, SlotPool(backend, 2, 64) as pool:
+            result = process_shard(shard, config, backend, slots=pool, on_rows=on_rows)
+    assert [rows for rows, _ in seen] == [64] * 7 + [52]
+    assert not any(committed for _, committed in seen)  # reported before the part commits
+    assert result.rows == sum(rows for rows, _ in seen) == 500
+
+
+@pytest.mark.parametrize("path", ["cpu", "slots"])
 @pytest.mark.parametrize(("column", "inner"), [("img", False), ("features", True)])
 def test_a_null_names_the_file_the_row_and_the_kept_values(
         model: bytes, tmp_path: Path, path: str, column: str, inner: bool) -> None:
