@@ -56,6 +56,8 @@ def places(tmp_path: Path, two_input_onnx: Path, dataset: Path) -> dict[str, str
     (tmp_path / "empty").mkdir()
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "notes.txt").write_text("not parquet")
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "part-0.parquet").write_bytes(b"PAR1 not really parquet PAR1")
     (tmp_path / "notes.txt").write_text("not onnx")
     return {"MODEL": str(two_input_onnx), "DATA": str(dataset), "OUT": str(tmp_path / "out"),
             "DIR": str(tmp_path)}

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.driver import JobReport, run_job
+from jobs.output import PART_RE
 from tests.faults.helpers import (
     check_exactly_once,
     cli_env,
@@ -129,12 +130,17 @@ def test_input_changed_between_crash_and_rerun(fault_ray: Any, proxy: FaultProxy
     before = kill_mid_job(s3_job, proxy, parts=4)
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     record = json.loads(fs.cat_file(f"{s3_job['output']}/_inputs.json"))
-    owner = {f"part-{sid}.parquet": url for url, f in record["files"].items()
-             for sid in f["shards"]}
+    of_shard = {sid: url for url, f in record["files"].items() for sid in f["shards"]}
+
+    def owner(part: str) -> str:
+        match = PART_RE.match(part)
+        assert match, part
+        return of_shard[match.group(1)]
+
     # Rewrite a file that has committed parts, and add a file.
-    changed = owner[sorted(before)[0]]
+    changed = owner(sorted(before)[0])
     name = changed.rsplit("/", 1)[-1]
-    stale = sorted(n for n in before if owner[n] == changed)
+    stale = sorted(n for n in before if owner(n) == changed)
     pq.write_table(two_input_table(300, seed=77, start=100_000), s3_job["local"] / name,
                    row_group_size=60)
     pq.write_table(two_input_table(120, seed=78, start=200_000),
