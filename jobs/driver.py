@@ -379,6 +379,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         "rows_failed": sum(int(e.get("rows_failed", 0)) for e in shard_rows),
         "shards_skipped": len(skipped), "shards_failed": len(failures),
         "failures": failed, "stale_parts_removed": changes.stale,
+        "foreign_files_removed": out.foreign_removed,
         "input_changes": changes.to_json(), "lock": lock.to_json(),
         "workers": outcome.worker_stats if outcome else [],
         "actors_replaced": outcome.actors_replaced if outcome else 0,

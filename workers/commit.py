@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -14,6 +15,14 @@ import pyarrow.parquet as pq
 from workers.storage import DEFAULT_RETRY, RetryPolicy, filesystem, is_local, retrying
 
 TMP_DIR = "_tmp"  # under the output; the leading underscore keeps Parquet readers out
+#: The names of the temporary files PartWriter makes (`part-<shard id>.parquet.<uuid>`): the only
+#: names in `_tmp` the runner may remove; anything else there is someone else's.
+TMP_PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet\.[0-9a-f]{32}$")
+
+
+def tmp_part_name(name: str) -> str:
+    """A fresh temporary name for part `name` (matches `TMP_PART_RE`)."""
+    return f"{name}.{uuid.uuid4().hex}"
 
 
 class PartWriter:
@@ -32,7 +41,7 @@ class PartWriter:
             os.makedirs(tmp_dir, exist_ok=True)
         else:
             tmp_dir = tempfile.gettempdir()
-        self.tmp_path = os.path.join(tmp_dir, f"{name}.{uuid.uuid4().hex}")
+        self.tmp_path = os.path.join(tmp_dir, tmp_part_name(name))
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 

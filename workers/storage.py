@@ -216,13 +216,26 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None,
     return data
 
 
+def local_temp_name(name: str) -> str:
+    """The temporary name `write_bytes_atomic` and `create_exclusive` write `name` under."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_local_temp_of(name: str, candidate: str) -> bool:
+    """True when `candidate` is a temporary file of `name` (see `local_temp_name`)."""
+    prefix, suffix = f".{name}.", ".tmp"
+    middle = candidate[len(prefix):-len(suffix)]
+    return (candidate.startswith(prefix) and candidate.endswith(suffix) and len(middle) == 32
+            and all(c in "0123456789abcdef" for c in middle))
+
+
 @contextlib.contextmanager
 def _local_temp(path: str, data: bytes) -> Iterator[str]:
     """`data` in a synced temporary file beside `path` (so a rename or link into place is
     atomic); the temporary name is removed on the way out, whatever happened."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(parent, local_temp_name(os.path.basename(path)))
     try:
         with open(tmp, "wb") as f:
             f.write(data)
