@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from workers.errors import OutputConflictError, StorageError
+from workers.processes import pid_namespace, process_start
 from workers.storage import (
     create_exclusive,
     filesystem,
@@ -71,23 +72,6 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The command name (field 2) may hold spaces; fields after its ')' are fixed.
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
 def _iso(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -112,7 +96,7 @@ class LockInfo:
     def mine(cls, timeout: float, job: str, clock: Callable[[], float]) -> LockInfo:
         now = clock()
         return cls(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
-                   pid_namespace=_pid_namespace(), pid_start=_proc_start(os.getpid()),
+                   pid_namespace=pid_namespace(), pid_start=process_start(os.getpid()),
                    started=_iso(now), heartbeat=now, timeout=timeout, job=job)
 
     @classmethod
@@ -146,11 +130,11 @@ class LockInfo:
     def dead_process(self) -> bool:
         """True when the owner ran on this host, in this PID namespace, and its process is gone."""
         if self.host != socket.gethostname() or not self.pid_namespace \
-                or self.pid_namespace != _pid_namespace():
+                or self.pid_namespace != pid_namespace():
             return False
         if not os.path.exists(f"/proc/{self.pid}"):
             return True
-        return bool(self.pid_start) and _proc_start(self.pid) != self.pid_start
+        return bool(self.pid_start) and process_start(self.pid) != self.pid_start
 
     def stale_reason(self, now: float, timeout: float) -> str | None:
         """Why the lock no longer protects a running job, or None while it does.

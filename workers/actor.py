@@ -13,6 +13,7 @@ from typing import Any
 
 from workers.backends import create_backend
 from workers.pipeline import SlotPool, process_shard
+from workers.spool import Spool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 
@@ -25,6 +26,9 @@ class ShardWorker:
         self.config = config
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.backend = create_backend(config.backend, model, config.backend_config)
+        # Parts bound for an object store spool here, private to this actor; opening it removes
+        # what killed actors on this node left (see workers.spool).
+        self.spool = Spool.open()
         self.times = StageTimes()
         self.shards = 0
         self.rows = 0
@@ -64,10 +68,11 @@ class ShardWorker:
             # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
             # a time: its session or execution context is not shared between threads.
             with self._serial:
-                result = process_shard(shard, self.config, self.backend, worker=self.name)
+                result = process_shard(shard, self.config, self.backend, worker=self.name,
+                                       spool_dir=self.spool.path)
         else:
             result = process_shard(shard, self.config, self.backend, worker=self.name,
-                                   slots=self.slots)
+                                   slots=self.slots, spool_dir=self.spool.path)
         with self._lock:
             self.times.add(result.times)
             self.shards += 1
@@ -120,3 +125,4 @@ class ShardWorker:
             self.slots.close()
             self.slots = None
         self.backend.close()
+        self.spool.close()

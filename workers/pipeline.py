@@ -479,11 +479,12 @@ def _run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
 
 
 def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
-                  slots: SlotPool | None = None) -> ShardResult:
+                  slots: SlotPool | None = None, spool_dir: str | None = None) -> ShardResult:
     """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
 
     A backend with `uses_slots` runs with `config.slots` batches in flight, in `slots` when given
     (an actor keeps one pool for all its shards) or in a pool opened for this shard.
+    `spool_dir`: the actor's private spool for parts bound for an object store (see PartWriter).
     """
     started = time.perf_counter()
     times = StageTimes()
@@ -552,7 +553,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                 if piece[1].num_rows:  # every row of the table failed: nothing to infer
                     yield piece
 
-    writer = PartWriter(config.output_url, shard.part_name, config.storage)
+    writer = PartWriter(config.output_url, shard.part_name, config.storage, spool_dir=spool_dir)
     count = 0
     try:
         if backend.uses_slots:
