@@ -209,6 +209,21 @@ _ADD_HINT = {"features": "--features COLUMNS", "text": "--text-column COLUMN",
              "sigmoid": "--postprocess sigmoid", "embedding": "--postprocess embedding"}
 
 
+def function_items(value: Any, section: str, source: str) -> list[tuple[str, str]]:
+    """`(where, module:function)` of every user-function item in a config's `section` list."""
+    return [(f"{section}[{i}]", str(item["kind"]))
+            for i, item in enumerate(_items(value, section, source))
+            if _kind(item) == "function"]
+
+
+def command_line_functions(args: argparse.Namespace) -> set[str]:
+    """The `module:function` targets the command line itself names (--preprocess/--postprocess)."""
+    named = {_input_and(value)[1] for value in getattr(args, "preprocess_function", None) or []}
+    named |= {value for value in getattr(args, "postprocess", None) or []
+              if is_function_target(value)}
+    return named
+
+
 def _input_and(value: str) -> tuple[str | None, str]:
     name, sep, rest = value.partition("=")
     return (name.strip() or None, rest.strip()) if sep else (None, value.strip())

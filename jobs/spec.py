@@ -13,6 +13,8 @@ from jobs.processing import (
     INPUT_FORMATS,
     add_processing_flags,
     apply_processing_flags,
+    command_line_functions,
+    function_items,
     parse_postprocess,
     parse_preprocess,
 )
@@ -249,6 +251,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    "is not running)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
+    p.add_argument("--allow-user-code", action="store_true",
+                   help="let the --config file name preprocess/postprocess functions "
+                   "(module:function), which run in the driver and on every worker; functions "
+                   "named on the command line need no flag")
     add_processing_flags(p)
     return p
 
@@ -328,7 +334,8 @@ def spec_from_args(argv: Sequence[str] | None = None,
     args = parser.parse_args(argv)
     # A preset (jobs.score, jobs.enrich, jobs.relabel) puts its defaults under the config's.
     settings: dict[str, Any] = copy.deepcopy(dict(getattr(args, "preset", None) or {}))
-    settings.update(_load_yaml(args.config) if args.config else {})
+    from_file = _load_yaml(args.config) if args.config else {}
+    settings.update(from_file)
     settings.update(extra or {})
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
     if "columns" in flags:
@@ -338,4 +345,28 @@ def spec_from_args(argv: Sequence[str] | None = None,
     settings.update(flags)
     source = f"config '{args.config}'" if args.config else "flags"
     apply_processing_flags(settings, args, source)
+    if from_file and not getattr(args, "allow_user_code", False):
+        _refuse_config_code(from_file, settings, args, source)
     return spec_from_settings(settings, source=source)
+
+
+def _refuse_config_code(from_file: Mapping[str, Any], settings: Mapping[str, Any],
+                        args: argparse.Namespace, source: str) -> None:
+    """SpecError when the config file names user functions the job would run.
+
+    Runs before anything is imported: a config may come from elsewhere, and importing a module
+    runs its code. Functions the command line names are the user's own choice; a config's
+    function that a flag replaced (--postprocess raw) is not run, so it is not refused.
+    """
+    named = command_line_functions(args)
+    used = {target for section in ("preprocess", "postprocess")
+            for _, target in function_items(settings.get(section), section, source)}
+    found = [(section, where, target) for section in ("preprocess", "postprocess")
+             for where, target in function_items(from_file.get(section), section, source)
+             if target in used and target not in named]
+    if found:
+        what = "; ".join(f"{where}: {target}" for _, where, target in found)
+        fix = " ".join(f"--{section} {target}" for section, _, target in found)
+        raise SpecError(f"{source} names user code ({what}), which the runner would import and "
+                        "run in the driver and on every worker; pass --allow-user-code if you "
+                        f"trust this config, or name the function on the command line ({fix})")
