@@ -294,7 +294,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             concurrent_batches=spec.concurrent_batches,
             preprocess=job.processing.preprocess if job.processing else (),
             postprocess=job.processing.postprocess if job.processing else (),
-            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
+            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker,
+            max_row_group_bytes=spec.max_row_group_bytes)
         model_ref: Any
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.

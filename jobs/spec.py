@@ -21,6 +21,7 @@ from jobs.processing import (
 from workers.backends import BACKEND_NAMES
 from workers.errors import SpecError
 from workers.plan_build import DEFAULT_OPTIMIZATION_LEVEL, BuildConfig, parse_bytes
+from workers.types import DEFAULT_MAX_ROW_GROUP_BYTES
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
@@ -84,6 +85,8 @@ class JobSpec:
     postprocess: tuple[Any, ...] = ()
     input_format: str = "auto"
     preprocess_threads: int | None = None
+    #: What one row group may decode to in memory (bytes, or a size such as "2GiB").
+    max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -112,6 +115,8 @@ class JobSpec:
                             f"got {self.input_format!r}")
         if self.preprocess_threads is not None:
             _positive("preprocess_threads", self.preprocess_threads)
+        object.__setattr__(self, "max_row_group_bytes",
+                           parse_bytes(self.max_row_group_bytes, "max_row_group_bytes"))
         object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
         object.__setattr__(self, "postprocess", parse_postprocess(self.postprocess))
         inputs = [name for name, _ in self.columns]
@@ -222,6 +227,9 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="GPU actors: of the K batches in flight, how many execute at once "
                    "(default 2, the rest wait with their inputs copied in; raise it for small "
                    "models whose batch leaves the GPU idle)")
+    p.add_argument("--max-row-group-bytes", metavar="BYTES",
+                   help="what one row group may decode to in memory, e.g. 2GiB (default 512MiB); "
+                   "a larger one fails its shard before it is read")
     p.add_argument("--readers", type=int, metavar="N",
                    help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
                    "when the actor has the cores and large tensor columns)")
@@ -272,6 +280,13 @@ def _parse_columns(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+#: A job config is a page of settings: these bounds refuse files that would cost more than
+#: one to read (an alias bomb expands a few hundred bytes into millions of values).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 64
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
@@ -281,18 +296,76 @@ def _load_yaml(path: str) -> dict[str, Any]:
         text = read_bytes(path)
     except OSError as exc:
         raise SpecError(f"cannot read config '{path}': {exc}") from exc
+    if len(text) > MAX_CONFIG_BYTES:
+        raise SpecError(f"config '{path}' is {len(text):,} bytes; a job config is at most "
+                        f"{MAX_CONFIG_BYTES:,} bytes")
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"config '{path}' is not valid YAML: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML's own message quotes the offending line, which may hold credentials
+        # (storage_options): say where and what, never the text. `from None` keeps the
+        # original (with its quote) out of tracebacks too.
+        raise SpecError(f"config '{path}' is not valid YAML: {_yaml_problem(exc)}; fix the "
+                        "syntax there") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError(f"config '{path}' is not valid YAML ({exc.__class__.__name__}); check "
+                        "its syntax") from None
     if not isinstance(data, dict):
         raise SpecError(f"config '{path}' must be a mapping of settings, got {type(data).__name__}")
+    _check_expansion(data, f"config '{path}'")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise SpecError(f"config '{path}' has unknown setting(s) {unknown}; "
                         f"known settings are {sorted(_FIELDS)}")
     return data
+
+
+def _yaml_problem(exc: Any) -> str:
+    """Where and what a YAML syntax error is, without the quoted source line."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
+    return f"{where}{what or 'syntax error'}"
+
+
+def _check_expansion(data: Any, source: str) -> None:
+    """Refuse settings that YAML aliases (`*name`) expand past MAX_CONFIG_VALUES, or loop.
+
+    PyYAML builds an alias as a reference to the anchored value, so loading is cheap; whatever
+    walks the settings afterwards (freezing them into the spec, writing the manifest) pays for
+    every expanded copy. Counted with a memo per shared value, in time linear in the file.
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(value: Any, where: str, depth: int) -> int:
+        if not isinstance(value, dict | list):
+            return 1
+        key = id(value)
+        if key in open_:
+            raise SpecError(f"{source} refers to itself through a YAML alias ({where}); "
+                            "settings cannot contain themselves: remove the alias")
+        if key in sizes:
+            return sizes[key]
+        if depth > MAX_CONFIG_DEPTH:
+            raise SpecError(f"{source} nests deeper than {MAX_CONFIG_DEPTH} levels at {where}; "
+                            "a job's settings need far fewer")
+        open_.add(key)
+        total = 1
+        children = (((f"{where}.{k}" if where else str(k)), v) for k, v in value.items()) \
+            if isinstance(value, dict) else ((f"{where}[{i}]", v) for i, v in enumerate(value))
+        for child_where, child in children:
+            total += size(child, child_where, depth + 1)
+            if total > MAX_CONFIG_VALUES:
+                raise SpecError(f"{source} expands to more than {MAX_CONFIG_VALUES:,} values "
+                                "through YAML aliases (*name); a job's settings need far fewer: "
+                                "write the values out, or remove the aliases")
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data, "", 0)
 
 
 def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") -> JobSpec:

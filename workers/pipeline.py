@@ -517,7 +517,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     def batches() -> Iterator[tuple[Batch, pa.Table]]:
         tables = (read_image_files(shard, config.columns, config.batch_size, config.storage)
                   if shard.files else
-                  read_batches(shard, config.columns, config.batch_size, config.storage))
+                  read_batches(shard, config.columns, config.batch_size, config.storage,
+                               max_row_group_bytes=config.max_row_group_bytes))
         while True:
             t0 = time.perf_counter()
             table = next(tables, None)
@@ -572,7 +573,8 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
                     # idle, so this shard's batches are ready when its turn comes.
                     reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
                                             config.prefetch, config.storage,
-                                            pool=pool.read_pool(config.readers), priority=ticket)
+                                            pool=pool.read_pool(config.readers), priority=ticket,
+                                            max_row_group_bytes=config.max_row_group_bytes)
                     with reader, pool.turn(ticket), \
                             Prefetcher(lambda: row_groups(reader), config.prefetch) as ahead:
                         count = _run_slots(pool, exact_batches(iter(ahead), config.batch_size),

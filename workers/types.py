@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from workers.postprocess import PostSpec
     from workers.preprocess import PrepSpec
 
+#: What one row group may decode to, by default (`--max-row-group-bytes`): a reader thread holds
+#: one decoded row group (and a GPU actor `--readers` plus those read ahead), so this bounds an
+#: actor's memory whatever a file's few bytes claim. Row groups of 384 RGB 224x224 float32
+#: images are 231 MB.
+DEFAULT_MAX_ROW_GROUP_BYTES = 512 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class FileRef:
@@ -93,6 +99,8 @@ class WorkerConfig:
     #: GPU path: batches executing at once (`workers.pipeline.SlotPool`); the rest of the
     #: `slots` wait with their inputs copied in.
     concurrent_batches: int = 2
+    #: What one row group may decode to (`workers.reader.row_group_bytes`); larger ones fail.
+    max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
 
     def __post_init__(self) -> None:
         if self.slots < 1:
