@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.spec import build_parser, spec_from_args
 from workers.errors import RunnerError
+from workers.redact import install_log_redaction, redact
 
 
 def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None,
@@ -16,11 +17,12 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     """Run a job from flags; returns the exit code (2 for a bad spec, 1 for failed shards)."""
     from jobs.driver import run_job
 
+    install_log_redaction()
     try:
         spec = spec_from_args(argv, parser or build_parser(), extra)
         report = run_job(spec)
     except RunnerError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {redact(str(exc))}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted: committed parts are kept; rerun the same command to resume",

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import ray
 
@@ -42,6 +42,7 @@ from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
 from workers.types import Shard, ShardResult, WorkerConfig
@@ -92,9 +93,11 @@ class PreparedJob:
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same job (so parts of one can be reused by the other)."""
+        # URIs without credentials: a presigned URL's signature changes between runs of the
+        # same job, and this identity is written to OUTPUT.
         key: dict[str, Any] = {
             "model_sha256": self.model_sha256,
-            "input": self.spec.input,
+            "input": redact(self.spec.input),
             "bindings": [list(b) for b in self.bindings],
             "keep": list(self.keep),
             "precision": self.spec.precision,
@@ -102,7 +105,7 @@ class PreparedJob:
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return {"fingerprint": fingerprint, "model": self.spec.model, **key}
+        return {"fingerprint": fingerprint, "model": redact(self.spec.model), **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
@@ -228,7 +231,8 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     """Run a job to the end; raises RunnerError only for problems found before work starts."""
-    stream = stream or sys.stderr
+    # Every line the job prints passes through here: URIs in it lose their credentials.
+    stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     job = prepare(spec)
     out = OutputDir(spec.output, spec.storage)

@@ -32,6 +32,7 @@ from typing import Any
 
 from workers.errors import OutputConflictError, StorageError
 from workers.processes import pid_namespace, process_start
+from workers.redact import redact
 from workers.storage import (
     create_exclusive,
     filesystem,
@@ -246,7 +247,7 @@ class OutputLock:
             remove_file(self.url, self.storage_options)
             self.took_over = (current, reason or "--takeover")
             # INFO: the driver prints the takeover for the user (see jobs.driver.run_job).
-            log.info("taking over the lock on %s from %s: %s", self.output_url,
+            log.info("taking over the lock on %s from %s: %s", redact(self.output_url),
                      current.describe(now), reason or "--takeover")
         else:
             raise OutputConflictError(
@@ -270,7 +271,7 @@ class OutputLock:
                 self.lost = str(exc)
                 return
             except StorageError as exc:
-                log.warning("cannot refresh the lock on %s: %s", self.output_url, exc)
+                log.warning("cannot refresh the lock on %s: %s", redact(self.output_url), exc)
                 if self.clock() - last_ok > self.timeout:
                     self.lost = (f"could not refresh the lock on output '{self.output_url}' for "
                                  f"{self.clock() - last_ok:.0f}s ({exc}); another job may have "
@@ -313,7 +314,7 @@ class OutputLock:
             pass  # not ours any more: someone replaced it, and it is theirs to remove
         except StorageError as exc:
             log.warning("could not remove the lock on %s (%s); the next run takes it over "
-                        "once it is stale", self.output_url, exc)
+                        "once it is stale", redact(self.output_url), exc)
 
     def to_json(self) -> dict[str, Any]:
         """What the manifest records about the lock."""

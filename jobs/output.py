@@ -18,6 +18,7 @@ import fsspec
 from jobs.lease import LOCK_FILE
 from workers.commit import TMP_DIR, TMP_PART_RE
 from workers.errors import OutputConflictError, StorageError
+from workers.redact import redact_json
 from workers.storage import filesystem, is_local, is_local_temp_of, retrying, write_bytes_atomic
 from workers.types import Shard
 
@@ -128,7 +129,10 @@ class OutputDir:
         return value if isinstance(value, dict) else None
 
     def write_json(self, name: str, value: Mapping[str, Any]) -> None:
-        data = json.dumps(value, indent=2, sort_keys=False, default=str).encode()
+        """Write one of the runner's files; no URI in it keeps its credentials (OUTPUT is often
+        shared more widely than the job's inputs)."""
+        data = json.dumps(redact_json(json.loads(json.dumps(value, default=str))), indent=2,
+                          sort_keys=False).encode()
         write_bytes_atomic(self.file_url(name), data, self.storage_options)
 
     def remove(self, names: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -211,8 +212,14 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="target rows per shard; shards are whole row groups (default 100000)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help="fsspec storage options as a JSON object; AWS_* variables also apply")
+    p.add_argument("--storage-options", metavar="JSON|@FILE",
+                   help="fsspec storage options as a JSON object, or @FILE to read them from a "
+                   "file (keeps credentials out of the command line, which `ray job list` "
+                   "shows); AWS_* variables also apply")
+    p.add_argument("--storage-options-file", metavar="FILE",
+                   help=f"a JSON file of fsspec storage options (also ${STORAGE_OPTIONS_FILE_ENV}"
+                   f", or the JSON itself in ${STORAGE_OPTIONS_ENV}); --storage-options wins "
+                   "key by key")
     p.add_argument("--max-failed-shards", type=int, metavar="N",
                    help="exit 0 even if up to N shards fail (default 0)")
     p.add_argument("--max-retries", type=int, metavar="N",
@@ -267,7 +274,14 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     return p
 
 
-_FIELDS = {f.name for f in fields(JobSpec)}
+#: Storage options from the environment (the JSON itself, or a file of it): the lowest layer,
+#: under a file named in the config or on the command line, under inline options.
+STORAGE_OPTIONS_ENV = "TRT_BATCH_RUNNER_STORAGE_OPTIONS"
+STORAGE_OPTIONS_FILE_ENV = "TRT_BATCH_RUNNER_STORAGE_OPTIONS_FILE"
+MAX_STORAGE_OPTIONS_BYTES = 1024 * 1024
+# Settings that are not fields of the spec: resolved into fields by spec_from_settings.
+_SETTINGS_ONLY = {"storage_options_file"}
+_FIELDS = {f.name for f in fields(JobSpec)} | _SETTINGS_ONLY
 
 
 def _parse_columns(items: Sequence[str]) -> dict[str, str]:
@@ -378,15 +392,8 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
     keep = data.pop("keep", None) or []
     if isinstance(keep, str) or not isinstance(keep, Sequence):
         raise SpecError(f"keep in {source} must be a list of column names, got {keep!r}")
-    storage = data.pop("storage_options", None) or {}
-    if isinstance(storage, str):
-        try:
-            storage = json.loads(storage)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"storage_options is not valid JSON ({exc}); "
-                            """pass an object such as '{"anon": true}'""") from exc
-    if not isinstance(storage, Mapping):
-        raise SpecError(f"storage_options must be a JSON object, got {type(storage).__name__}")
+    storage = _storage_options(data.pop("storage_options", None),
+                               data.pop("storage_options_file", None))
     for name in ("model", "input", "output"):
         data.setdefault(name, "")
     data["preprocess"] = parse_preprocess(data.get("preprocess"), source)
@@ -397,6 +404,65 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
                        storage_options=_freeze(storage), **data)
     except TypeError as exc:
         raise SpecError(f"bad setting in {source}: {exc}") from exc
+
+
+def _storage_options(inline: Any, path: Any) -> dict[str, Any]:
+    """Storage options, layered: the environment's, then a file's, then inline ones (JSON, or
+    `@FILE`), each replacing the keys of the one before. Errors name the source, never the
+    values (they are credentials)."""
+    layers: list[dict[str, Any]] = []
+    if os.environ.get(STORAGE_OPTIONS_ENV):
+        layers.append(_options_json(os.environ[STORAGE_OPTIONS_ENV],
+                                    f"${STORAGE_OPTIONS_ENV}"))
+    if os.environ.get(STORAGE_OPTIONS_FILE_ENV):
+        layers.append(_options_file(os.environ[STORAGE_OPTIONS_FILE_ENV]))
+    if path:
+        if not isinstance(path, str):
+            raise SpecError(f"storage_options_file must be a path, got {type(path).__name__}")
+        layers.append(_options_file(path))
+    if isinstance(inline, str) and inline.startswith("@"):
+        layers.append(_options_file(inline[1:]))
+    elif isinstance(inline, str):
+        layers.append(_options_json(inline, "storage_options"))
+    elif inline:
+        if not isinstance(inline, Mapping):
+            raise SpecError(f"storage_options must be a JSON object, got {type(inline).__name__}")
+        layers.append(dict(inline))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return merged
+
+
+def _options_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # JSONDecodeError's message says where, and quotes nothing.
+        raise SpecError(f"{source} is not valid JSON ({exc}); pass an object such as "
+                        """'{"anon": true}'""") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{source} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _options_file(path: str) -> dict[str, Any]:
+    """Storage options from a local JSON file (keep it readable by you alone: chmod 600)."""
+    source = f"storage options file '{path}'"
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read(MAX_STORAGE_OPTIONS_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read {source} ({exc.__class__.__name__}); check the path (on a "
+                        "cluster: an absolute path on the node the driver runs on)") from None
+    if len(data) > MAX_STORAGE_OPTIONS_BYTES:
+        raise SpecError(f"{source} is over {MAX_STORAGE_OPTIONS_BYTES:,} bytes; storage options "
+                        "are a few settings")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise SpecError(f"{source} is not UTF-8 text") from None
+    return _options_json(text, source)
 
 
 def spec_from_args(argv: Sequence[str] | None = None,

@@ -13,6 +13,7 @@ from typing import Any
 
 from workers.backends import create_backend
 from workers.pipeline import SlotPool, process_shard
+from workers.redact import install_log_redaction
 from workers.spool import Spool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
@@ -24,6 +25,7 @@ class ShardWorker:
         # Loading waits for `load()`, so a model that fails to load raises a task error whose
         # cause the driver can report, instead of an actor-creation failure.
         self.config = config
+        install_log_redaction()  # storage clients in this actor log request URLs
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.backend = create_backend(config.backend, model, config.backend_config)
         # Parts bound for an object store spool here, private to this actor; opening it removes

@@ -22,6 +22,7 @@ from workers.errors import (
     StorageError,
     TransientStorageError,
 )
+from workers.redact import redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def retrying(action: str, call: Callable[[], T], policy: RetryPolicy = DEFAULT_R
                     f"{time.monotonic() - started:.1f}s (the storage is unavailable or "
                     "throttling); rerun the job to resume") from exc
             wait = policy.wait(attempt)
-            log.warning("%s: %s; retry %d/%d in %.2fs", action, _describe(exc), attempt,
+            log.warning("%s: %s; retry %d/%d in %.2fs", redact(action), redact(_describe(exc)), attempt,
                         policy.attempts - 1, wait)
             time.sleep(wait)  # backoff, not synchronization: give the store time to recover
     raise AssertionError("unreachable")  # the loop returns or raises
