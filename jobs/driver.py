@@ -41,6 +41,7 @@ from jobs.spec import JobSpec
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
+from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
 from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
@@ -109,11 +110,25 @@ class PreparedJob:
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
+    """The model's bytes and description; its external-data references checked to stay in its
+    directory (see workers.external_data), before anything reads them."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
         raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
-    return data, describe_onnx(data, source=f"model '{spec.model}'")
+    info = describe_onnx(data, source=f"model '{spec.model}'")
+    check_model_directory(data, spec.model, spec.storage)
+    return data, info
+
+
+def onnx_model_files(spec: JobSpec, model_bytes: bytes) -> bytes | ModelFiles:
+    """What ONNX Runtime actors get: the model's bytes, with its external files when it has
+    them (read here, from the model's directory, so actors never open files the model names)."""
+    locations = check_model_directory(model_bytes, spec.model, spec.storage)
+    if not locations:
+        return model_bytes
+    files = read_external_files(spec.model, locations, spec.storage)
+    return ModelFiles(model=model_bytes, external=tuple(sorted(files.items())))
 
 
 def prepare(spec: JobSpec) -> PreparedJob:
@@ -306,7 +321,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
             model_ref, plans = shared.refs, shared.plans
         else:
-            model_ref = ray.put(job.model_bytes)
+            model_ref = ray.put(onnx_model_files(spec, job.model_bytes))
         pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "

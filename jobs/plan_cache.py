@@ -161,18 +161,10 @@ class PlanCache:
 
 def read_external_data(model_uri: str, locations: list[str],
                        storage_options: Mapping[str, Any] | None = None) -> dict[str, bytes]:
-    """The external weight files a model names, read relative to the model's directory."""
-    base = model_uri.rsplit("/", 1)[0] if "/" in model_uri else "."
-    out = {}
-    for location in locations:
-        url = f"{base}/{location}"
-        try:
-            out[location] = read_bytes(url, storage_options)
-        except StorageError as exc:
-            raise StorageError(f"model '{model_uri}' keeps weights in '{location}', which cannot "
-                               f"be read ({exc}); keep the external data files next to the model"
-                               ) from exc
-    return out
+    """The external weight files a model names, read from the model's own directory only."""
+    from workers.external_data import read_external_files
+
+    return read_external_files(model_uri, locations, storage_options)
 
 
 def digest(data: bytes) -> str:

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any
 
-from workers.backends import create_backend
+from workers.backends import ModelFiles, create_backend
 from workers.pipeline import SlotPool, process_shard
 from workers.redact import install_log_redaction
 from workers.spool import Spool
@@ -21,7 +21,7 @@ from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 class ShardWorker:
     """Loads the model once, then processes shards one after another."""
 
-    def __init__(self, config: WorkerConfig, model: bytes) -> None:
+    def __init__(self, config: WorkerConfig, model: bytes | ModelFiles) -> None:
         # Loading waits for `load()`, so a model that fails to load raises a task error whose
         # cause the driver can report, instead of an actor-creation failure.
         self.config = config

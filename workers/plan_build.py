@@ -332,28 +332,14 @@ def local_gpu_facts(device: int = 0) -> GpuFacts:
 
 
 def external_data_locations(model: bytes, source: str = "model") -> list[str]:
-    """Relative paths of the files an ONNX model keeps its external weights in (sorted, unique)."""
-    import onnx
+    """Relative paths of the files an ONNX model keeps external tensors in (sorted, unique).
 
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception as exc:
-        raise SpecError(f"{source} is not an ONNX model ({exc}); pass a .onnx file") from exc
-    from workers.onnx_precision import iter_graphs
+    Every reference counts (initializers, Constant values and other tensor attributes,
+    subgraphs, functions): the ONNX parser resolves them all. See `workers.external_data`.
+    """
+    from workers.external_data import checked_locations
 
-    found: set[str] = set()
-    for graph in iter_graphs(proto.graph):
-        for tensor in graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                entries = {e.key: e.value for e in tensor.external_data}
-                location = entries.get("location", "")
-                if (not location or os.path.isabs(location)
-                        or ".." in location.replace("\\", "/").split("/")):
-                    raise SpecError(f"{source} names external weights at {location!r} for "
-                                    f"'{tensor.name}'; locations must be relative paths next to "
-                                    "the model")
-                found.add(location)
-    return sorted(found)
+    return checked_locations(model, source)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_external_data_outside_the_model_directory_is_refused() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
                               [weights])
     data = helper.make_model(graph).SerializeToString()
-    with pytest.raises(SpecError, match=escaped("model names external weights at "
-                                                "'../secrets.bin' for 'w'; locations must be "
-                                                "relative paths next to the model")):
+    with pytest.raises(SpecError, match=escaped("model keeps tensor 'w' (initializer 'w') in "
+                                                "the external file '../secrets.bin', which "
+                                                "leaves the model's directory")):
         external_data_locations(data)

@@ -10,6 +10,7 @@ import numpy as np
 
 from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot
 from workers.errors import BackendError, MissingDependencyError
+from workers.external_data import refuse_without_directory
 from workers.tensors import TensorMeta, describe_onnx
 
 
@@ -46,10 +47,17 @@ class OnnxRuntimeBackend(Backend):
     session: Any
 
     def __init__(self, model: bytes, config: BackendConfig | None = None,
-                 cuda_options: Mapping[str, str] | None = None) -> None:
-        """`cuda_options`: extra CUDA provider options (e.g. `{"use_tf32": "0"}`), for every session."""
+                 cuda_options: Mapping[str, str] | None = None,
+                 external_data: Mapping[str, bytes] | None = None) -> None:
+        """`cuda_options`: extra CUDA provider options (e.g. `{"use_tf32": "0"}`), for every session.
+
+        `external_data`: the bytes of each external file the model names, by its location, as
+        the driver read them beside the model; a model that names any other is refused (see
+        `workers.external_data`), so ONNX Runtime never opens a file itself.
+        """
         super().__init__(model, config)
         self.cuda_options = dict(cuda_options or {})
+        self.external_data = dict(external_data or {})
 
     def _providers(self) -> list[Any]:
         device = self.config.device
@@ -69,6 +77,7 @@ class OnnxRuntimeBackend(Backend):
     def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
+        refuse_without_directory(self._model, "model", self.external_data)
         self.session = self._new_session(self._providers())
         self._output_names = [meta.name for meta in info.outputs]
         self.providers = list(self.session.get_providers())
@@ -81,6 +90,13 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = self.config.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if self.external_data:
+            # ONNX Runtime takes these instead of opening the files, and refuses a model that
+            # names any file not among them.
+            names = sorted(self.external_data)
+            options.add_external_initializers_from_files_in_memory(
+                names, [self.external_data[n] for n in names],
+                [len(self.external_data[n]) for n in names])
         try:
             return ort.InferenceSession(self._model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
