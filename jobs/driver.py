@@ -305,8 +305,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         pool_config = _pool_config(spec, len(todo))
         worker_config = WorkerConfig(
             backend=backend,
-            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
-                                         engine_host_code_allowed=spec.version_compatible),
+            # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code).
+            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision),
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
             slots=spec.slots, readers=spec.readers,

@@ -74,6 +74,9 @@ class JobSpec:
     #: GPU actors: of the `slots` batches in flight, how many execute at once.
     concurrent_batches: int = 2
     plan_cache: str | None = None
+    #: A file holding the key that signs and verifies cached plans (jobs.plan_signing); the
+    #: key itself is never part of the spec.
+    plan_key_file: str | None = None
     progress: bool | None = None
     workspace: int | None = None
     optimization_level: int | None = None
@@ -241,7 +244,12 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
                    "when the actor has the cores and large tensor columns)")
     p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
-                   "(default OUTPUT/_plans)")
+                   "(default ~/.cache/trt-batch-runner/plans on the driver's machine, private "
+                   "to you)")
+    p.add_argument("--plan-key-file", metavar="FILE",
+                   help="a file holding the key that signs the plans this job builds and "
+                   "verifies cached ones (also $TRT_BATCH_RUNNER_PLAN_KEY_FILE, or the key in "
+                   "$TRT_BATCH_RUNNER_PLAN_KEY); with a key, an unsigned cached plan is rebuilt")
     p.add_argument("--workspace", metavar="BYTES", help="TensorRT builder workspace limit, "
                    "e.g. 4GiB (default: TensorRT's, the GPU's memory)")
     p.add_argument("--optimization-level", type=int, metavar="0-5", help="TensorRT builder "

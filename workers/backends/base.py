@@ -32,7 +32,8 @@ class BackendConfig:
     precision: str = "fp32"
     device_id: int = 0
     #: TensorRT: let the runtime load plans that carry host code (version-compatible plans with
-    #: the lean runtime inside). Set only for plans this job built (they come from its cache).
+    #: the lean runtime inside), which then runs in the worker. Set only for plans the driver
+    #: trusts: built by this run, or signed with the job's plan key (jobs/plan_share.py).
     engine_host_code_allowed: bool = False
 
     def __post_init__(self) -> None:

@@ -148,8 +148,9 @@ class TensorRTBackend(Backend):
         self._logger = make_logger(trt_module)
         runtime: trt.Runtime = trt_module.Runtime(self._logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
-            # Version-compatible plans carry the lean runtime as host code: opt in (the plan
-            # comes from this job's own cache, built by its own build task).
+            # Version-compatible plans carry the lean runtime as host code, which runs in this
+            # process. The driver sets this only for plans it trusts: built by this run, or
+            # signed with the job's plan key (jobs/plan_share.py, jobs/plan_signing.py).
             runtime.engine_host_code_allowed = True
         self._runtime = runtime
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self._model)
