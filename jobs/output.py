@@ -7,6 +7,7 @@ before any new part is written, so OUTPUT never holds parts of two versions of a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -161,10 +162,8 @@ class OutputDir:
 
     def _remove_path(self, path: str) -> None:
         def rm() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):  # removed by another run in between
                 self.fs.rm_file(path)
-            except FileNotFoundError:
-                pass  # removed by another run in between
 
         retrying(f"cannot remove '{self.fs.unstrip_protocol(path)}'", rm)
 

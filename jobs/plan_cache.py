@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.errors import StorageError
 from workers.plan_build import BuildConfig
-from workers.storage import filesystem, read_bytes, storage_errors, write_bytes_atomic
+from workers.storage import filesystem, storage_errors, write_bytes_atomic
 
 if TYPE_CHECKING:
     from jobs.plan_signing import PlanSigner

@@ -15,6 +15,7 @@ users of the node, and a killed actor must not leave it behind for good:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -31,10 +32,8 @@ _ACTOR_DIR = re.compile(r"^actor-(\d+)-(\d+)-(\d*)$")
 def spool_root(base: str | None = None) -> str:
     """This user's private directory of spools under `base` (default: the temporary directory)."""
     root = os.path.join(base or tempfile.gettempdir(), f"trt-batch-runner-{os.getuid()}")
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(root, 0o700)
-    except FileExistsError:
-        pass
     info = os.lstat(root)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise StorageError(
@@ -64,10 +63,8 @@ class Spool:
         remove_dead_spools(root, namespace)
         pid = os.getpid()
         process_dir = os.path.join(root, f"actor-{namespace}-{pid}-{process_start(pid)}")
-        try:
+        with contextlib.suppress(FileExistsError):  # a second worker in this process
             os.mkdir(process_dir, 0o700)
-        except FileExistsError:
-            pass  # a second worker in this process
         path = os.path.join(process_dir, uuid.uuid4().hex)
         os.mkdir(path, 0o700)
         return cls(path)
@@ -75,10 +72,10 @@ class Spool:
     def close(self) -> None:
         """Remove the spool and whatever is left in it (parts not committed are redone)."""
         shutil.rmtree(self.path, ignore_errors=True)
-        try:
-            os.rmdir(os.path.dirname(self.path))  # the process's directory, once empty
-        except OSError:
-            pass  # another worker of this process still spools there
+        # The process's directory, once empty (another worker of this process may still spool
+        # there).
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.path))
 
 
 def remove_dead_spools(root: str, namespace: str) -> list[str]:

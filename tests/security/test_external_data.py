@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +22,7 @@ import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 from onnx import TensorProto, helper, numpy_helper
 
 from jobs.driver import prepare, run_job
@@ -111,10 +111,9 @@ def test_onnxruntime_refuses_external_data_of_a_model_given_as_bytes(
     backend = create_backend("onnxruntime", MODELS[kind](location), BackendConfig(device="cpu"))
     with pytest.raises(SpecError, match=re.escape(
             f"keeps tensor 'w' ({WHERE[kind]}) in the external file '{location}', and it was "
-            "given as bytes, with no directory to hold that file")):
-        with backend:
-            out = backend.infer({"x": np.zeros((1, 4), np.float32)})["y"]
-            pytest.fail(f"the model read {out.tobytes()!r}")  # what the finding saw
+            "given as bytes, with no directory to hold that file")), backend:
+        out = backend.infer({"x": np.zeros((1, 4), np.float32)})["y"]
+        pytest.fail(f"the model read {out.tobytes()!r}")  # what the finding saw
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
