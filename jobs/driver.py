@@ -24,6 +24,7 @@ from jobs.output import (
     inputs_record,
 )
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
+from jobs.plan_signing import load_signer
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.processing import Processing, check_preprocess_schema, resolve_processing
 from jobs.progress import Progress
@@ -133,6 +134,8 @@ def onnx_model_files(spec: JobSpec, model_bytes: bytes) -> bytes | ModelFiles:
 
 def prepare(spec: JobSpec) -> PreparedJob:
     """Load the model's metadata, list and shard the input, check every column binding."""
+    if spec.backend != "onnxruntime":
+        load_signer(spec.plan_key_file)  # an unreadable or short plan key fails before Ray starts
     model_bytes, model = load_model(spec)
     fs, listing = list_input(spec.input, spec.storage)
     if spec.input_format == "images" or (spec.input_format == "auto"

@@ -231,3 +231,11 @@ def test_which_cached_plans_may_be_used() -> None:
     assert cached_plan_problem(no_key, None, plain) is None  # used, host code disallowed
     assert cached_plan_problem(no_key, None, no_lean) is None  # carries no host code
     assert "runs host code" in str(cached_plan_problem(no_key, None, vc))
+
+
+def test_a_bad_plan_key_fails_before_ray_starts(tmp_path: Path, dataset: Path) -> None:
+    from jobs.driver import prepare
+
+    job, _, _ = setup(tmp_path, dataset, plan_key_file=str(tmp_path / "missing.key"))
+    with pytest.raises(SpecError, match="cannot read the plan key file"):
+        prepare(job)
