@@ -12,7 +12,8 @@ import time
 from typing import Any
 
 from workers.backends import create_backend
-from workers.pipeline import SlotPool, process_shard
+from workers.pipeline import process_shard
+from workers.slots import SlotPool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 
