@@ -12,8 +12,9 @@ import time
 from typing import Any
 
 from workers.backends import ModelFiles, create_backend
-from workers.pipeline import SlotPool, process_shard
+from workers.pipeline import process_shard
 from workers.redact import install_log_redaction
+from workers.slots import SlotPool
 from workers.spool import Spool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 

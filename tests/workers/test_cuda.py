@@ -16,7 +16,8 @@ from workers import cuda
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend, cuda_provider_available
 from workers.errors import BackendError
-from workers.pipeline import SlotPool, process_shard
+from workers.pipeline import process_shard
+from workers.slots import SlotPool
 
 rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
 

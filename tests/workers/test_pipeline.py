@@ -23,7 +23,9 @@ from tests.models import two_input_model, write_dataset
 from workers.backends.base import BackendConfig, Batch, DeviceSlot
 from workers.backends.onnxruntime import OnnxRuntimeBackend
 from workers.errors import BackendError, DataError
-from workers.pipeline import BusyTime, SlotPool, busy_seconds, process_shard
+from workers.gputime import BusyTime, busy_seconds
+from workers.pipeline import process_shard
+from workers.slots import SlotPool
 from workers.storage import file_version, filesystem
 from workers.types import Shard, StageTimes, WorkerConfig
 
