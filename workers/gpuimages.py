@@ -34,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from workers.errors import BackendError, MissingDependencyError
-from workers.images import ImageDecoder, check_pixels, crop_origin, resized_size
+from workers.images import (
+    ImageDecoder,
+    check_pixels,
+    crop_origin,
+    is_jpeg,
+    jpeg_complete,
+    resized_size,
+)
 
 #: One row of a batch for the kernel: where its source pixels are and how it maps to the crop.
 ROW = np.dtype({"names": ["src", "src_h", "src_w", "pitch", "src_c", "new_h", "new_w", "top",
@@ -141,6 +148,8 @@ FIT(fit_f64, double)
 
 #: Threads per block of the fit kernel (one per output pixel).
 BLOCK = 256
+#: Device memory of decoded images kept for the decoder to reuse (the rest are freed).
+SPARE_BYTES = 1 << 30
 
 
 def fit_row(width: int, height: int, size: tuple[int, int], resize: int
@@ -353,6 +362,9 @@ class GpuImages:
         self._nv = nvimgcodec
         self._lock = threading.Lock()
         self._slots: dict[tuple[int, str], _SlotBuffers] = {}
+        #: nvImageCodec images of batches that are done, for the next decodes to reuse.
+        self._spare: list[Any] = []
+        self._spare_bytes = 0
         self.gpu_rows = 0
         self.cpu_rows = 0
         self._stream: Any = None
@@ -392,6 +404,9 @@ class GpuImages:
             if data is None:
                 on_cpu.append(i)
                 continue
+            if is_jpeg(data) and not jpeg_complete(data):
+                on_cpu.append(i)  # truncated: nvJPEG may decode what it has; the CPU refuses
+                continue
             try:
                 stream = self._nv.CodeStream(data)
                 check_pixels(int(stream.width), int(stream.height), target.max_pixels)
@@ -400,11 +415,7 @@ class GpuImages:
                 continue
             streams.append(stream)
             rows.append(i)
-        images = (self._decoder.decode(streams, params=self._params,
-                                       cuda_stream=self._stream.handle) if streams else [])
-        # Decoded when the stream gets here: wait (this thread only converts), so the images
-        # are ready for any slot's stream without an event per batch.
-        self._stream.synchronize()
+        images = self._decode(streams) if streams else []
         on_gpu = 0
         for i, image in zip(rows, images, strict=True):
             if image is None:  # no GPU decoder took it, or it is corrupt: the CPU decides
@@ -461,7 +472,9 @@ class GpuImages:
                 row += 1
         if row != rows:
             raise BackendError(f"image input '{name}' got {row} rows for a batch of {rows}")
-        buffers.holding = holding  # the last batch's images are released here
+        # This slot's last batch was collected: its images go back for the decoder to reuse.
+        spent, buffers.holding = buffers.holding, holding
+        self._give_back([d.image for d in spent])
         cuda.set_device(self.device_id)  # this thread's current context: the kernel's
         stream = slot.stream.handle
         cuda.copy_htod_async(buffers.rows_device.ptr, buffers.rows_host.ptr,
@@ -478,6 +491,42 @@ class GpuImages:
                        "cudaMemsetAsync")
         slot.filled_inputs = slot.filled_inputs | {name}
 
+    def _decode(self, streams: list[Any]) -> list[Any]:
+        """nvImageCodec's decode of a batch into device images, reusing spent ones' memory."""
+        with self._lock:
+            reuse = self._spare[-len(streams):] if len(self._spare) >= len(streams) else None
+            if reuse is not None:
+                del self._spare[-len(streams):]
+                self._spare_bytes -= sum(int(i.height) * int(i.width) * 3 for i in reuse)
+        # Decoding into images of batches already done keeps device memory from being freed
+        # and allocated for every batch (a synchronous cudaFree would stall the GPU's queue).
+        images = self._decoder.decode(streams, images=reuse, params=self._params,
+                                      cuda_stream=self._stream.handle)
+        # Decoded when the stream gets here: wait (this thread only converts), so the images
+        # are ready for any slot's stream without an event per batch.
+        self._stream.synchronize()
+        if reuse is not None:
+            self._give_back([old for old, new in zip(reuse, images, strict=True) if new is None])
+        return list(images)
+
+    def _give_back(self, images: list[Any]) -> None:
+        """Keep `images` for reuse, up to `SPARE_BYTES` of them (the rest are freed)."""
+        with self._lock:
+            for image in images:
+                size = int(image.height) * int(image.width) * 3
+                if self._spare_bytes + size > SPARE_BYTES:
+                    break
+                self._spare.append(image)
+                self._spare_bytes += size
+
+    def probe(self) -> None:
+        """Raise BackendError unless a small JPEG decodes on this GPU."""
+        images = self._decoder.decode([self._nv.CodeStream(_probe_jpeg())], params=self._params,
+                                      cuda_stream=self._stream.handle)
+        self._stream.synchronize()
+        if not images or images[0] is None:
+            raise BackendError(f"nvImageCodec decoded no test JPEG on CUDA device {self.device_id}")
+
     def _buffers(self, slot: Any, name: str, target: FitTarget) -> _SlotBuffers:
         key = (id(slot), name)
         with self._lock:
@@ -493,6 +542,7 @@ class GpuImages:
         """Free the slots' buffers, the kernel module and the decode stream (after its work)."""
         with self._lock:
             slots, self._slots = list(self._slots.values()), {}
+            self._spare, self._spare_bytes = [], 0
         for buffers in slots:
             buffers.close()
         self.__dict__.pop("_decoder", None)
@@ -569,11 +619,7 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
         if not targets:
             return None, "cpu (no image input the GPU kernel writes)"
         images = GpuImages(targets, device_id, threads)
-        probe = images._decoder.decode([images._nv.CodeStream(_probe_jpeg())],
-                                       params=images._params, cuda_stream=images._stream.handle)
-        images._stream.synchronize()
-        if not probe or probe[0] is None:
-            raise BackendError(f"nvImageCodec decoded no test JPEG on CUDA device {device_id}")
+        images.probe()
     except Exception as exc:
         if images is not None:
             images.close()

@@ -133,12 +133,17 @@ def _load_turbo(simplejpeg: Any, data: bytes, mode: str, size: tuple[int, int], 
     if colorspace in ("CMYK", "YCCK"):
         return None
     check_pixels(width, height, max_pixels)
+    if not jpeg_complete(data):
+        # What Pillow refuses as "image file is truncated"; libjpeg would fill the rest gray.
+        raise TruncatedImageError("JPEG data ends before its end-of-image marker (truncated)")
     new_w, new_h = resized_size(width, height, resize)
     # DCT scaling (1/8 .. 8/8) to the smallest scale still at least the resized size; the
     # decode is RGB even for one-channel models, converted below as Pillow converts, so the
     # pixels are the same as Pillow's path (libjpeg's own gray output skips the chroma).
+    # strict=False: libjpeg's recoverable warnings (extraneous bytes before a marker, ...) do
+    # not fail the image, as they do not in Pillow; truncation is checked above.
     rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=new_h if draft else 0,
-                                 min_width=new_w if draft else 0)
+                                 min_width=new_w if draft else 0, strict=False)
     Image = import_pil()
     image = Image.fromarray(rgb, "RGB")
     if mode != "RGB":
@@ -163,6 +168,19 @@ def _load_pillow(data: bytes, mode: str, size: tuple[int, int], resize: int, dra
 def is_jpeg(data: bytes) -> bool:
     """True when `data` starts like a JPEG (the SOI marker)."""
     return data[:3] == b"\xff\xd8\xff"
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """True when a JPEG's last scan is followed by its end-of-image marker (it is not truncated).
+
+    Entropy-coded data cannot hold an FF D9 or FF DA (0xFF is stuffed), and a thumbnail's end
+    marker comes before the main image's scans, so the last EOI after the last SOS is the image's.
+    """
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+
+
+class TruncatedImageError(ValueError):
+    """A JPEG that ends before its end-of-image marker."""
 
 
 def load_image(data: bytes, mode: str, size: tuple[int, int], resize: int,
