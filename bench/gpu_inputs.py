@@ -129,31 +129,22 @@ def _jpegs(width: int, height: int, seeds: range) -> list[bytes]:
     return out
 
 
-def encode_jpegs(rows: int, width: int, height: int, processes: int) -> list[bytes]:
-    step = max(1, -(-rows // processes))
-    with ProcessPoolExecutor(processes) as pool:
-        parts = pool.map(_jpegs, [width] * processes, [height] * processes,
-                         [range(lo, min(rows, lo + step)) for lo in range(0, rows, step)])
-        return [data for part in parts for data in part]
-
-
-def write_layout(layout: str, path: Path, rows: int, row_group: int, size: int,
-                 photo_size: tuple[int, int], processes: int) -> dict[str, Any]:
-    """One file of `layout`: `rows` rows of uid and the image column (`jpeg` or `img`)."""
+def write_file(layout: str, path: Path, rows: int, row_group: int, size: int,
+               photo_size: tuple[int, int], first: int) -> dict[str, Any]:
+    """One file of `layout`: uids `first..first+rows` and the image column (`jpeg` or `img`)."""
     from workers.convert import tensor_to_binary_column
     from workers.images import ImageDecoder
 
-    t0 = time.perf_counter()
-    uid = pa.array(np.arange(rows, dtype=np.int64))
+    uid = pa.array(np.arange(first, first + rows, dtype=np.int64))
+    seeds = range(first, first + rows)
     if layout in JPEGS:
         width, height = (size, size) if layout == "jpeg224" else photo_size
-        images = encode_jpegs(rows, width, height, processes)
-        table = pa.table({"uid": uid, "jpeg": pa.array(images, pa.binary())})
-        pq.write_table(table, path, row_group_size=row_group, use_dictionary=["uid"])
-        mean_bytes = float(np.mean([len(x) for x in images]))
+        images = _jpegs(width, height, seeds)
+        pq.write_table(pa.table({"uid": uid, "jpeg": pa.array(images, pa.binary())}), path,
+                       row_group_size=row_group, use_dictionary=["uid"])
+        row_bytes = float(np.mean([len(x) for x in images]))
     else:
-        images = encode_jpegs(rows, size, size, processes)
-        pixels, _ = ImageDecoder("RGB", (size, size), size).decode(images)  # uint8 NHWC
+        pixels, _ = ImageDecoder("RGB", (size, size), size).decode(_jpegs(size, size, seeds))
         if layout == "uint8_tensor":
             column = pa.FixedShapeTensorArray.from_numpy_ndarray(pixels)
             # pyarrow's defaults: dictionary encoding, snappy, as a user's write_table gives.
@@ -163,22 +154,37 @@ def write_layout(layout: str, path: Path, rows: int, row_group: int, size: int,
                           / np.asarray(STD, np.float32)).transpose(0, 3, 1, 2)
             pq.write_table(pa.table({"uid": uid, "img": tensor_to_binary_column(normalized)}),
                            path, row_group_size=row_group, use_dictionary=["uid"])
-        mean_bytes = float(pixels[0].nbytes * (4 if layout == "float32_binary" else 1))
-    return {"layout": layout, "rows": rows, "file_bytes": path.stat().st_size,
-            "row_bytes": mean_bytes, "seconds": time.perf_counter() - t0}
+        row_bytes = float(pixels[0].nbytes * (4 if layout == "float32_binary" else 1))
+    return {"rows": rows, "bytes": path.stat().st_size, "row_bytes": row_bytes}
 
 
-def linked_input(first: Path, folder: Path, files: int) -> Path:
-    """A directory of `files` hard links to `first` (the same rows, read from the page cache)."""
+def write_layout(layout: str, folder: Path, files: int, rows: int, row_group: int, size: int,
+                 photo_size: tuple[int, int]) -> dict[str, Any]:
+    """`files` files of `rows` rows each, written at once by one process each."""
+    t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{layout}-{i:03d}.parquet" for i in range(files)]
+    with ProcessPoolExecutor(min(files, os.cpu_count() or 1)) as pool:
+        done = list(pool.map(write_file, [layout] * files, paths, [rows] * files,
+                             [row_group] * files, [size] * files, [photo_size] * files,
+                             [i * rows for i in range(files)]))
+    return {"layout": layout, "files": files, "rows": files * rows, "row_group": row_group,
+            "file_bytes": sum(d["bytes"] for d in done),
+            "row_bytes": float(np.mean([d["row_bytes"] for d in done])),
+            "seconds": time.perf_counter() - t0, "paths": [str(p) for p in paths]}
+
+
+def linked_input(sources: list[Path], folder: Path, files: int) -> Path:
+    """A directory of `files` hard links to `sources`, in turn (read from the page cache)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for i in range(files):
         target = folder / f"part-{i:05d}.parquet"
         try:
-            os.link(first, target)
+            os.link(sources[i % len(sources)], target)
         except OSError:
-            shutil.copyfile(first, target)
+            shutil.copyfile(sources[i % len(sources)], target)
     return folder
 
 
@@ -255,12 +261,23 @@ def _batches(table: pa.Table, batch: int) -> Iterator[pa.Table]:
         yield table.slice(lo, batch)
 
 
-def cpu_decode_ceiling(path: Path, meta: Any, size: int, batch: int, threads: int,
+def jpeg_rows(paths: list[Path], rows: int) -> pa.Table:
+    """The `jpeg` column of the first files, at least `rows` rows of it."""
+    tables, have = [], 0
+    for path in paths:
+        tables.append(pq.read_table(path, columns=["jpeg"]))
+        have += tables[-1].num_rows
+        if have >= rows:
+            break
+    return pa.concat_tables(tables)
+
+
+def cpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, threads: int,
                        repeats: int, log: RunLog, label: str) -> dict[str, Any]:
     """Rows/s of the actor's CPU image decoding alone (its Preprocessor, `threads` threads)."""
     from workers.preprocess import Preprocessor
 
-    table = pq.read_table(path, columns=["jpeg"])
+    table = jpeg_rows(paths, 4096)
     spec = image_spec(size, "cpu", meta)
     rates = []
     with Preprocessor([spec], {meta.name: meta}, threads) as prep:
@@ -294,13 +311,13 @@ class BenchSlot:
         self.stream.close()
 
 
-def gpu_decode_ceiling(path: Path, meta: Any, size: int, batch: int, threads: int,
+def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, threads: int,
                        repeats: int, log: RunLog, label: str) -> dict[str, Any]:
     """Rows/s of nvImageCodec and the fit kernel alone, into a device buffer (no model)."""
     from workers.gpuimages import open_gpu_images
     from workers.images import ImageDecoder
 
-    table = pq.read_table(path, columns=["jpeg"])
+    table = jpeg_rows(paths, 4096)
     spec = image_spec(size, "gpu", meta)
     images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, threads)
     assert images is not None, how
@@ -335,17 +352,18 @@ def gpu_decode_ceiling(path: Path, meta: Any, size: int, batch: int, threads: in
         images.close()
 
 
-def read_ceiling(path: Path, meta: Any, threads: int, repeats: int, log: RunLog, label: str,
-                 whole_groups: bool = False) -> dict[str, Any]:
-    """Rows/s of reading and converting the file's row groups alone on `threads` threads.
+def read_ceiling(paths: list[Path], meta: Any, threads: int, repeats: int, log: RunLog,
+                 label: str, whole_groups: bool = False) -> dict[str, Any]:
+    """Rows/s of reading and converting the files' row groups alone on `threads` threads.
 
-    `whole_groups`: each row group read whole (`read_row_group`), as the reader did before
-    `workers.reader.read_group` read list columns a few rows at a time.
+    Every file's reader shares one pool of `threads` threads (as an actor's shards do), so all
+    threads have row groups to read. `whole_groups`: each row group read whole
+    (`read_row_group`), as the reader did before `workers.reader.read_group`.
     """
     from workers.convert import column_to_tensor
-    from workers.rowgroups import RowGroupReader
+    from workers.rowgroups import ReadPool, RowGroupReader
 
-    shard = file_shard(path)
+    shards = [file_shard(p) for p in paths]
 
     def convert(table: pa.Table) -> tuple[dict[str, np.ndarray], pa.Table]:
         return {meta.name: column_to_tensor("img", table.column("img"), meta)}, table.select(["uid"])
@@ -365,15 +383,23 @@ def read_ceiling(path: Path, meta: Any, threads: int, repeats: int, log: RunLog,
     rates = []
     with whole() if whole_groups else contextlib.nullcontext():
         for _ in range(repeats):
+            pool = ReadPool(threads)
             t0 = time.perf_counter()
             rows = 0
-            with RowGroupReader(shard, ["img", "uid"], convert, threads=threads) as reader:
-                for _, kept, _, _ in reader:
-                    rows += kept.num_rows
+            readers = [RowGroupReader(shard, ["img", "uid"], convert, threads=threads,
+                                      pool=pool, priority=i) for i, shard in enumerate(shards)]
+            try:
+                for reader in readers:
+                    for _, kept, _, _ in reader:
+                        rows += kept.num_rows
+            finally:
+                for reader in readers:
+                    reader.close()
+                pool.close()
             rates.append(rows / (time.perf_counter() - t0))
     result = {"rows_per_s": statistics.median(rates), "runs": rates, "threads": threads,
-              "whole_row_groups": whole_groups}
-    log(f"(b) {label}: read + convert alone, {threads} thread(s)"
+              "files": len(paths), "whole_row_groups": whole_groups}
+    log(f"(b) {label}: read + convert alone, {threads} thread(s), {len(paths)} file(s)"
         f"{', whole row groups' if whole_groups else ''}: {result['rows_per_s']:.0f} rows/s "
         f"(runs {[round(r) for r in rates]})")
     return result
@@ -541,8 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "shrink to fit, and steps past it are skipped")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--file-rows", type=int, default=4096)
-    p.add_argument("--row-group", type=int, default=1024)
+    p.add_argument("--files", type=int, default=16, help="distinct files per layout (written "
+                   "at once, one process each); a job's input links to them in turn")
+    p.add_argument("--file-rows", type=int, default=1024)
+    p.add_argument("--row-group", type=int, default=256)
     p.add_argument("--ray-data", default="jpeg224", help="layouts with a Ray Data run (d)")
     p.add_argument("--ray-data-rows", type=int, default=32768)
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (a smoke run)")
@@ -645,19 +673,19 @@ def main(argv: list[str] | None = None) -> int:
         metas = {k: describe_onnx(p.read_bytes()).inputs[0] for k, p in models.items()}
         # (a): one engine per input type, shared by the layouts that feed it.
         engines = {kind: step(f"(a) {kind}", engine_alone, models[kind].read_bytes(), args.batch,
-                              0.5 if args.cpu else 3.0, args.repeats, args.cpu, log)
+                              0.5 if args.cpu else 2.0, args.repeats, args.cpu, log)
                    for kind in models}
-        files: dict[str, Path] = {}
+        files: dict[str, list[Path]] = {}
         for layout in results["layouts"]:
             entry: dict[str, Any] = {}
             results["by_layout"][layout] = entry
             kind = "float32" if layout == "float32_binary" else "uint8"
             entry["engine"] = engines[kind]
-            path = work / f"{layout}.parquet"
-            entry["data"] = step(f"data {layout}", write_layout, layout, path, args.file_rows,
-                                 args.row_group, size, photo_size, cpus)
+            entry["data"] = step(f"data {layout}", write_layout, layout, work / f"data-{layout}",
+                                 args.files, args.file_rows, args.row_group, size, photo_size)
+            path = [Path(p) for p in entry["data"].get("paths", [])]
             files[layout] = path
-            log(f"data {layout}: {entry['data']}")
+            log(f"data {layout}: { {k: v for k, v in entry['data'].items() if k != 'paths'} }")
             ceiling: dict[str, Any] = {}
             entry["ceiling"] = ceiling
             meta = metas[kind]
@@ -673,12 +701,13 @@ def main(argv: list[str] | None = None) -> int:
                                        args.repeats, log, layout)
                 ceiling["whole_row_groups"] = step(f"(b) {layout} whole", read_ceiling, path,
                                                    meta, cpus, 1, log, layout, whole_groups=True)
-                ceiling["one_thread"] = step(f"(b) {layout} 1 thread", read_ceiling, path, meta,
-                                             1, 1, log, layout)
+                ceiling["one_thread"] = step(f"(b) {layout} 1 thread", read_ceiling, path[:2],
+                                             meta, 1, 1, log, layout)
         # (c): the jobs, each sized from its own limit to run about --seconds.
         pending = list(results["layouts"])
         ray_data = [x for x in args.ray_data.split(",") if x in results["layouts"]]
         reserve = 75.0 * len(ray_data) if not args.cpu else 0.0
+        fixed = 12.0
         for index, layout in enumerate(pending):
             entry = results["by_layout"][layout]
             kind = "float32" if layout == "float32_binary" else "uint8"
@@ -690,8 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             engine = entry["engine"].get("rows_per_s") or 1000.0
             host = max([r for r in rates if r != engine], default=engine)
             expected = min(engine, host)
-            # About 12 s of fixed costs per job (Ray, actors, model load, warm-up).
-            share = (left() - reserve) / (len(pending) - index) - 12.0
+            # Fixed costs per job (Ray, actors, model load, warm-up): 12 s until one is measured.
+            share = (left() - reserve) / (len(pending) - index) - fixed
             seconds = max(5.0, min(args.seconds, share))
             if share < 5.0:
                 log(f"(c) {layout}: skipped, {left():.0f} s of the budget left")
@@ -705,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
                                 work / f"job-{layout}.log", log, layout)
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
+            if entry["job"].get("fixed_seconds"):
+                fixed = float(entry["job"]["fixed_seconds"]) + 1.0
         # (d): Ray Data's recipe and the job, whole processes, on the same rows.
         for layout in ray_data:
             if left() < 40:
