@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO, cast
 
+import pyarrow as pa
 import ray
 
 from jobs.lease import OutputLock
+from jobs.limits import limited_by
 from jobs.output import (
     INPUTS_FILE,
     MANIFEST_FILE,
@@ -28,6 +30,7 @@ from jobs.plan_signing import load_signer
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.processing import Processing, check_preprocess_schema, resolve_processing
 from jobs.progress import Progress
+from jobs.resources import WorkerResources, worker_resources
 from jobs.shards import (
     BadFile,
     InputFile,
@@ -44,6 +47,7 @@ from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
 from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.preprocess import ImagePrep, TensorPrep, TextPrep
 from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
@@ -232,15 +236,17 @@ def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> s
     return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
 
 
-def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    default = gpus if gpus else max(1, cpus // spec.cpus_per_worker)
-    workers = max(1, min(spec.workers or default, shards))
-    return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
-                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries,
-                      max_actor_deaths=spec.max_actor_deaths)
+def _worker_resources(spec: JobSpec) -> WorkerResources:
+    """Each actor's CPUs and threads on this cluster (`jobs.resources`), the spec's values first."""
+    return worker_resources(ray.nodes(), spec.cpus_per_worker, spec.readers,
+                            spec.preprocess_threads)
+
+
+def _pool_config(spec: JobSpec, shards: int, resources: WorkerResources) -> PoolConfig:
+    workers = max(1, min(spec.workers or resources.default_workers, shards))
+    return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
+                      num_cpus=resources.cpus, shards_in_flight=spec.shards_in_flight,
+                      max_retries=spec.max_retries, max_actor_deaths=spec.max_actor_deaths)
 
 
 def _now() -> str:
@@ -305,18 +311,19 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     if todo:
-        pool_config = _pool_config(spec, len(todo))
+        resources = _worker_resources(spec)
+        pool_config = _pool_config(spec, len(todo), resources)
         worker_config = WorkerConfig(
             backend=backend,
             # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code).
-            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision),
+            backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision),
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
-            slots=spec.slots, readers=spec.readers,
+            slots=spec.slots, readers=resources.readers,
             concurrent_batches=spec.concurrent_batches,
             preprocess=job.processing.preprocess if job.processing else (),
             postprocess=job.processing.postprocess if job.processing else (),
-            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker,
+            preprocess_threads=resources.preprocess_threads,
             max_row_group_bytes=spec.max_row_group_bytes)
         model_ref: Any
         if backend == "tensorrt":
@@ -328,7 +335,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
-              f"{worker_info['device']}", file=stream, flush=True)
+              f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
 
@@ -373,7 +380,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         if s.id in results:
             r = results[s.id]
             entry.update(status="committed", worker=r.worker, seconds=vars(r.times),
-                         bytes=r.part_bytes)
+                         bytes=r.part_bytes, started_at=round(r.started_at, 3),
+                         committed_at=round(r.committed_at, 3))
             if outcome and (outcome.errors.get(s.id) or outcome.deaths.get(s.id)):
                 # Committed in the end, after retries: say so, the part is still exactly once.
                 entry.update(errors=outcome.errors.get(s.id, 0),
@@ -408,6 +416,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         "actors_replaced": outcome.actors_replaced if outcome else 0,
         "shards": shard_rows,
     }
+    manifest["limited_by"] = limited_by(outcome.worker_stats if outcome else [],
+                                        *_limit_context(job))
     lock.check()  # a job that lost its lock must not write the manifest or _SUCCESS
     out.clear_tmp()
     out.write_json(MANIFEST_FILE, manifest)
@@ -422,10 +432,33 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     return report
 
 
+def _limit_context(job: PreparedJob) -> tuple[str, list[str]]:
+    """What the convert stage does in this job, and its tensor inputs read from list columns."""
+    specs = job.processing.preprocess if job.processing else ()
+    convert_is = ("decoding images" if any(isinstance(p, ImagePrep) for p in specs)
+                  else "tokenizing text" if any(isinstance(p, TextPrep) for p in specs)
+                  else "converting columns")
+    schema = job.files[0].schema if job.files else None
+    columns = [column for _, column in job.bindings]
+    columns += [p.column for p in specs if isinstance(p, TensorPrep) and p.column not in columns]
+    listed = []
+    if schema is not None:
+        for column in columns:
+            index = schema.get_field_index(column)
+            kind = schema.field(index).type if index >= 0 else None
+            if kind is not None and (isinstance(kind, pa.FixedShapeTensorType)
+                                     or pa.types.is_fixed_size_list(kind)
+                                     or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+                listed.append(column)
+    return convert_is, listed
+
+
 def summary(report: JobReport) -> str:
     lines = [f"done: {report.rows:,} rows in {report.seconds:.1f}s; shards: {report.committed} "
              f"committed, {report.skipped} skipped (already committed), {len(report.failed)} "
              f"failed; backend {report.backend}; output {report.output}"]
+    if report.manifest.get("limited_by"):
+        lines.append(report.manifest["limited_by"])
     if report.manifest.get("rows_failed"):
         lines.append(f"rows left out: {report.manifest['rows_failed']:,} row(s) failed "
                      "preprocessing; _manifest.json lists them under row_failures")

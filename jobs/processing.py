@@ -43,6 +43,7 @@ from workers.postprocess import (
 )
 from workers.preprocess import (
     BAD_IMAGE_POLICIES,
+    IMAGE_DECODES,
     LAYOUTS,
     NULL_POLICIES,
     PREP_KINDS,
@@ -117,6 +118,14 @@ def add_processing_flags(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default 1)")
     pre.add_argument("--layout", choices=LAYOUTS[1:], help="pixel layout (default: from the "
                      "model input's shape)")
+    pre.add_argument("--image-decode", choices=IMAGE_DECODES,
+                     help="where images decode: gpu (nvImageCodec on the actor's GPU, straight "
+                     "into the batch; pip install '.[gpu]'), cpu (libjpeg-turbo for JPEG, "
+                     "Pillow for the rest, on the actor's CPUs), or auto (default: gpu where "
+                     "nvImageCodec imports and decodes on the actor's GPU)")
+    pre.add_argument("--max-image-pixels", type=int, metavar="N",
+                     help="an image of more pixels is a bad row, never decoded (default: "
+                     "(32 x --resize)^2, at most Pillow's MAX_IMAGE_PIXELS)")
     pre.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES,
                      help="an image that does not decode fails the shard (default), or skip: "
                      "its row is left out and listed in the manifest with its kept columns")
@@ -192,6 +201,8 @@ _PRE_OPTIONS = (
     ("std", "--std", "std", ("image",)),
     ("layout", "--layout", "layout", ("image",)),
     ("on_bad_image", "--on-bad-image", "on_error", ("image",)),
+    ("image_decode", "--image-decode", "decode", ("image",)),
+    ("max_image_pixels", "--max-image-pixels", "max_pixels", ("image",)),
     ("preprocess_columns", "--preprocess-columns", "columns", ("function",)),
 )
 _POST_OPTIONS = (

@@ -66,11 +66,13 @@ class JobSpec:
     lock_timeout: float = 120.0
     takeover: bool = False
     precision: str = "fp32"
-    cpus_per_worker: int = 1
+    #: None: the node's CPUs per GPU on GPU clusters, else 1 (`jobs.resources`).
+    cpus_per_worker: int | None = None
     shards_in_flight: int = 2
-    #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
+    #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers
+    #: (None: the worker's CPUs).
     slots: int = 3
-    readers: int = 4
+    readers: int | None = None
     #: GPU actors: of the `slots` batches in flight, how many execute at once.
     concurrent_batches: int = 2
     plan_cache: str | None = None
@@ -97,11 +99,12 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
-        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
-                     "slots", "readers", "concurrent_batches"):
+        for name in ("batch_size", "rows_per_shard", "shards_in_flight", "slots",
+                     "concurrent_batches"):
             _positive(name, getattr(self, name))
-        if self.workers is not None:
-            _positive("workers", self.workers)
+        for name in ("workers", "cpus_per_worker", "readers"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         for name in ("max_failed_shards", "max_retries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -227,7 +230,9 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="exit 0 even if up to N shards fail (default 0)")
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="retries of a shard that fails on its data or storage (default 2)")
-    p.add_argument("--cpus-per-worker", type=int, metavar="N")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N",
+                   help="CPUs each actor reserves in Ray and uses (default: on GPU clusters the "
+                   "node's CPUs per GPU, else 1)")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")
     p.add_argument("--slots", type=int, metavar="K",
@@ -241,8 +246,8 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="what one row group may decode to in memory, e.g. 2GiB (default 512MiB); "
                    "a larger one fails its shard before it is read")
     p.add_argument("--readers", type=int, metavar="N",
-                   help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
-                   "when the actor has the cores and large tensor columns)")
+                   help="GPU actors: threads decoding Parquet row groups (default: the actor's "
+                   "CPUs, --cpus-per-worker)")
     p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
                    "(default ~/.cache/trt-batch-runner/plans on the driver's machine, private "
                    "to you)")

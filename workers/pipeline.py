@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -24,6 +25,9 @@ from workers.rowgroups import Piece, RowGroupReader
 from workers.slots import SlotPool, run_slots
 from workers.sources import MAX_ROW_FAILURES, ShardInputs
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
+
+if TYPE_CHECKING:
+    from workers.gpuimages import GpuImages
 
 __all__ = ["MAX_ROW_FAILURES", "SlotPool", "process_shard"]
 
@@ -57,7 +61,8 @@ def _run_sync(backend: Backend, pieces: Callable[[], Iterator[Piece]],
 
 
 def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: ShardInputs,
-                  write_outputs: WriteOutputs, times: StageTimes) -> int:
+                  write_outputs: WriteOutputs, times: StageTimes,
+                  images: GpuImages | None) -> int:
     """The GPU path: this shard's batches through `pool`, in its turn among the actor's shards."""
     ticket = pool.ticket()
     try:
@@ -65,7 +70,7 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
             with pool.turn(ticket), Prefetcher(inputs.pieces, config.prefetch) as ahead:
                 return run_slots(pool, exact_batches(iter(ahead), config.batch_size),
                                  write_outputs, times, time.perf_counter(),
-                                 lambda: pool.done(ticket), ticket)
+                                 lambda: pool.done(ticket), ticket, images)
         # Reading starts now, on the threads the shard holding the slots leaves idle, so this
         # shard's batches are ready when its turn comes.
         reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
@@ -76,23 +81,27 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
                 Prefetcher(lambda: inputs.row_group_pieces(reader), config.prefetch) as ahead:
             return run_slots(pool, exact_batches(iter(ahead), config.batch_size),
                              write_outputs, times, time.perf_counter(),
-                             lambda: pool.done(ticket), ticket)
+                             lambda: pool.done(ticket), ticket, images)
     finally:
         pool.done(ticket)
 
 
 def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
-                  slots: SlotPool | None = None, spool_dir: str | None = None) -> ShardResult:
+                  slots: SlotPool | None = None, images: GpuImages | None = None,
+                  spool_dir: str | None = None) -> ShardResult:
     """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
 
     A backend with `uses_slots` runs with `config.slots` batches in flight, in `slots` when given
-    (an actor keeps one pool for all its shards) or in a pool opened for this shard.
+    (an actor keeps one pool for all its shards) or in a pool opened for this shard. `images`
+    (GPU path only): the actor's GPU image decoding, for the image inputs it decodes.
     `spool_dir`: the actor's private spool for parts bound for an object store (see PartWriter).
     """
     started = time.perf_counter()
+    started_at = time.time()
     times = StageTimes()
     post = Postprocessor(config.postprocess)
-    inputs = ShardInputs(shard, config, backend.inputs, post.needs, times)
+    images = images if backend.uses_slots else None
+    inputs = ShardInputs(shard, config, backend.inputs, post.needs, times, images)
     writer = PartWriter(config.output_url, shard.part_name, config.storage, spool_dir=spool_dir)
 
     def write_outputs(kept: pa.Table, outputs: Batch, rows: int) -> None:
@@ -106,11 +115,11 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
         if not backend.uses_slots:
             count = _run_sync(backend, inputs.pieces, write_outputs, config, times)
         elif slots is not None:
-            count = _run_on_slots(shard, config, slots, inputs, write_outputs, times)
+            count = _run_on_slots(shard, config, slots, inputs, write_outputs, times, images)
         else:
             with SlotPool(backend, config.slots, config.batch_size,
                           config.concurrent_batches) as pool:
-                count = _run_on_slots(shard, config, pool, inputs, write_outputs, times)
+                count = _run_on_slots(shard, config, pool, inputs, write_outputs, times, images)
         inputs.check_rows(writer.rows)
         t0 = time.perf_counter()
         size = writer.commit()
@@ -123,4 +132,5 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     times.total = time.perf_counter() - started
     return ShardResult(shard_id=shard.id, rows=writer.rows, part_url=writer.url, part_bytes=size,
                        batches=count, worker=worker, times=times,
-                       rows_failed=inputs.rows_failed, row_failures=inputs.failures)
+                       rows_failed=inputs.rows_failed, row_failures=inputs.failures,
+                       started_at=started_at, committed_at=time.time())

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +24,16 @@ from workers.errors import DataError, SpecError
 from workers.functions import is_function_target, load_function
 from workers.tensors import TensorMeta
 
+if TYPE_CHECKING:
+    from workers.gpuimages import GpuImages
+
 Batch = dict[str, np.ndarray]
 NULL_POLICIES = ("fail", "fill")
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_MODES = ("RGB", "L")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+#: Where images decode: `cpu`, `gpu` (nvImageCodec, GPU actors), or `auto` (gpu where it works).
+IMAGE_DECODES = ("auto", "cpu", "gpu")
 PADDINGS = ("longest", "max_length")
 DEFAULT_MAX_LENGTH = 512  # BERT's position table; a model with a fixed length uses its own
 
@@ -300,6 +305,13 @@ class ImagePrep(_Spec):
     normalized by `mean`/`std` per channel, laid out NCHW or NHWC in the input's dtype. Unset
     fields come from the model's input shape. `on_error="skip"` drops a row whose image does
     not decode (recorded in the manifest) instead of failing the shard.
+
+    `draft`: a JPEG larger than needed decodes at a reduced scale (libjpeg's DCT scaling, the
+    largest reduction that keeps the resized size), then resizes the rest of the way.
+    `max_pixels`: images with more pixels are bad rows, never decoded (default
+    `workers.images.default_max_pixels(resize)`). `decode`: `cpu`, `gpu` (nvImageCodec on the
+    actor's GPU, straight into the device batch), or `auto` (gpu where nvImageCodec imports
+    and decodes on the actor's GPU, else cpu).
     """
 
     kind: ClassVar[str] = "image"
@@ -312,7 +324,9 @@ class ImagePrep(_Spec):
     layout: str = "auto"
     mode: str | None = None
     on_error: str = "fail"
-    draft: bool = False
+    draft: bool = True
+    max_pixels: int | None = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
@@ -337,6 +351,11 @@ class ImagePrep(_Spec):
         if self.mode is not None:
             _choice("image mode", self.mode, IMAGE_MODES)
         _choice("image on_error", self.on_error, BAD_IMAGE_POLICIES)
+        _choice("image decode", self.decode, IMAGE_DECODES)
+        if self.max_pixels is not None:
+            _positive_int("image max_pixels", self.max_pixels)
+        if not isinstance(self.draft, bool):
+            raise SpecError(f"image draft must be true or false, got {self.draft!r}")
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -400,8 +419,11 @@ class ImagePrep(_Spec):
         if meta.dtype.kind in "iub" and (self.mean or self.std):
             raise SpecError(f"input '{meta.name}' wants {meta.describe()}: raw integer pixels, "
                             "which cannot be normalized; drop mean and std")
+        from workers.images import default_max_pixels
+
         resolved = replace(self, input=meta.name, size=size, resize=resize, mean=tuple(mean),
-                           std=tuple(std), layout=layout, mode=mode)
+                           std=tuple(std), layout=layout, mode=mode,
+                           max_pixels=self.max_pixels or default_max_pixels(resize))
         resolved.check_schema(schema, metas, source)
         return resolved
 
@@ -526,14 +548,22 @@ class Preprocessor:
     """
 
     def __init__(self, specs: Sequence[PrepSpec], metas: Mapping[str, TensorMeta],
-                 threads: int = 1) -> None:
+                 threads: int = 1, images: GpuImages | None = None) -> None:
+        """`images`: the actor's GPU image decoding; inputs it decodes become device fills."""
+        from workers.images import PillowProcesses
+
         self.specs = tuple(specs)
         self.metas = dict(metas)
         self.threads = max(1, threads)
+        self.images = images
         #: True when an input is much larger than its column (decoded images, token arrays).
         self.expands = any(isinstance(s, ImagePrep | TextPrep) for s in self.specs)
         self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
                                        if self.expands and self.threads > 1 else None)
+        # Formats Pillow decodes (not JPEG) go to processes: it holds the GIL while decoding.
+        self._processes = (PillowProcesses(self.threads)
+                           if self._pool is not None and any(isinstance(s, ImagePrep)
+                                                             for s in self.specs) else None)
         self._steps: list[Step] = [self._build(spec) for spec in self.specs]
 
     def _build(self, spec: PrepSpec) -> Step:
@@ -621,24 +651,37 @@ class Preprocessor:
         return out
 
     def _image(self, spec: ImagePrep) -> Step:
-        from workers.images import ImageDecoder
+        from workers.images import PATH_COLUMN, ImageDecoder
 
         meta = self._meta(spec.input)
         if spec.size is None or spec.resize is None or spec.mode is None or spec.layout == "auto":
             raise SpecError(f"image preprocessor for column '{spec.column}' is not resolved "
                             "against the model; resolve it first")
+        on_gpu = self.images is not None and meta.name in self.images.inputs
+        # On the GPU path the CPU decodes only the rows the GPU cannot, to raw pixels that the
+        # GPU normalizes with the rest.
         decoder = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, self._pool,
-                               self.threads, mean=spec.mean, std=spec.std, layout=spec.layout,
-                               dtype=meta.dtype)
+                               self.threads, mean=None if on_gpu else spec.mean,
+                               std=None if on_gpu else spec.std,
+                               layout="NHWC" if on_gpu else spec.layout,
+                               dtype=np.dtype(np.uint8) if on_gpu else meta.dtype,
+                               max_pixels=spec.max_pixels, processes=self._processes)
+        images = self.images
 
         def run(table: pa.Table, offset: int) -> tuple[Batch, dict[int, tuple[str, str]]]:
             values = table.column(spec.column).to_pylist()
-            pixels, bad = decoder.decode(values)
+            if images is not None and on_gpu:
+                pixels, bad = images.decode(meta.name, values, decoder)
+            else:
+                pixels, bad = decoder.decode(values)
             if bad and spec.on_error == "fail":
                 row, reason = next(iter(sorted(bad.items())))
-                raise DataError(f"image column '{spec.column}' row {offset + row} of the shard: "
-                                f"{reason}; {len(bad)} bad image(s) in this batch; set on_error: "
-                                "skip (--on-bad-image skip) to drop bad rows and record them")
+                where = (f" ('{table.column(PATH_COLUMN)[row].as_py()}')"
+                         if PATH_COLUMN in table.column_names else "")
+                raise DataError(f"image column '{spec.column}' row {offset + row} of the shard"
+                                f"{where}: {reason}; {len(bad)} bad image(s) in this batch; set "
+                                "on_error: skip (--on-bad-image skip) to drop bad rows and "
+                                "record them")
             failed = {row: (spec.column, reason) for row, reason in bad.items()}
             return {meta.name: pixels}, failed
         return run
@@ -681,6 +724,8 @@ class Preprocessor:
         return prepared
 
     def close(self) -> None:
+        if self._processes is not None:
+            self._processes.close()
         if self._pool is not None:
             self._pool.shutdown()
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.errors import DataError, StorageError
-from workers.reader import ShardFile, check_decoded, check_row_group
+from workers.reader import ShardFile, check_decoded, check_row_group, read_group
 from workers.storage import is_local
 from workers.types import DEFAULT_MAX_ROW_GROUP_BYTES, Shard
 
@@ -167,7 +167,7 @@ class RowGroupReader:
                 with self._lock:
                     self._files.append(parquet)
                 self._local.native = parquet
-            table = parquet.read_row_group(index, columns=self.columns, use_threads=False)
+            table = read_group(parquet, index, self.columns)
         except FileNotFoundError as exc:
             raise StorageError(f"cannot read row group {index} of '{self.shard.url}': "
                                f"not found ({exc})") from exc

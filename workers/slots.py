@@ -11,9 +11,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,19 @@ from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.gputime import BusyTime, busy_seconds
 from workers.rowgroups import Piece, ReadPool
 from workers.types import StageTimes
+
+
+class DeviceFill(Protocol):
+    """Writes some inputs of a batch straight into a slot's device buffers (`workers.gpuimages`).
+
+    Their feeds are whatever the fill understands (one object per row); `run_slots` hands it a
+    batch's parts of each such input instead of copying them into the slot's pinned buffers.
+    """
+
+    inputs: frozenset[str]
+
+    def fill(self, slot: DeviceSlot, name: str, parts: Sequence[np.ndarray], rows: int) -> None:
+        """Enqueue, on `slot.stream`, the writes of input `name`'s `rows` rows (and its padding)."""
 
 
 class SlotPool:
@@ -183,11 +196,13 @@ class SlotPool:
 
 def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                write_outputs: Callable[[pa.Table, Batch, int], None], times: StageTimes,
-               started: float, submitted_all: Callable[[], None], ticket: int = -1) -> int:
+               started: float, submitted_all: Callable[[], None], ticket: int = -1,
+               device_fill: DeviceFill | None = None) -> int:
     """The GPU path: keep every slot of `pool` busy; collect batches in submission order.
 
     `batches` comes from a producer thread (reading and converting); this thread only copies
-    into pinned memory, submits, waits and hands finished batches to the writing thread.
+    into pinned memory (or, for `device_fill`'s inputs, has it write the device buffers),
+    submits, waits and hands finished batches to the writing thread.
     Slots come from the pool's free queue: after its last submission the shard calls
     `submitted_all` (ending its turn), and the next shard fills each slot this one collects
     while its last batches still run, so the GPU does not drain between shards.
@@ -244,11 +259,15 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 slot = take()
                 t0 = time.perf_counter()
                 rows = 0
+                on_device: dict[str, list[np.ndarray]] = {}
                 try:
                     for feeds, kept in pieces:
                         n = kept.num_rows
                         for name, array in feeds.items():
-                            np.copyto(slot.host_inputs[name][rows:rows + n], array)
+                            if device_fill is not None and name in device_fill.inputs:
+                                on_device.setdefault(name, []).append(array)
+                            else:
+                                np.copyto(slot.host_inputs[name][rows:rows + n], array)
                         rows += n
                     if rows < slot.max_rows:
                         # Pad a short (last) batch to the slot's full size: every batch then has
@@ -257,10 +276,14 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                         # padding's outputs are dropped in `collect`.
                         for host in slot.host_inputs.values():
                             host[rows:].fill(0)
+                    for name, parts in on_device.items():
+                        assert device_fill is not None
+                        device_fill.fill(slot, name, parts, rows)
                     t1 = time.perf_counter()
                     fill += t1 - t0
                     pool.submit(slot, slot.max_rows)
                 except BaseException:
+                    slot.filled_inputs = frozenset()  # nothing of this batch was submitted
                     pool.free.put(slot)
                     raise
                 if not count:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -23,6 +23,9 @@ from workers.rowgroups import Piece, RowGroupReader
 from workers.tensors import TensorMeta
 from workers.types import Shard, StageTimes, WorkerConfig
 
+if TYPE_CHECKING:
+    from workers.gpuimages import GpuImages
+
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
 
@@ -33,16 +36,19 @@ class ShardInputs:
     Rows a preprocessor failed (bad images, with on_error=skip) are dropped from both and
     recorded with their kept columns' values, which identify them. `carry` names model inputs
     a postprocessor reads, carried beside the kept columns (`workers.outputs.carry_inputs`).
+    `images`: the actor's GPU image decoding (the inputs it decodes become device fills).
     """
 
     def __init__(self, shard: Shard, config: WorkerConfig, metas: Sequence[TensorMeta],
-                 carry: tuple[str, ...], times: StageTimes) -> None:
+                 carry: tuple[str, ...], times: StageTimes, images: GpuImages | None = None
+                 ) -> None:
         self.shard = shard
         self.config = config
         self.carry = carry
         self.times = times
         self.prep = Preprocessor(config.preprocess or tensor_preps(config.bindings),
-                                 {meta.name: meta for meta in metas}, config.preprocess_threads)
+                                 {meta.name: meta for meta in metas}, config.preprocess_threads,
+                                 images)
         #: The first `MAX_ROW_FAILURES` failed rows, and the count of all of them.
         self.failures: list[dict[str, Any]] = []
         self.rows_failed = 0

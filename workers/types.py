@@ -179,3 +179,7 @@ class ShardResult:
     rows_failed: int = 0
     #: The first of those rows: shard row, kept columns' values, column and reason.
     row_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Wall-clock seconds (`time.time()`) when the actor started the shard and committed its
+    #: part: the job's rows/s between its first shard and its last commit come from these.
+    started_at: float = 0.0
+    committed_at: float = 0.0

@@ -50,6 +50,7 @@ class ThreadSlot(DeviceSlot):
                              for m in backend.outputs}
         self._future: Future[int] | None = None
         self.submitted: list[int] = []
+        self.filled: list[frozenset[str]] = []
         self.closed = False
 
     def _run(self, rows: int, future: Future[int]) -> None:
@@ -69,6 +70,9 @@ class ThreadSlot(DeviceSlot):
             raise BackendError("injected failure")
         self.backend.submits += 1
         self.backend.submitters.append(threading.current_thread().name)
+        # A device fill (tests/workers/test_preprocess.py's CpuFill) wrote these into the host
+        # buffers this fake slot computes from; a real slot skips their copies.
+        self.filled.append(self._take_filled())
         self.submitted.append(rows)
         future: Future[int] = Future()
         threading.Thread(target=self._run, args=(rows, future)).start()

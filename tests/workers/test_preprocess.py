@@ -346,7 +346,8 @@ def test_image_preprocessor_matches_pil(layout: str, shape: tuple[Any, ...], thr
                                         ) -> None:
     images = sample_images(seed=3)
     model = metas(meta("pixels", np.float32, *shape))
-    spec = resolved_image(model, mean=MEAN, std=STD, resize=28)
+    # draft off: a full decode, as the reference does (draft's DCT scaling is tested below)
+    spec = resolved_image(model, mean=MEAN, std=STD, resize=28, draft=False)
     assert (spec.layout, spec.size, spec.mode) == (layout, (24, 20), "RGB")
     with Preprocessor([spec], model, threads=threads) as prep:
         got = prep(pa.table({"jpeg": pa.array(images, pa.binary())})).feeds["pixels"]
@@ -360,7 +361,7 @@ def test_image_preprocessor_matches_pil(layout: str, shape: tuple[Any, ...], thr
 def test_image_defaults_come_from_the_model_and_gray_models_get_l() -> None:
     images = sample_images(seed=4)
     model = metas(meta("x", np.float16, None, 1, 16, 16))
-    spec = resolved_image(model)
+    spec = resolved_image(model, draft=False)
     assert (spec.size, spec.resize, spec.mode, spec.mean, spec.std) == (
         (16, 16), 16, "L", (0.0,), (1.0,))
     with Preprocessor([spec], model) as prep:
@@ -373,7 +374,7 @@ def test_image_defaults_come_from_the_model_and_gray_models_get_l() -> None:
 def test_image_uint8_models_get_raw_pixels() -> None:
     images = sample_images(seed=5)
     model = metas(meta("x", np.uint8, None, 12, 12, 3))
-    with Preprocessor([resolved_image(model)], model) as prep:
+    with Preprocessor([resolved_image(model, draft=False)], model) as prep:
         got = prep(pa.table({"jpeg": pa.array(images, pa.binary())})).feeds["x"]
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.stack([pil_pixels(d, (12, 12), 12) for d in images]))
@@ -407,7 +408,7 @@ def test_corrupt_images_are_dropped_and_reported_with_skip() -> None:
     table = pa.table({"jpeg": pa.array(bad_images(), pa.binary()),
                       "m": pa.array(np.arange(12, dtype=np.float32).reshape(6, 2).tolist(),
                                     pa.list_(pa.float32(), 2))})
-    specs: list[PrepSpec] = [resolved_image(metas(model["x"]), on_error="skip"),
+    specs: list[PrepSpec] = [resolved_image(metas(model["x"]), on_error="skip", draft=False),
                              TensorPrep(column="m", input="meta")]
     with Preprocessor(specs, model) as prep:
         prepared = prep(table)
@@ -572,17 +573,62 @@ def test_a_preprocessor_without_an_input_needs_exactly_one_left() -> None:
 # --- through the shard pipeline, on both paths --------------------------------------------------
 
 
+class CpuFill:
+    """`GpuImages`' interface without a GPU: every row decodes on the CPU (its fallback path), and
+    the fill writes the slot's host buffer as the fit kernel writes the device's (the fake slots
+    compute from their host buffers). So the object-array feeds, their batching, bad rows and the
+    slots' device-fill hook run in CI."""
+
+    def __init__(self, specs: Any, model: dict[str, TensorMeta]) -> None:
+        from workers.gpuimages import fit_targets
+
+        self.targets = fit_targets(specs, model)
+        self.inputs = frozenset(self.targets)
+        self.filled_rows = 0
+
+    def decode(self, name: str, values: list[bytes | None], cpu: ImageDecoder
+               ) -> tuple[np.ndarray, dict[int, str]]:
+        assert cpu.dtype == np.uint8 and cpu.layout == "NHWC", "the CPU's part must be raw pixels"
+        pixels, bad = cpu.decode(values)
+        out = np.empty(len(values), dtype=object)
+        for i in range(len(values)):
+            out[i] = None if i in bad else pixels[i]
+        return out, bad
+
+    def fill(self, slot: Any, name: str, parts: Any, rows: int) -> None:
+        t = self.targets[name]
+        put = ImageDecoder(t.mode, t.size, t.resize, mean=t.mean, std=t.std, layout=t.layout,
+                           dtype=t.dtype).put
+        host, row = slot.host_inputs[name], 0
+        for part in parts:
+            for pixels in part:
+                put(pixels, host[row])
+                row += 1
+        assert row == rows
+        host[rows:] = 0
+        self.filled_rows += rows
+        slot.filled_inputs = slot.filled_inputs | {name}
+
+
 def run_shard(backend_name: str, model_bytes: bytes, shard: Any, config: Any) -> Any:
-    """process_shard on the CPU path (ONNX Runtime) or the K-slots path (thread slots)."""
+    """process_shard on the CPU path (ONNX Runtime), the K-slots path (thread slots), or that
+    with the image inputs as device fills (`CpuFill`)."""
     from tests.workers.test_pipeline import ThreadSlotBackend
     from workers.backends.base import BackendConfig
     from workers.backends.onnxruntime import OnnxRuntimeBackend
     from workers.pipeline import process_shard
 
-    backend = (ThreadSlotBackend(model_bytes) if backend_name == "slots"
+    backend = (ThreadSlotBackend(model_bytes) if backend_name in ("slots", "device-fill")
                else OnnxRuntimeBackend(model_bytes, BackendConfig(device="cpu")))
     with backend:
-        return process_shard(shard, config, backend)
+        images = (CpuFill(config.preprocess, {m.name: m for m in backend.inputs})
+                  if backend_name == "device-fill" else None)
+        result = process_shard(shard, config, backend, images=images)  # type: ignore[arg-type]
+        if images is not None:
+            assert images.filled_rows == result.rows
+            filled = [f for slot in backend.opened for f in slot.filled]
+            assert filled and all(f == images.inputs for f in filled)
+        return result
 
 
 def parquet_shard(path: str) -> Any:
@@ -591,7 +637,7 @@ def parquet_shard(path: str) -> Any:
     return whole_file_shard(path)
 
 
-@pytest.mark.parametrize("path", ["sync", "slots"])
+@pytest.mark.parametrize("path", ["sync", "slots", "device-fill"])
 def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -612,7 +658,8 @@ def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) 
     pq.write_table(pa.table({"uid": uid, "jpeg": pa.array(images, pa.binary()), "a": a, "b": b}),
                    tmp_path / "in.parquet", row_group_size=30)
     model = metas(meta("image", np.float32, None, 3, 8, 8), meta("meta", np.float32, None, 2))
-    specs = (resolved_image(metas(model["image"]), on_error="skip", mean=MEAN, std=STD),
+    specs = (resolved_image(metas(model["image"]), on_error="skip", mean=MEAN, std=STD,
+                            draft=False),
              FeaturesPrep(columns=("a", "b"), input="meta"))
     config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
                           output_url=str(tmp_path / "out"), bindings=(), keep=("uid",),
@@ -637,7 +684,7 @@ def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) 
     np.testing.assert_array_equal(part.column("label").to_numpy(), logits.argmax(axis=1))
 
 
-@pytest.mark.parametrize("path", ["sync", "slots"])
+@pytest.mark.parametrize("path", ["sync", "slots", "device-fill"])
 def test_pipeline_reads_an_image_directory(path: str, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 

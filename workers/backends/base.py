@@ -50,10 +50,19 @@ class DeviceSlot(ABC):
     next `submit`. Buffers are sized once for `max_rows`. `submit(rows, after=event)` makes the
     execution (not the copy-in) wait on the GPU for `event`, another slot's `executed`: that is
     how `SlotPool` bounds how many batches execute at once.
+
+    Device fills: a caller that writes an input straight into the slot's device buffer
+    (`device_input(name)`, on the slot's `stream`, before `submit`) names it in
+    `filled_inputs`; `submit` then skips that input's host copy, and clears the set.
     """
 
     max_rows: int
     host_inputs: dict[str, np.ndarray]
+    #: The slot's CUDA stream (`workers.cuda.Stream`): a device fill enqueues its work on it.
+    stream: Any = None
+    #: Inputs whose device buffer a device fill wrote for the next `submit` (which skips their
+    #: host copies and resets this to empty).
+    filled_inputs: frozenset[str] = frozenset()
     #: Optional `workers.cuda.SlotTimer` whose events mark the last batch's stages; the
     #: pipeline reads it for the GPU busy fraction. None: the slot does not time itself.
     timer: Any = None
@@ -83,6 +92,15 @@ class DeviceSlot(ABC):
         self.timer.done.synchronize()
         self._rows = None
         return rows
+
+    def _take_filled(self) -> frozenset[str]:
+        """The inputs filled on the device for this submit; resets them for the next one."""
+        filled, self.filled_inputs = self.filled_inputs, frozenset()
+        return filled
+
+    def device_input(self, name: str) -> int:
+        """The device address of input `name`'s buffer (`max_rows` rows), for a device fill."""
+        raise BackendError(f"this device slot has no device buffer for input '{name}' to fill")
 
     @property
     def executed(self) -> Any:

@@ -84,10 +84,10 @@ class OnnxRuntimeBackend(Backend):
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         return info.inputs, info.outputs
 
-    def _new_session(self, providers: list[Any]) -> Any:
+    def _new_session(self, providers: list[Any], threads: int | None = None) -> Any:
         ort = import_onnxruntime()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.config.threads
+        options.intra_op_num_threads = self.config.threads if threads is None else threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         if self.external_data:
@@ -161,7 +161,9 @@ class OrtCudaSlot(DeviceSlot):
             options = {**backend.cuda_options, "device_id": str(self._device_id),
                        "user_compute_stream": str(self.stream.handle),
                        "has_user_compute_stream": "1"}
-            self.session = backend._new_session([("CUDAExecutionProvider", options)])
+            # One CPU thread: the CUDA provider runs the graph; the actor's CPUs (its threads
+            # setting) are the readers' and decoders', which an idle ORT pool would only spin on.
+            self.session = backend._new_session([("CUDAExecutionProvider", options)], threads=1)
             if "CUDAExecutionProvider" not in self.session.get_providers():
                 raise BackendError("ONNX Runtime did not enable its CUDA provider for a device slot "
                                    f"(it has {self.session.get_providers()}); check the CUDA and "
@@ -214,10 +216,12 @@ class OrtCudaSlot(DeviceSlot):
         from workers import cuda
 
         self._check_submit(rows)
+        filled = self._take_filled()
         stream = self.stream.handle
         self.timer.mark(0, stream)
-        for _, host, pinned, device in self._inputs:
-            cuda.copy_htod_async(device.ptr, pinned.ptr, rows * host[0].nbytes, stream)
+        for meta, host, pinned, device in self._inputs:
+            if meta.name not in filled:  # a device fill wrote it already, on this stream
+                cuda.copy_htod_async(device.ptr, pinned.ptr, rows * host[0].nbytes, stream)
         self.timer.mark(1, stream)
         if after is not None:
             self.stream.wait_event(after)
@@ -231,6 +235,12 @@ class OrtCudaSlot(DeviceSlot):
     def wait(self) -> Batch:
         rows = self._wait_rows()
         return {name: host[:rows] for name, host in self.host_outputs.items()}
+
+    def device_input(self, name: str) -> int:
+        for meta, _, _, device in self._inputs:
+            if meta.name == name:
+                return int(device.ptr)
+        return super().device_input(name)
 
     def close(self) -> None:
         """Wait for anything in flight, then free the session and every buffer, stream and event."""

@@ -343,6 +343,7 @@ class TensorRTSlot(DeviceSlot):
         if self._closed or context is None:
             raise BackendError("this TensorRT slot is closed")
         self._check_submit(rows)
+        filled = self._take_filled()
         cuda = self._cuda
         stream = self.stream.handle
         exec_rows = self._exec_rows if self._fixed else rows
@@ -352,8 +353,9 @@ class TensorRTSlot(DeviceSlot):
             if not self._fixed and not context.set_input_shape(meta.name, (exec_rows, *row)):
                 raise BackendError(f"the plan rejects input '{meta.name}' with {exec_rows} rows: "
                                    f"{self._logger.last_errors()}")
-            cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
-                                 exec_rows * math.prod(row) * meta.dtype.itemsize, stream)
+            if meta.name not in filled:  # a device fill wrote it already, on this stream
+                cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
+                                     exec_rows * math.prod(row) * meta.dtype.itemsize, stream)
         self.timer.mark(1, stream)
         if after is not None:
             self.stream.wait_event(after)
@@ -369,6 +371,11 @@ class TensorRTSlot(DeviceSlot):
                                  math.prod(shape) * meta.dtype.itemsize, stream)
         self.timer.mark(3, stream)
         self._rows = rows
+
+    def device_input(self, name: str) -> int:
+        if any(meta.name == name for meta in self._inputs):
+            return int(self._device[name].ptr)
+        return super().device_input(name)
 
     def wait(self) -> Batch:
         """Block until the batch is done; outputs are pinned views, valid until the next submit."""
