@@ -52,7 +52,8 @@ class JobSpec:
     keep: tuple[str, ...] = ()
     batch_size: int = 256
     workers: int | None = None
-    rows_per_shard: int = 100_000
+    #: None: shards balanced over the workers (`jobs.shards.balanced_rows`).
+    rows_per_shard: int | None = None
     backend: str = "auto"
     storage_options: tuple[tuple[str, Any], ...] = ()
     max_failed_shards: int = 0
@@ -62,7 +63,9 @@ class JobSpec:
     lock_timeout: float = 120.0
     takeover: bool = False
     precision: str = "fp32"
-    cpus_per_worker: int = 1
+    #: None: 1 on a CPU-only cluster; on GPUs, the CPUs a GPU node has per GPU (the host side
+    #: of a GPU actor, tokenizing and decoding, gets all of them).
+    cpus_per_worker: int | None = None
     shards_in_flight: int = 2
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
     slots: int = 3
@@ -82,17 +85,23 @@ class JobSpec:
     postprocess: tuple[Any, ...] = ()
     input_format: str = "auto"
     preprocess_threads: int | None = None
+    #: Text: most padded tokens per batch, and rows sorted by length together (None: defaults
+    #: in `workers.batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
-        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
-                     "slots", "readers", "concurrent_batches"):
+        for name in ("batch_size", "shards_in_flight", "slots", "readers",
+                     "concurrent_batches"):
             _positive(name, getattr(self, name))
-        if self.workers is not None:
-            _positive("workers", self.workers)
+        for name in ("workers", "rows_per_shard", "cpus_per_worker", "max_batch_tokens",
+                     "sort_window"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         for name in ("max_failed_shards", "max_retries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -201,7 +210,8 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--workers", type=int, metavar="N",
                    help="actors (default: one per GPU, or one per CPU on a CPU-only cluster)")
     p.add_argument("--rows-per-shard", type=int, metavar="N",
-                   help="target rows per shard; shards are whole row groups (default 100000)")
+                   help="target rows per shard; shards are whole row groups (default: at least "
+                   "4 shards per worker, at most 100000 rows each)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
     p.add_argument("--storage-options", metavar="JSON",
@@ -210,7 +220,15 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="exit 0 even if up to N shards fail (default 0)")
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="retries of a shard that fails on its data or storage (default 2)")
-    p.add_argument("--cpus-per-worker", type=int, metavar="N")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N",
+                   help="CPUs each actor reserves: its tokenizing/decoding threads and ONNX "
+                   "Runtime's (default: 1 on CPUs; on GPUs, a GPU node's CPUs per GPU)")
+    p.add_argument("--max-batch-tokens", type=int, metavar="N",
+                   help="text: most tokens a batch holds, counted as rows x its longest row "
+                   "(default 64 per row of --batch-size)")
+    p.add_argument("--sort-window", type=int, metavar="ROWS",
+                   help="text: rows sorted by length together before batching (default "
+                   "max(8192, 16 x --batch-size))")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")
     p.add_argument("--slots", type=int, metavar="K",

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from workers.backends import create_backend
+from workers.batching import token_budget
 from workers.pipeline import process_shard
 from workers.slots import SlotPool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
@@ -62,8 +63,8 @@ class ShardWorker:
 
     def _process(self, shard: Shard) -> ShardResult:
         if self.slots is None:
-            # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
-            # a time: its session or execution context is not shared between threads.
+            # A synchronous backend (CPU, or a GPU model with dynamic shapes the slots cannot be
+            # sized for) runs one shard at a time: its session or context is not thread-safe.
             with self._serial:
                 result = process_shard(shard, self.config, self.backend, worker=self.name)
         else:
@@ -93,9 +94,9 @@ class ShardWorker:
     def _load(self) -> None:
         """Load the backend and, on a GPU, open the slots and warm them up; idempotent."""
         self.backend.load()
-        if self.slots is None and self.backend.uses_slots:
-            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size,
-                             self.config.concurrent_batches)
+        budget = token_budget(self.config, self.backend.inputs)
+        if self.slots is None and self.backend.uses_slots and SlotPool.fits(self.backend, budget):
+            slots = SlotPool.for_job(self.backend, self.config, budget)
             try:
                 self.warmup_seconds = slots.warm_up()
             except BaseException:

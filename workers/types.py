@@ -93,6 +93,10 @@ class WorkerConfig:
     #: GPU path: batches executing at once (`workers.pipeline.SlotPool`); the rest of the
     #: `slots` wait with their inputs copied in.
     concurrent_batches: int = 2
+    #: Text: most padded tokens (rows x width) a batch holds (None: `batching.TOKENS_PER_ROW`
+    #: per row of `batch_size`), and rows sorted by length together (None: see `batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -171,3 +175,6 @@ class ShardResult:
     rows_failed: int = 0
     #: The first of those rows: shard row, kept columns' values, column and reason.
     row_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Wall clock (`time.time()`) when the shard started and when its part was committed.
+    started: float = 0.0
+    finished: float = 0.0
