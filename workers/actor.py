@@ -26,6 +26,9 @@ class ShardWorker:
         # cause the driver can report, instead of an actor-creation failure.
         self.config = config
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
+        # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(config.preprocess_threads))
         self.backend = create_backend(config.backend, model, config.backend_config)
         self.times = StageTimes()
         self.shards = 0

@@ -79,7 +79,10 @@ class OnnxRuntimeBackend(Backend):
     def _new_session(self, providers: list[Any]) -> Any:
         ort = import_onnxruntime()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.config.threads
+        # On the GPU the CPU threads only run shape ops, and idle ones spin: they would take
+        # the cores the actor's tokenizing and decoding threads need.
+        on_gpu = any("CUDAExecutionProvider" in str(p) for p in providers)
+        options.intra_op_num_threads = 1 if on_gpu else self.config.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
