@@ -128,8 +128,13 @@ def token_stats(tokenizer_text: str, texts: list[str]) -> dict[str, float]:
 def job_batches(tokenizer_text: str, texts: list[str], max_length: int) -> list[dict[str, Any]]:
     """The job's own batches of these rows, at its default budget: sorted windows, each batch
     at its own width."""
-    from workers.batching import MIN_WINDOW, TOKENS_PER_ROW, WINDOW_BATCHES, TokenBudget
-    from workers.batching import length_batches
+    from workers.batching import (
+        MIN_WINDOW,
+        TOKENS_PER_ROW,
+        WINDOW_BATCHES,
+        TokenBudget,
+        length_batches,
+    )
     from workers.text import TOKEN_COUNTS, TextEncoder
 
     rows = 256  # the job's default --batch-size
@@ -155,7 +160,7 @@ def padded_batches(batches: list[dict[str, Any]], width: int, rows: int = 256
                    ) -> list[dict[str, Any]]:
     """The same rows in batches of `rows`, every one padded to `width` (no sorting needed)."""
     out = []
-    flat = {name: [] for name in batches[0]}  # type: dict[str, list[np.ndarray]]
+    flat: dict[str, list[np.ndarray]] = {name: [] for name in batches[0]}
     for batch in batches:
         for name, array in batch.items():
             wide = np.zeros((len(array), width), array.dtype)
@@ -545,8 +550,8 @@ def cpu(args: argparse.Namespace) -> None:
     for repeat in range(args.repeats):
         job = run_job(model, data, work / "out-job", work / "tokenizer.json", log, 1200)
         st_out = work / "st.parquet"
-        wall, code, output = run_process([sys.executable, str(st_script), str(data),
-                                          str(st_out), "128"], log, 1200)
+        wall, _, output = run_process([sys.executable, str(st_script), str(data),
+                                       str(st_out), "128"], log, 1200)
         encode = next((float(line.split()[1]) for line in output.splitlines()
                        if line.startswith("ENCODE_SECONDS")), 0.0)
         results["runs"].append({"job": job, "st_wall": wall, "st_encode": encode})
