@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO, cast
 
 import pyarrow as pa
@@ -32,8 +32,11 @@ from jobs.processing import Processing, check_preprocess_schema, resolve_process
 from jobs.progress import Progress
 from jobs.resources import WorkerResources, worker_resources
 from jobs.shards import (
+    SHARDS_PER_WORKER,
     BadFile,
     InputFile,
+    balanced_rows,
+    balanced_shards,
     cut_file_shards,
     cut_shards,
     is_image_listing,
@@ -51,7 +54,11 @@ from workers.preprocess import ImagePrep, TensorPrep, TextPrep
 from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
-from workers.types import Shard, ShardResult, WorkerConfig
+from workers.types import FileRef, Shard, ShardResult, WorkerConfig
+
+#: Shards cut before the workers are known (and files per shard of an image directory).
+DEFAULT_ROWS_PER_SHARD = 100_000
+DEFAULT_FILES_PER_SHARD = 1000
 
 
 @dataclass
@@ -86,6 +93,10 @@ class PreparedJob:
     processing: Processing | None = None
     #: Files of the input that are not images, when the input is an image directory (skipped).
     skipped_files: tuple[str, ...] = ()
+    #: Balanced shards: the rows (or files) per shard they were cut for, and the files whose
+    #: row groups are larger than that (url, rows of the largest); None: cut as the spec says.
+    shard_target: int | None = None
+    big_row_groups: tuple[tuple[str, int], ...] = ()
 
     @property
     def keep(self) -> tuple[str, ...]:
@@ -164,7 +175,8 @@ def prepare(spec: JobSpec) -> PreparedJob:
             good.append(f)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
-                       bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
+                       bad_files=bad,
+                       shards=cut_shards(good, spec.rows_per_shard or DEFAULT_ROWS_PER_SHARD),
                        bindings=bindings, processing=processing)
 
 
@@ -205,9 +217,42 @@ def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any
     check_keep(processing.keep, model, IMAGE_DIR_SCHEMA, source, processing.output_columns)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=[],
-                       bad_files=[], shards=cut_file_shards(images, spec.rows_per_shard),
+                       bad_files=[],
+                       shards=cut_file_shards(images,
+                                              spec.rows_per_shard or DEFAULT_FILES_PER_SHARD),
                        bindings=processing.bindings, processing=processing,
                        skipped_files=tuple(others))
+
+
+def balance(job: PreparedJob, workers: int, previous: dict[str, Any] | None) -> PreparedJob:
+    """`job` with shards balanced over `workers` (at least `SHARDS_PER_WORKER` each), unless
+    the spec sets rows_per_shard; a rerun keeps the cut its earlier run recorded, so the
+    parts it committed stay valid whatever the cluster's size now."""
+    if job.spec.rows_per_shard is not None:
+        return job
+    target = None
+    if previous and previous.get("job") == job.identity["fingerprint"]:
+        recorded = previous.get("rows_per_shard")
+        target = recorded if isinstance(recorded, int) and recorded > 0 else None
+    if not job.files:  # an image directory: files per shard
+        images: list[FileRef] = [f for s in job.shards for f in s.files]
+        per = target or max(1, min(DEFAULT_FILES_PER_SHARD,
+                                   len(images) // (SHARDS_PER_WORKER * workers)))
+        return replace(job, shards=cut_file_shards(images, per), shard_target=per)
+    rows = target or balanced_rows(job.files, workers)
+    shards, big = balanced_shards(job.files, workers, rows)
+    return replace(job, shards=shards, shard_target=rows, big_row_groups=tuple(big))
+
+
+def shard_note(job: PreparedJob, workers: int) -> str:
+    """Why a balanced job has fewer shards than its workers want (row groups too big), or ''."""
+    if not job.big_row_groups or len(job.shards) >= SHARDS_PER_WORKER * workers:
+        return ""
+    url, rows = max(job.big_row_groups, key=lambda b: b[1])
+    return (f"{len(job.big_row_groups)} file(s) have row groups larger than the "
+            f"{job.shard_target:,}-row shards that would keep {workers} worker(s) busy (the "
+            f"largest: {rows:,} rows in '{url}'); a row group is one shard at least, so its "
+            "rows run on one worker: write such files with smaller row groups")
 
 
 def init_ray() -> None:
@@ -259,6 +304,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     job = prepare(spec)
+    phases = {"prepare": time.monotonic() - started}
     out = OutputDir(spec.output, spec.storage)
     lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
                       job=job.identity["fingerprint"])
@@ -269,17 +315,24 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
               f"({why})", file=stream, flush=True)
     try:
         out.check(job.identity, spec.overwrite)  # refuse another job's output before Ray starts
-        return _run_locked(spec, job, out, lock, stream, started, started_at)
+        return _run_locked(spec, job, out, lock, stream, started, started_at, phases)
     finally:
         lock.release()
 
 
 def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLock,
-                stream: TextIO, started: float, started_at: str) -> JobReport:
+                stream: TextIO, started: float, started_at: str,
+                startup: dict[str, float]) -> JobReport:
     """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
+    mark = time.monotonic()
     init_ray()
+    startup["ray_init"] = time.monotonic() - mark
     gpu_nodes = gpu_nodes_for(spec.backend)
     backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    resources = _worker_resources(spec)
+    workers = spec.workers or resources.default_workers
+    before = out.read_json(INPUTS_FILE)
+    job = balance(job, workers, before)
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
@@ -290,7 +343,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     # so OUTPUT never holds parts of two versions of a file.
     record = inputs_record(job.identity["fingerprint"],
                            [(f.url, f.size, f.version) for f in job.files], job.shards)
-    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed)
+    if job.shard_target is not None:
+        record["rows_per_shard"] = job.shard_target  # a rerun cuts the same shards
+    changes = diff_inputs(before, record, committed)
     out.remove([p["part"] for p in changes.stale])
     committed = {sid: name for sid, name in committed.items() if sid in current}
     out.write_json(INPUTS_FILE, record)
@@ -301,6 +356,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
           f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else "")
           + (f"; {len(job.skipped_files)} non-image file(s) ignored" if job.skipped_files else ""),
           file=stream, flush=True)
+    note = shard_note(job, workers)
+    if note:
+        print(f"shards: {note}", file=stream, flush=True)
+    for prep in job.processing.preprocess if job.processing else ():
+        if isinstance(prep, TextPrep):
+            print(f"text '{prep.column}': {prep.limits_text()}", file=stream, flush=True)
     try:  # failed rows of shards committed by an earlier run are carried into this manifest
         previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
                     if isinstance(e, dict)}
@@ -311,7 +372,6 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     if todo:
-        resources = _worker_resources(spec)
         pool_config = _pool_config(spec, len(todo), resources)
         worker_config = WorkerConfig(
             backend=backend,
@@ -324,16 +384,21 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
             preprocess=job.processing.preprocess if job.processing else (),
             postprocess=job.processing.postprocess if job.processing else (),
             preprocess_threads=resources.preprocess_threads,
-            max_row_group_bytes=spec.max_row_group_bytes)
+            max_row_group_bytes=spec.max_row_group_bytes,
+            max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window)
         model_ref: Any
+        mark = time.monotonic()
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
             shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
             model_ref, plans = shared.refs, shared.plans
         else:
             model_ref = ray.put(onnx_model_files(spec, job.model_bytes))
+        startup["plan"] = time.monotonic() - mark
+        mark = time.monotonic()
         pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
+        startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
               f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
@@ -351,10 +416,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
         try:
             outcome = pool.run(todo, on_result, on_tick=on_tick)
+            mark = time.monotonic()
             outcome.worker_stats = pool.stats()
         finally:
             progress.close()
             pool.shutdown()
+        startup["pool_stop"] = time.monotonic() - mark
 
     results = outcome.results if outcome else {}
     failures = outcome.failures if outcome else {}
@@ -418,6 +485,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     }
     manifest["limited_by"] = limited_by(outcome.worker_stats if outcome else [],
                                         *_limit_context(job))
+    manifest["timings"] = job_timings(startup, results.values(), started)
     lock.check()  # a job that lost its lock must not write the manifest or _SUCCESS
     out.clear_tmp()
     out.write_json(MANIFEST_FILE, manifest)
@@ -451,6 +519,22 @@ def _limit_context(job: PreparedJob) -> tuple[str, list[str]]:
                                      or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
                 listed.append(column)
     return convert_is, listed
+
+
+def job_timings(phases: dict[str, float], results: Any, started: float) -> dict[str, float]:
+    """Where the job's time went: its fixed costs by phase, and the shard phase from the first
+    shard's start to the last shard's commit (wall clock, as the actors saw it)."""
+    out = {name: round(seconds, 3) for name, seconds in phases.items()}
+    spans = [(r.started_at, r.committed_at) for r in results if r.committed_at]
+    if spans:
+        first = min(a for a, _ in spans)
+        last = max(b for _, b in spans)
+        now_wall, now = time.time(), time.monotonic()
+        out["shards"] = round(last - first, 3)
+        # `started` is monotonic; the actors' times are wall clock: convert through now.
+        out["before_first_shard"] = round(first - (now_wall - (now - started)), 3)
+        out["after_last_commit"] = round(now_wall - last, 3)
+    return out
 
 
 def summary(report: JobReport) -> str:

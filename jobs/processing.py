@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import posixpath
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -296,7 +297,9 @@ def _apply_options(items: list[dict[str, Any]], args: argparse.Namespace,
 def _build(cls: type[Any], item: Mapping[str, Any], where: str, rename: Mapping[str, str]
            ) -> Any:
     data = {rename.get(k, k): v for k, v in item.items() if k != "kind"}
-    allowed = {f.name for f in fields(cls)} - {"tokenizer_json", "label_names"}
+    # Filled by the driver, never set by the user.
+    allowed = {f.name for f in fields(cls)} - {"tokenizer_json", "label_names",
+                                               "tokenizer_limit", "model_positions"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SpecError(f"{where} has unknown setting(s) {unknown}; its settings are "
@@ -382,12 +385,21 @@ def _read_text(uri: str, what: str, flag: str, storage: Mapping[str, Any]) -> st
         raise SpecError(f"{what} '{uri}' is not UTF-8 text ({exc}); check {flag}") from exc
 
 
+def _tokenizer_config(tokenizer_uri: str, storage: Mapping[str, Any]) -> str | None:
+    """The `tokenizer_config.json` beside a `tokenizer.json` (it holds `model_max_length`)."""
+    uri = posixpath.join(posixpath.dirname(tokenizer_uri), "tokenizer_config.json")
+    try:
+        return read_bytes(uri, storage).decode()
+    except (StorageError, UnicodeDecodeError):  # optional: most tokenizers come without one
+        return None
+
+
 def resolve_processing(spec: JobSpec, model: ModelInfo, schema: pa.Schema, source: str,
                        resolve_bindings: Callable[..., tuple[tuple[str, str], ...]],
                        images_input: bool = False) -> Processing:
     """Fill every preprocessor's and postprocessor's defaults from the model, check them against
     `schema`, load the tokenizer and labels, and bind the inputs no preprocessor feeds."""
-    from workers.text import load_tokenizer
+    from workers.text import load_tokenizer, tokenizer_limit
 
     metas = {m.name: m for m in model.inputs}
     column_map = spec.column_map
@@ -418,7 +430,10 @@ def resolve_processing(spec: JobSpec, model: ModelInfo, schema: pa.Schema, sourc
                                                      spec.storage)
             load_tokenizer(text, f"'{prep.tokenizer}'")
             prep = TextPrep(**{**{f.name: getattr(prep, f.name) for f in fields(prep)},
-                               "tokenizer_json": text})
+                               "tokenizer_json": text,
+                               "tokenizer_limit": tokenizer_limit(
+                                   text, _tokenizer_config(prep.tokenizer, spec.storage)),
+                               "model_positions": model.positions})
         done = prep.resolve(metas, free(), schema, source)
         claim(done.inputs, f"the {prep.kind} preprocessor"
               + (f" '{prep.function}'" if isinstance(prep, FunctionPrep) else ""))

@@ -56,7 +56,8 @@ class JobSpec:
     keep: tuple[str, ...] = ()
     batch_size: int = 256
     workers: int | None = None
-    rows_per_shard: int = 100_000
+    #: None: shards balanced over the workers (`jobs.shards.balanced_rows`).
+    rows_per_shard: int | None = None
     backend: str = "auto"
     storage_options: tuple[tuple[str, Any], ...] = ()
     max_failed_shards: int = 0
@@ -66,7 +67,8 @@ class JobSpec:
     lock_timeout: float = 120.0
     takeover: bool = False
     precision: str = "fp32"
-    #: None: the node's CPUs per GPU on GPU clusters, else 1 (`jobs.resources`).
+    #: None: 1 on a CPU-only cluster; on GPUs, the CPUs a GPU node has per GPU (the host side
+    #: of a GPU actor, tokenizing and decoding, gets all of them).
     cpus_per_worker: int | None = None
     shards_in_flight: int = 2
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers
@@ -93,16 +95,20 @@ class JobSpec:
     preprocess_threads: int | None = None
     #: What one row group may decode to in memory (bytes, or a size such as "2GiB").
     max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
+    #: Text: most padded tokens per batch, and rows sorted by length together (None: defaults
+    #: in `workers.batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
-        for name in ("batch_size", "rows_per_shard", "shards_in_flight", "slots",
-                     "concurrent_batches"):
+        for name in ("batch_size", "shards_in_flight", "slots", "concurrent_batches"):
             _positive(name, getattr(self, name))
-        for name in ("workers", "cpus_per_worker", "readers"):
+        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers",
+                     "max_batch_tokens", "sort_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name in ("max_failed_shards", "max_retries"):
@@ -215,7 +221,8 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--workers", type=int, metavar="N",
                    help="actors (default: one per GPU, or one per CPU on a CPU-only cluster)")
     p.add_argument("--rows-per-shard", type=int, metavar="N",
-                   help="target rows per shard; shards are whole row groups (default 100000)")
+                   help="target rows per shard; shards are whole row groups (default: at least "
+                   "4 shards per worker, at most 100000 rows each)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
     p.add_argument("--storage-options", metavar="JSON|@FILE",
@@ -231,8 +238,15 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="retries of a shard that fails on its data or storage (default 2)")
     p.add_argument("--cpus-per-worker", type=int, metavar="N",
-                   help="CPUs each actor reserves in Ray and uses (default: on GPU clusters the "
-                   "node's CPUs per GPU, else 1)")
+                   help="CPUs each actor reserves in Ray and uses: its decoding/tokenizing "
+                   "threads and ONNX Runtime's (default: on GPU clusters the node's CPUs per "
+                   "GPU, else 1)")
+    p.add_argument("--max-batch-tokens", type=int, metavar="N",
+                   help="text: most tokens a batch holds, counted as rows x its longest row "
+                   "(default 64 per row of --batch-size)")
+    p.add_argument("--sort-window", type=int, metavar="ROWS",
+                   help="text: rows sorted by length together before batching (default "
+                   "max(8192, 16 x --batch-size))")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")
     p.add_argument("--slots", type=int, metavar="K",

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from workers.backends import ModelFiles, create_backend
+from workers.batching import token_budget
 from workers.gpuimages import GpuImages, open_gpu_images
 from workers.pipeline import process_shard
 from workers.redact import install_log_redaction
@@ -29,6 +30,9 @@ class ShardWorker:
         self.config = config
         install_log_redaction()  # storage clients in this actor log request URLs
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
+        # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(config.preprocess_threads))
         self.backend = create_backend(config.backend, model, config.backend_config)
         # Parts bound for an object store spool here, private to this actor; opening it removes
         # what killed actors on this node left (see workers.spool).
@@ -74,8 +78,8 @@ class ShardWorker:
 
     def _process(self, shard: Shard) -> ShardResult:
         if self.slots is None:
-            # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
-            # a time: its session or execution context is not shared between threads.
+            # A synchronous backend (CPU, or a GPU model with dynamic shapes the slots cannot be
+            # sized for) runs one shard at a time: its session or context is not thread-safe.
             with self._serial:
                 result = process_shard(shard, self.config, self.backend, worker=self.name,
                                        spool_dir=self.spool.path)
@@ -115,9 +119,9 @@ class ShardWorker:
         if self._loaded:
             return
         self.backend.load()
-        if self.backend.uses_slots:
-            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size,
-                             self.config.concurrent_batches)
+        budget = token_budget(self.config, self.backend.inputs)
+        if self.backend.uses_slots and SlotPool.fits(self.backend, budget):
+            slots = SlotPool.for_job(self.backend, self.config, budget)
             try:
                 self.warmup_seconds = slots.warm_up()
                 self.images, self.image_decode = open_gpu_images(

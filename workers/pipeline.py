@@ -1,22 +1,25 @@
 """One shard, start to commit: a short composition of the actor's parts.
 
 `workers.sources` reads and converts the shard's rows, `workers.batching` cuts them into
-batches, the engine runs them (synchronously on the CPU path below, K in flight on the GPU
-path in `workers.slots`), `workers.outputs` builds each batch's output table, and
+batches (text: sorted by length within a window, cut to a token budget, and put back in input
+order before writing), the engine runs them (synchronously on the CPU path below, K in flight
+on the GPU path in `workers.slots`), `workers.outputs` builds each batch's output table, and
 `workers.commit` writes the part and commits it only when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
 from workers.backends.base import Backend, Batch
-from workers.batching import exact_batches
+from workers.batching import InputOrder, TokenBudget, exact_batches, length_batches, token_budget
 from workers.commit import PartWriter
 from workers.outputs import output_table
 from workers.postprocess import Postprocessor
@@ -39,14 +42,39 @@ def _as_piece(table: pa.Table) -> Piece:
     return {}, table
 
 
-def _run_sync(backend: Backend, pieces: Callable[[], Iterator[Piece]],
-              write_outputs: WriteOutputs, config: WorkerConfig, times: StageTimes) -> int:
+@contextlib.contextmanager
+def _batches(pieces: Callable[[], Iterator[Piece]], inputs: ShardInputs,
+             budget: TokenBudget | None, config: WorkerConfig) -> Iterator[Iterator[list[Piece]]]:
+    """The shard's batches, its pieces made on a background thread while the engine runs.
+
+    Text batches are also cut there (sorting a window and gathering its rows is real work);
+    exact batches are views of the pieces, cut on the consuming thread.
+    """
+    if budget is None:
+        with Prefetcher(pieces, config.prefetch) as ahead:
+            yield exact_batches(iter(ahead), config.batch_size)
+    else:
+        pads = inputs.prep.token_pads
+        with Prefetcher(lambda: length_batches(pieces(), budget, pads), config.prefetch) as ahead:
+            yield iter(ahead)
+
+
+def _joined(pieces: list[Piece]) -> tuple[Batch, pa.Table]:
+    """One batch's pieces as one set of inputs and one table of kept columns."""
+    if len(pieces) == 1:
+        return pieces[0]
+    feeds = {name: np.concatenate([f[name] for f, _ in pieces]) for name in pieces[0][0]}
+    return feeds, pa.concat_tables([kept for _, kept in pieces])
+
+
+def _run_sync(backend: Backend, batches: Iterator[list[Piece]], write_outputs: WriteOutputs,
+              times: StageTimes) -> int:
     """The CPU path: infer each batch in turn while the next is read and the last is written."""
     count = 0
-    with Prefetcher(pieces, config.prefetch) as ahead, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
         pending: Future[None] | None = None
-        for feeds, kept in ahead:
+        for pieces in batches:
+            feeds, kept = _joined(pieces)
             t0 = time.perf_counter()
             outputs = backend.infer(feeds)
             times.infer += time.perf_counter() - t0
@@ -61,15 +89,14 @@ def _run_sync(backend: Backend, pieces: Callable[[], Iterator[Piece]],
 
 
 def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: ShardInputs,
-                  write_outputs: WriteOutputs, times: StageTimes,
-                  images: GpuImages | None) -> int:
+                  budget: TokenBudget | None, write_outputs: WriteOutputs,
+                  times: StageTimes, images: GpuImages | None) -> int:
     """The GPU path: this shard's batches through `pool`, in its turn among the actor's shards."""
     ticket = pool.ticket()
     try:
         if shard.files:  # image files: one reading thread fetches them concurrently
-            with pool.turn(ticket), Prefetcher(inputs.pieces, config.prefetch) as ahead:
-                return run_slots(pool, exact_batches(iter(ahead), config.batch_size),
-                                 write_outputs, times, time.perf_counter(),
+            with pool.turn(ticket), _batches(inputs.pieces, inputs, budget, config) as batches:
+                return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
                                  lambda: pool.done(ticket), ticket, images)
         # Reading starts now, on the threads the shard holding the slots leaves idle, so this
         # shard's batches are ready when its turn comes.
@@ -78,9 +105,9 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
                                 pool=pool.read_pool(config.readers), priority=ticket,
                                 max_row_group_bytes=config.max_row_group_bytes)
         with reader, pool.turn(ticket), \
-                Prefetcher(lambda: inputs.row_group_pieces(reader), config.prefetch) as ahead:
-            return run_slots(pool, exact_batches(iter(ahead), config.batch_size),
-                             write_outputs, times, time.perf_counter(),
+                _batches(lambda: inputs.row_group_pieces(reader), inputs, budget,
+                         config) as batches:
+            return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
                              lambda: pool.done(ticket), ticket, images)
     finally:
         pool.done(ticket)
@@ -96,30 +123,36 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     (GPU path only): the actor's GPU image decoding, for the image inputs it decodes.
     `spool_dir`: the actor's private spool for parts bound for an object store (see PartWriter).
     """
-    started = time.perf_counter()
-    started_at = time.time()
+    started, started_at = time.perf_counter(), time.time()
     times = StageTimes()
     post = Postprocessor(config.postprocess)
     images = images if backend.uses_slots else None
     inputs = ShardInputs(shard, config, backend.inputs, post.needs, times, images)
     writer = PartWriter(config.output_url, shard.part_name, config.storage, spool_dir=spool_dir)
+    budget = token_budget(config, backend.inputs)
+    # Sorted batches are written back in input order.
+    sink = InputOrder(writer.write) if budget is not None else None
 
     def write_outputs(kept: pa.Table, outputs: Batch, rows: int) -> None:
         table = output_table(kept, outputs, rows, post)
         t0 = time.perf_counter()
-        writer.write(table)
+        (sink or writer.write)(table)
         times.write += time.perf_counter() - t0
 
     count = 0
     try:
-        if not backend.uses_slots:
-            count = _run_sync(backend, inputs.pieces, write_outputs, config, times)
+        if slots is None and backend.uses_slots and SlotPool.fits(backend, budget):
+            with SlotPool.for_job(backend, config, budget) as pool:
+                count = _run_on_slots(shard, config, pool, inputs, budget, write_outputs, times,
+                                      images)
         elif slots is not None:
-            count = _run_on_slots(shard, config, slots, inputs, write_outputs, times, images)
+            count = _run_on_slots(shard, config, slots, inputs, budget, write_outputs, times,
+                                  images)
         else:
-            with SlotPool(backend, config.slots, config.batch_size,
-                          config.concurrent_batches) as pool:
-                count = _run_on_slots(shard, config, pool, inputs, write_outputs, times, images)
+            with _batches(inputs.pieces, inputs, budget, config) as batches:
+                count = _run_sync(backend, batches, write_outputs, times)
+        if sink is not None:
+            sink.close()
         inputs.check_rows(writer.rows)
         t0 = time.perf_counter()
         size = writer.commit()

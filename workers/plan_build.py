@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendError, SpecError
-from workers.onnx_precision import ModelTypes, convert_float, model_types
 from workers.tensors import TensorMeta, describe_onnx
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from workers.onnx_precision import ModelTypes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 MAX_OPTIMIZATION_LEVEL = 5
@@ -399,6 +400,10 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
     its bytes. Raises SpecError for what the user must change (unsupported nodes, shapes,
     precision), BackendError for what went wrong on the node.
     """
+    # onnx_precision imports onnx, which takes a second: only a build needs it (the driver
+    # imports this module for BuildConfig, on its way to starting).
+    from workers.onnx_precision import convert_float, model_types
+
     info = describe_onnx(model, source=source)
     shapes = profile_shapes(info.inputs, config, source)
     types = model_types(model, source)

@@ -23,6 +23,7 @@ from workers.convert import check_feed, column_to_tensor
 from workers.errors import DataError, SpecError
 from workers.functions import is_function_target, load_function
 from workers.tensors import TensorMeta
+from workers.text import TOKEN_COUNTS
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
@@ -207,6 +208,11 @@ class TextPrep(_Spec):
     sequence length when the model fixes it. `attention_mask` and `token_type_ids` are fed only
     when the model has inputs of those names. `tokenizer_json` is the file's text, read by the
     driver so actors never need the file.
+
+    Unset, `max_length` is the tokenizer's own limit (`tokenizer_limit`: its truncation setting,
+    or `model_max_length` from the `tokenizer_config.json` beside it), capped at the model's
+    (its fixed sequence length, or `model_positions`: the rows of its position embedding). A
+    `max_length` above the model's limit is an error: positions past it have no embedding.
     """
 
     kind: ClassVar[str] = "text"
@@ -220,6 +226,10 @@ class TextPrep(_Spec):
     attention_mask: str | None = "attention_mask"
     token_type_ids: str | None = "token_type_ids"
     tokenizer_json: str = field(default="", repr=False, compare=False)
+    #: Filled by the driver before `resolve` (never set by the user): the tokenizer's limit and
+    #: the model's position-embedding size, each with where it comes from.
+    tokenizer_limit: tuple[int, str] | None = field(default=None, repr=False, compare=False)
+    model_positions: tuple[int, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
@@ -266,15 +276,38 @@ class TextPrep(_Spec):
             raise SpecError(f"the model's token inputs have different sequence lengths {sorted(fixed)}"
                             "; they must agree")
         length = fixed.pop() if fixed else None
-        max_length = self.max_length or length or DEFAULT_MAX_LENGTH
-        if length is not None and max_length > length:
-            raise SpecError(f"text max_length {max_length} is longer than the model's sequence "
-                            f"length {length} (input '{self.input_ids}' is "
-                            f"{metas[self.input_ids].describe()}); set max_length <= {length}")
+        limit = self.model_limit(length, metas[self.input_ids])
+        if self.max_length is not None:
+            if limit is not None and self.max_length > limit[0]:
+                raise SpecError(f"text max_length {self.max_length} (--max-length) is above the "
+                                f"model's limit of {limit[0]} tokens ({limit[1]}); set "
+                                f"--max-length {limit[0]} or less")
+            max_length = self.max_length
+        else:
+            known = [v for v in (self.tokenizer_limit, limit) if v is not None]
+            max_length = min(v[0] for v in known) if known else DEFAULT_MAX_LENGTH
         resolved = replace(self, max_length=max_length, attention_mask=optional["attention_mask"],
                            token_type_ids=optional["token_type_ids"])
         resolved.check_schema(schema, metas, source)
         return resolved
+
+    def token_width(self, metas: Mapping[str, TensorMeta]) -> int | None:
+        """The widest batch this (resolved) spec makes when the width follows the rows; None
+        when every batch has one width (the model fixes it, or padding: max_length)."""
+        if self.padding == "max_length" or _fixed(metas[self.input_ids], 1) is not None:
+            return None
+        return self.max_length or DEFAULT_MAX_LENGTH
+
+    def model_limit(self, length: int | None, ids: TensorMeta) -> tuple[int, str] | None:
+        """The most tokens the model takes, and why: its fixed length, else its position table."""
+        if length is not None:
+            return length, f"input '{ids.name}' is {ids.describe()}"
+        return self.model_positions
+
+    def limits_text(self) -> str:
+        """The resolved `max_length` and the limits it was chosen from, for the job's log."""
+        known = [f"{v[0]} ({v[1]})" for v in (self.tokenizer_limit, self.model_positions) if v]
+        return f"max_length {self.max_length}" + (f"; limits: {', '.join(known)}" if known else "")
 
     def check_schema(self, schema: pa.Schema, metas: Mapping[str, TensorMeta], source: str
                      ) -> None:
@@ -292,6 +325,9 @@ class TextPrep(_Spec):
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
         text = out.pop("tokenizer_json")
+        # Derived from the tokenizer and the model, both already in the job's identity.
+        out.pop("tokenizer_limit")
+        out.pop("model_positions")
         out["tokenizer_sha256"] = hashlib.sha256(text.encode()).hexdigest() if text else None
         return out
 
@@ -558,6 +594,9 @@ class Preprocessor:
         self.images = images
         #: True when an input is much larger than its column (decoded images, token arrays).
         self.expands = any(isinstance(s, ImagePrep | TextPrep) for s in self.specs)
+        #: Token inputs whose width follows the rows (text of any length), and the value each
+        #: is padded with; their feeds come with the rows' token counts (`text.TOKEN_COUNTS`).
+        self.token_pads: dict[str, int] = {}
         self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
                                        if self.expands and self.threads > 1 else None)
         # Formats Pillow decodes (not JPEG) go to processes: it holds the GIL while decoding.
@@ -604,15 +643,18 @@ class Preprocessor:
 
         metas = {n: self._meta(n) for n in spec.inputs}
         text = spec.tokenizer_json or read_bytes(spec.tokenizer).decode()
-        length = _fixed(metas[spec.input_ids], 1)
-        if spec.padding == "max_length":
-            length = spec.max_length
+        dynamic = spec.token_width(metas) is not None
+        length = None if dynamic else _fixed(metas[spec.input_ids], 1) or spec.max_length
         encoder = TextEncoder(text, f"'{spec.tokenizer}'", spec.max_length or DEFAULT_MAX_LENGTH,
                               spec.truncation, length)
         names = {"ids": spec.input_ids, "attention_mask": spec.attention_mask,
                  "type_ids": spec.token_type_ids}
         keys = tuple(k for k, n in names.items() if n is not None)
-        pool, threads = self._pool, self.threads
+        pads = encoder.pads
+        if dynamic:
+            # Rows of any length: the batcher may sort them and cut each batch at its own width.
+            self.token_pads.update({n: pads[k] for k, n in names.items() if n is not None})
+        dtype = metas[spec.input_ids].dtype
 
         def run(table: pa.Table, offset: int) -> tuple[Batch, dict[int, tuple[str, str]]]:
             column = table.column(spec.column)
@@ -624,31 +666,29 @@ class Preprocessor:
                                     "fill or filter them, or set nulls: fill (--nulls fill) to "
                                     "tokenize them as empty strings")
                 column = pc.fill_null(column, "")
-            texts = column.to_pylist()
-            if pool is None or len(texts) < 2 * threads:
-                encoded = encoder.encode(texts, spec.column, offset, keys)
-            else:
-                encoded = self._encode_parallel(encoder, texts, spec.column, offset, keys)
-            return {n: v.astype(metas[n].dtype, copy=False)
-                    for k, v in encoded.items() if (n := names[k]) is not None}, {}
+            ragged = self._encode(encoder, column.to_pylist(), spec.column, offset, keys)
+            feeds = {names[k]: v for k, v in ragged.padded(encoder.width(ragged.lengths), pads,
+                                                           dtype).items()}
+            out = {n: v.astype(metas[n].dtype, copy=False) for n, v in feeds.items()
+                   if n is not None}
+            if dynamic:
+                out[TOKEN_COUNTS] = ragged.lengths
+            return out, {}
         return run
 
-    def _encode_parallel(self, encoder: Any, texts: list[str], column: str, offset: int,
-                         keys: tuple[str, ...]) -> Batch:
-        """Encode chunks on the pool, then pad every chunk to the batch's longest row."""
-        assert self._pool is not None
-        step = -(-len(texts) // self.threads)
-        futures = [self._pool.submit(encoder.encode, texts[lo:lo + step], column, offset + lo,
-                                     keys)
+    def _encode(self, encoder: Any, texts: list[str], column: str, offset: int,
+                keys: tuple[str, ...]) -> Any:
+        """Rows tokenized unpadded; in chunks on the pool, so one chunk's conversion to arrays
+        (which holds the GIL) overlaps the next chunk's tokenization (which does not)."""
+        from workers.text import Ragged
+
+        step = max(64, -(-len(texts) // self.threads))
+        if self._pool is None or len(texts) <= step:
+            return encoder.encode_ragged(texts, column, offset, keys)
+        futures = [self._pool.submit(encoder.encode_ragged, texts[lo:lo + step], column,
+                                     offset + lo, keys)
                    for lo in range(0, len(texts), step)]
-        chunks = [f.result() for f in futures]
-        width = max(c["ids"].shape[1] for c in chunks)
-        out: Batch = {}
-        for key in keys:
-            pad = encoder.pad_id if key == "ids" else 0
-            out[key] = np.concatenate([np.pad(c[key], ((0, 0), (0, width - c[key].shape[1])),
-                                              constant_values=pad) for c in chunks])
-        return out
+        return Ragged.concat([f.result() for f in futures])
 
     def _image(self, spec: ImagePrep) -> Step:
         from workers.images import PATH_COLUMN, ImageDecoder
@@ -713,6 +753,8 @@ class Preprocessor:
         failed: dict[int, tuple[str, str]] = {}
         for step in self._steps:
             fed, bad = step(table, offset)
+            if TOKEN_COUNTS in feeds and TOKEN_COUNTS in fed:  # two text columns: the longer
+                fed[TOKEN_COUNTS] = np.maximum(feeds[TOKEN_COUNTS], fed[TOKEN_COUNTS])
             feeds.update(fed)
             for row, why in bad.items():
                 failed.setdefault(row, why)

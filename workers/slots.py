@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 
 from workers.backends.base import Backend, Batch, DeviceSlot
+from workers.batching import Shapes, TokenBudget
 from workers.gputime import BusyTime, busy_seconds
 from workers.rowgroups import Piece, ReadPool
-from workers.types import StageTimes
+from workers.types import StageTimes, WorkerConfig
 
 
 class DeviceFill(Protocol):
@@ -41,6 +42,9 @@ class SlotPool:
     """K device slots for batches of up to `max_rows` rows: opened once, reused for every shard.
 
     Buffers are sized for the largest batch, so a shard's last, shorter batch uses the same ones.
+    With a `budget` (text), the model's token inputs have a width of their own per batch: the
+    slots are sized for the largest of the budget's batches, and every batch runs at its own
+    shape (no row padding, no width padding past its longest row).
 
     At most `concurrent` batches execute on the GPU at once: each submitted batch's execution
     waits on the GPU for the end of the one submitted `concurrent` batches before it, while its
@@ -50,7 +54,8 @@ class SlotPool:
     its slot. Small models whose batch leaves the GPU idle may gain from `concurrent` = K.
     """
 
-    def __init__(self, backend: Backend, count: int, max_rows: int, concurrent: int = 2) -> None:
+    def __init__(self, backend: Backend, count: int, max_rows: int, concurrent: int = 2,
+                 budget: TokenBudget | None = None) -> None:
         if count < 1:
             raise ValueError(f"SlotPool needs at least one slot, got {count}")
         if concurrent < 1:
@@ -58,6 +63,13 @@ class SlotPool:
                              f"got {concurrent}")
         self.max_rows = max_rows
         self.concurrent = concurrent
+        #: Text: every input's shape in the largest batches (slots are sized for these), and
+        #: the batches warm-up runs; None: one shape, `max_rows` rows of the inputs' rows.
+        self.shapes: list[Shapes] | None = None
+        self._warm_shapes: list[Shapes] = []
+        if budget is not None and any(m.row_size is None for m in backend.inputs):
+            self.shapes = budget.shapes(backend.inputs)
+            self._warm_shapes = budget.shapes(backend.inputs, budget.warm_up())
         # The slots of the last `concurrent` submissions, oldest first (for `submit`).
         self._recent: deque[DeviceSlot] = deque(maxlen=concurrent)
         self._submit_lock = threading.Lock()
@@ -76,7 +88,8 @@ class SlotPool:
         self._read_pool: ReadPool | None = None
         try:
             for _ in range(count):
-                self.slots.append(backend.open_slot(max_rows))
+                self.slots.append(backend.open_slot(max_rows) if self.shapes is None
+                                  else backend.open_slot(max_rows, self.shapes))
                 self.free.put(self.slots[-1])
             self.timed = all(slot.timer is not None for slot in self.slots)
             #: Origin of every batch's execution span (None: untimed slots), and the union of
@@ -92,30 +105,56 @@ class SlotPool:
             self.close()
             raise
 
+    @staticmethod
+    def fits(backend: Backend, budget: TokenBudget | None) -> bool:
+        """True when slots can be sized for `backend`'s inputs: fixed rows, or token inputs
+        whose widths `budget` bounds."""
+        return all(m.row_size is not None or (budget is not None and m.name in budget.inputs)
+                   for m in backend.inputs)
+
+    @classmethod
+    def for_job(cls, backend: Backend, config: WorkerConfig, budget: TokenBudget | None
+                ) -> SlotPool:
+        """The pool a job's config asks for (`fits` must hold)."""
+        return cls(backend, config.slots, config.batch_size, config.concurrent_batches, budget)
+
     def warm_up(self) -> float:
         """Run one full batch of zeros through each slot in turn; returns the seconds it took.
 
         The first execution on a slot pays one-time costs (ONNX Runtime's cuDNN algorithm
         search and arena growth, TensorRT's lazy module loading) that would otherwise stall the
         first shard's first batches. Every batch the pipeline submits has `max_rows` rows (a
-        short last batch is padded), so this is the only shape a slot ever plans for. One slot
-        at a time: the algorithm search times its candidates on the GPU, and slots searching at
-        once would time them against each other's kernels. Call it before any shard takes the
-        slots.
+        short last batch is padded), so this is the only shape a slot ever plans for; with a
+        token budget, the widest batch and the one of the most tokens (the arena then holds
+        the largest at once). One slot at a time: the algorithm search times its candidates on
+        the GPU, and slots searching at once would time them against each other's kernels.
+        Call it before any shard takes the slots.
         """
         t0 = time.perf_counter()
         for slot in self.slots:
-            for host in slot.host_inputs.values():
-                host.fill(0)
-            slot.submit(self.max_rows)
-            slot.wait()
+            if self.shapes is None:
+                for host in slot.host_inputs.values():
+                    host.fill(0)
+                slot.submit(self.max_rows)
+                slot.wait()
+                continue
+            for shapes in self._warm_shapes:
+                for name, shape in shapes.items():
+                    slot.input_view(name, shape).fill(0)
+                slot.submit(next(iter(shapes.values()))[0], shapes=shapes)
+                slot.wait()
         return time.perf_counter() - t0
 
-    def submit(self, slot: DeviceSlot, rows: int) -> None:
-        """Submit `rows` of `slot`, its execution after the batch `concurrent` submissions back."""
+    def submit(self, slot: DeviceSlot, rows: int, shapes: Shapes | None = None) -> None:
+        """Submit `rows` of `slot` (at `shapes`), its execution after the batch `concurrent`
+        submissions back."""
         with self._submit_lock:
             gate = self._recent[0] if len(self._recent) == self.concurrent else None
-            slot.submit(rows, after=None if gate is None or gate is slot else gate.executed)
+            after = None if gate is None or gate is slot else gate.executed
+            if shapes is None:
+                slot.submit(rows, after=after)
+            else:
+                slot.submit(rows, after=after, shapes=shapes)
             self._recent.append(slot)
             self.in_flight += 1
 
@@ -261,27 +300,36 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 rows = 0
                 on_device: dict[str, list[np.ndarray]] = {}
                 try:
+                    shapes = None if pool.shapes is None else batch_shapes(pieces)
                     for feeds, kept in pieces:
                         n = kept.num_rows
                         for name, array in feeds.items():
                             if device_fill is not None and name in device_fill.inputs:
                                 on_device.setdefault(name, []).append(array)
-                            else:
-                                np.copyto(slot.host_inputs[name][rows:rows + n], array)
+                                continue
+                            host = (slot.host_inputs[name] if shapes is None
+                                    else slot.input_view(name, shapes[name]))
+                            np.copyto(host[rows:rows + n], array)
                         rows += n
-                    if rows < slot.max_rows:
-                        # Pad a short (last) batch to the slot's full size: every batch then has
-                        # one shape, so ONNX Runtime/cuDNN never re-plans for a new batch size
-                        # and a fixed-batch TensorRT profile fits. Rows are independent; the
-                        # padding's outputs are dropped in `collect`.
-                        for host in slot.host_inputs.values():
-                            host[rows:].fill(0)
-                    for name, parts in on_device.items():
-                        assert device_fill is not None
-                        device_fill.fill(slot, name, parts, rows)
-                    t1 = time.perf_counter()
-                    fill += t1 - t0
-                    pool.submit(slot, slot.max_rows)
+                    if shapes is not None:
+                        # Text: the batch runs at its own shape (its rows, its longest row).
+                        t1 = time.perf_counter()
+                        fill += t1 - t0
+                        pool.submit(slot, rows, shapes)
+                    else:
+                        if rows < slot.max_rows:
+                            # Pad a short (last) batch to the slot's full size: every batch then
+                            # has one shape, so ONNX Runtime/cuDNN never re-plans for a new
+                            # batch size and a fixed-batch TensorRT profile fits. Rows are
+                            # independent; the padding's outputs are dropped in `collect`.
+                            for host in slot.host_inputs.values():
+                                host[rows:].fill(0)
+                        for name, parts in on_device.items():
+                            assert device_fill is not None
+                            device_fill.fill(slot, name, parts, rows)
+                        t1 = time.perf_counter()
+                        fill += t1 - t0
+                        pool.submit(slot, slot.max_rows)
                 except BaseException:
                     slot.filled_inputs = frozenset()  # nothing of this batch was submitted
                     pool.free.put(slot)
@@ -313,3 +361,9 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 pool.release(slot)
     times.gpu_busy += busy_seconds(spans)
     return count
+
+
+def batch_shapes(pieces: list[Piece]) -> Shapes:
+    """Every input's shape in the batch these pieces make (their rows, the first's row shape)."""
+    rows = sum(kept.num_rows for _, kept in pieces)
+    return {name: (rows, *array.shape[1:]) for name, array in pieces[0][0].items()}

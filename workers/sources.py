@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
+#: Rows of text tokenized at once (split over the preprocessing threads).
+TEXT_ROWS = 2048
 
 
 class ShardInputs:
@@ -67,12 +69,23 @@ class ShardInputs:
             kept = kept.take(pa.array(prepared.good_rows()))
         return prepared.feeds, carry_inputs(kept, prepared.feeds, self.carry)
 
+    @property
+    def step(self) -> int:
+        """Rows converted at once where inputs are much larger than their columns.
+
+        Decoded images and token arrays are many times their column's size: convert those a
+        batch at a time (text: `TEXT_ROWS` at a time, so its tokenizer threads get work
+        enough), so a large row group never lives converted all at once.
+        """
+        return max(self.config.batch_size, TEXT_ROWS) if self.prep.token_pads else \
+            self.config.batch_size
+
     def pieces(self) -> Iterator[Piece]:
         """The shard read on this thread, a batch of rows at a time, converted."""
         shard, config = self.shard, self.config
         tables = (read_image_files(shard, config.columns, config.batch_size, config.storage)
                   if shard.files else
-                  read_batches(shard, config.columns, config.batch_size, config.storage,
+                  read_batches(shard, config.columns, self.step, config.storage,
                                max_row_group_bytes=config.max_row_group_bytes))
         while True:
             t0 = time.perf_counter()
@@ -94,9 +107,7 @@ class ShardInputs:
         """
         for _, table, read_seconds, _ in reader:
             self.times.read += read_seconds
-            # Decoded images and token arrays are many times their column's size: convert those
-            # a batch at a time, so a large row group never lives decoded all at once.
-            step = self.config.batch_size if self.prep.expands else max(1, table.num_rows)
+            step = self.step if self.prep.expands else max(1, table.num_rows)
             for start in range(0, table.num_rows, step):
                 t0 = time.perf_counter()
                 piece = self.convert(table.slice(start, step))

@@ -101,6 +101,10 @@ class WorkerConfig:
     concurrent_batches: int = 2
     #: What one row group may decode to (`workers.reader.row_group_bytes`); larger ones fail.
     max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
+    #: Text: most padded tokens (rows x width) a batch holds (None: `batching.TOKENS_PER_ROW`
+    #: per row of `batch_size`), and rows sorted by length together (None: see `batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.slots < 1:

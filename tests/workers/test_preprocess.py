@@ -25,7 +25,7 @@ from workers.preprocess import (
     stack_features,
 )
 from workers.tensors import TensorMeta
-from workers.text import TextEncoder
+from workers.text import TOKEN_COUNTS, TextEncoder, tokenizer_limit
 
 
 def meta(name: str, dtype: Any, *shape: int | None) -> TensorMeta:
@@ -213,13 +213,17 @@ def resolved_text(tokenizer_json: str, model: dict[str, TensorMeta], **kwargs: A
 @pytest.mark.parametrize("threads", [1, 3])
 def test_text_preprocessor_feeds_the_models_token_inputs(tokenizer_json: str, threads: int
                                                          ) -> None:
-    texts = review_sample(64, seed=10)
+    # 300 rows: with 3 threads, tokenized in chunks on the pool and joined.
+    texts = review_sample(300, seed=10)
+    texts[150] = "Ünïcödé façade — naïve café 😀 " * 3
     model = text_model(dtype=np.int32)
     spec = resolved_text(tokenizer_json, model, max_length=24)
     with Preprocessor([spec], model, threads=threads) as prep:
         feeds = prep(pa.table({"review": texts})).feeds
+        assert prep.token_pads == {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
     want = reference_encoding(tokenizer_json, texts, 24)
-    assert sorted(feeds) == ["attention_mask", "input_ids", "token_type_ids"]
+    assert sorted(feeds) == [TOKEN_COUNTS, "attention_mask", "input_ids", "token_type_ids"]
+    np.testing.assert_array_equal(feeds[TOKEN_COUNTS], want["attention_mask"].sum(axis=1))
     assert feeds["input_ids"].dtype == np.int32
     np.testing.assert_array_equal(feeds["input_ids"], want["ids"])
     np.testing.assert_array_equal(feeds["attention_mask"], want["attention_mask"])
@@ -231,7 +235,52 @@ def test_text_resolve_fills_defaults_from_the_model(tokenizer_json: str) -> None
     assert (spec.max_length, spec.attention_mask, spec.token_type_ids) == (48, "attention_mask",
                                                                            None)
     assert spec.inputs == ("input_ids", "attention_mask")
+    assert spec.token_width(text_model(length=48, types=False)) is None  # one width: the model's
     assert resolved_text(tokenizer_json, text_model()).max_length == 512
+    assert resolved_text(tokenizer_json, text_model()).token_width(text_model()) == 512
+    assert resolved_text(tokenizer_json, text_model(), padding="max_length",
+                         max_length=32).token_width(text_model()) is None
+
+
+def test_text_limit_comes_from_the_tokenizer_and_the_model(tokenizer_json: str) -> None:
+    positions = (384, "its position embedding 'pos_emb' has 384 rows")
+    model = text_model()
+    # The tokenizer's own truncation setting, below the model's limit, is the default.
+    truncating = tokenizer_limit('{"truncation": {"max_length": 128, "strategy": "LongestFirst"}}')
+    assert truncating == (128, "tokenizer.json truncation max_length")
+    spec = resolved_text(tokenizer_json, model, tokenizer_limit=truncating,
+                         model_positions=positions)
+    assert spec.max_length == 128
+    assert spec.limits_text() == ("max_length 128; limits: 128 (tokenizer.json truncation "
+                                  "max_length), 384 (its position embedding 'pos_emb' has 384 "
+                                  "rows)")
+    # A tokenizer config's model_max_length, capped at the model's position table.
+    config = tokenizer_limit(tokenizer_json, '{"model_max_length": 512}')
+    assert config == (512, "tokenizer_config.json model_max_length")
+    assert resolved_text(tokenizer_json, model, tokenizer_limit=config,
+                         model_positions=positions).max_length == 384
+    # "No limit" sentinels and tokenizers without truncation say nothing.
+    assert tokenizer_limit(tokenizer_json, '{"model_max_length": 1000000000000000019884624838656}'
+                           ) is None
+    assert tokenizer_limit(tokenizer_json) is None
+    # A max_length within the model's limit may exceed the tokenizer's.
+    assert resolved_text(tokenizer_json, model, tokenizer_limit=truncating,
+                         model_positions=positions, max_length=256).max_length == 256
+
+
+@pytest.mark.parametrize("model,positions,match", [
+    (text_model(), (384, "its position embedding 'pos_emb' has 384 rows"),
+     r"text max_length 600 \(--max-length\) is above the model's limit of 384 tokens \(its "
+     r"position embedding 'pos_emb' has 384 rows\); set --max-length 384 or less"),
+    (text_model(length=64), None,
+     r"text max_length 600 \(--max-length\) is above the model's limit of 64 tokens \(input "
+     r"'input_ids' is int64 \[N,64\]\); set --max-length 64 or less"),
+])
+def test_a_max_length_above_the_models_limit_names_both(
+        tokenizer_json: str, model: dict[str, TensorMeta], positions: tuple[int, str] | None,
+        match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        resolved_text(tokenizer_json, model, max_length=600, model_positions=positions)
 
 
 def test_text_nulls(tokenizer_json: str) -> None:
@@ -254,7 +303,7 @@ def test_text_nulls(tokenizer_json: str) -> None:
     (text_model(), {"attention_mask": "mask"}, TEXT_SCHEMA,
      r"feeds attention_mask to input 'mask', but the model's inputs are"),
     (text_model(length=16), {"max_length": 32}, TEXT_SCHEMA,
-     r"max_length 32 is longer than the model's sequence length 16"),
+     r"max_length 32 \(--max-length\) is above the model's limit of 16 tokens"),
     (text_model(dtype=np.float32), {}, TEXT_SCHEMA,
      r"feeds int \[N, L\] token arrays, but input 'input_ids' of the model wants float32"),
     (text_model(), {}, pa.schema([("review", pa.binary())]),
