@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -192,8 +194,8 @@ def test_tensorrt_profiles_cover_every_batch_and_center_on_the_data() -> None:
     rows, widths = b.profiles(lengths)
     assert len(rows) == len(widths) == 3
     assert widths[0][0] == 1 and widths[-1][2] == 128
-    for (lo, _, hi), (lo2, _, _) in zip(widths, widths[1:], strict=False):
-        assert lo2 == hi + 1  # contiguous ranges
+    for (_, _, hi), (after, _, _) in itertools.pairwise(widths):
+        assert after == hi + 1  # contiguous ranges
     # Every batch the budget cuts fits a profile: its width in range, its rows within max.
     for start, stop in b.cut(np.sort(np.clip(lengths, 1, 128))):
         width = b.width(int(np.sort(np.clip(lengths, 1, 128))[stop - 1]))
