@@ -4,12 +4,12 @@
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-TAG=${1:-gpu}
+TAG=${1:-$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 nproc >> "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/workers/test_cuda.py -m gpu \
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/workers/test_cuda.py -m gpu \
     > "$OUT/gpu_tests.log" 2>&1
 tail -5 "$OUT/gpu_tests.log"
-timeout 420 python3 -m bench.text gpu --out "$OUT" --tag "$TAG" --tokenizer "${TOKENIZER:-}" \
+timeout 440 python3 -m bench.text gpu --out "$OUT" --tag "$TAG" --tokenizer "${TOKENIZER:-}" \
     --seconds 60 --ray-data-timeout 100 --long-timeout 190 > "$OUT/bench_stdout.log" 2>&1
 grep -v WARNING "$OUT/bench_stdout.log" | tail -40
