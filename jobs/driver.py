@@ -45,6 +45,7 @@ from jobs.shards import (
     read_footers,
 )
 from jobs.spec import JobSpec
+from jobs.text_profiles import text_profiles
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
@@ -390,7 +391,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         mark = time.monotonic()
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
-            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
+            # Text: profiles for the widths the job's batches have, from a sample of the input.
+            text = text_profiles(worker_config, job.model.inputs, todo)
+            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream,
+                                 build=spec.build_config(text))
             model_ref, plans = shared.refs, shared.plans
         else:
             model_ref = ray.put(onnx_model_files(spec, job.model_bytes))

@@ -317,9 +317,12 @@ class SharedPlans:
 
 
 def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
-                nodes: Sequence[GpuNode], stream: TextIO | None = None) -> SharedPlans:
-    """Find or build one plan per target and put each in the object store once."""
-    build: BuildConfig = spec.build_config()
+                nodes: Sequence[GpuNode], stream: TextIO | None = None,
+                build: BuildConfig | None = None) -> SharedPlans:
+    """Find or build one plan per target and put each in the object store once.
+
+    `build`: the build settings (default: the spec's, `spec.build_config()`)."""
+    build = build or spec.build_config()
     source = f"model '{model_uri}'"
     profile_shapes(model.inputs, build, source)  # shape problems fail before any GPU work
     signer = load_signer(getattr(spec, "plan_key_file", None))

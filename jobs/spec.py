@@ -162,8 +162,21 @@ class JobSpec:
         return out
 
 
-    def build_config(self) -> BuildConfig:
-        """The TensorRT build this job asks for: one profile from 1 row to the batch size."""
+    def build_config(self, text: tuple[tuple[tuple[int, int, int], ...],
+                                       tuple[tuple[int, int, int], ...]] | None = None
+                     ) -> BuildConfig:
+        """The TensorRT build this job asks for: one profile from 1 row to the batch size, or,
+        for text (`text`: batch and width profiles, `jobs.text_profiles`), one per range of
+        widths."""
+        if text is not None:
+            return BuildConfig(
+                profiles=text[0], lengths=text[1], precision=self.precision,
+                workspace=self.workspace,
+                optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
+                                    else self.optimization_level),
+                hardware_compatible=self.hardware_compatible,
+                version_compatible=self.version_compatible,
+                exclude_lean_runtime=self.exclude_lean_runtime)
         return BuildConfig.for_batch(
             self.batch_size, precision=self.precision, workspace=self.workspace,
             optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None

@@ -125,6 +125,30 @@ class TokenBudget:
         most = max(shapes, key=lambda s: (s[0] * s[1], s[1]))
         return sorted({shapes[-1], most})
 
+    def profiles(self, lengths: np.ndarray, most: int = 3
+                 ) -> tuple[tuple[tuple[int, int, int], ...], tuple[tuple[int, int, int], ...]]:
+        """TensorRT optimization profiles for these batches: (rows, widths) (min, opt, max) each.
+
+        Widths are split at the sample's median and 90th percentile (as batch widths), up to
+        `max_length`, so each profile is tuned (opt) for the batches it will mostly see: its
+        rows' median width and the rows the budget gives that width. A batch of width w in
+        (lo, hi] has at most `rows_at` of the narrowest width above lo rows: the profile's max.
+        """
+        sample = np.asarray(lengths) if len(lengths) else np.array([self.max_length])
+        widths = np.array([self.width(int(n)) for n in sample])
+        edges = sorted({int(np.percentile(widths, q)) for q in (50, 90)} | {self.max_length})
+        rows: list[tuple[int, int, int]] = []
+        spans: list[tuple[int, int, int]] = []
+        low = 0
+        for high in edges[-most:] if len(edges) > most else edges:
+            inside = widths[(widths > low) & (widths <= high)]
+            best = self.width(int(np.median(inside))) if inside.size else high
+            narrowest = self.width(low + 1)
+            spans.append((low + 1, min(max(best, low + 1), high), high))
+            rows.append((1, self.rows_at(best), self.rows_at(narrowest)))
+            low = high
+        return tuple(rows), tuple(spans)
+
     def shapes(self, metas: Sequence[TensorMeta],
                batches: Sequence[tuple[int, int]] | None = None) -> list[Shapes]:
         """Every model input's shape in each of `batches` (default: the `largest`)."""

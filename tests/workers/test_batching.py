@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -183,3 +185,23 @@ def test_exact_batches_unchanged() -> None:
     pieces = [({"x": np.arange(n)}, pa.table({"k": np.arange(n)})) for n in (5, 7, 3)]
     sizes = [sum(k.num_rows for _, k in batch) for batch in exact_batches(iter(pieces), 4)]
     assert sizes == [4, 4, 4, 3]
+
+
+def test_tensorrt_profiles_cover_every_batch_and_center_on_the_data() -> None:
+    b = budget(rows=256, tokens=256 * 64, max_length=128)
+    rng = np.random.default_rng(1)
+    lengths = np.clip(rng.lognormal(3.2, 0.5, 4000).astype(int), 1, 300)
+    rows, widths = b.profiles(lengths)
+    assert len(rows) == len(widths) == 3
+    assert widths[0][0] == 1 and widths[-1][2] == 128
+    for (_, _, hi), (after, _, _) in itertools.pairwise(widths):
+        assert after == hi + 1  # contiguous ranges
+    # Every batch the budget cuts fits a profile: its width in range, its rows within max.
+    for start, stop in b.cut(np.sort(np.clip(lengths, 1, 128))):
+        width = b.width(int(np.sort(np.clip(lengths, 1, 128))[stop - 1]))
+        assert any(lo <= width <= hi and stop - start <= r[2]
+                   for (lo, _, hi), r in zip(widths, rows, strict=True))
+    # Each profile is tuned for its median batch: opt width inside the range.
+    assert all(lo <= opt <= hi for lo, opt, hi in widths)
+    # No sample: one profile for every width, tuned for the widest.
+    assert b.profiles(np.zeros(0)) == (((1, 128, 256),), ((1, 128, 128),))
