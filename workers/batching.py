@@ -183,27 +183,6 @@ def token_budget(config: WorkerConfig, metas: Sequence[TensorMeta]) -> TokenBudg
                        inputs=tuple(n for spec, _ in texts for n in spec.inputs))
 
 
-def _windows(pieces: Iterator[Piece], rows: int) -> Iterator[list[Piece]]:
-    """Consecutive runs of pieces holding `rows` rows each (the last may hold fewer)."""
-    window: list[Piece] = []
-    have = 0
-    for feeds, kept in pieces:
-        count, start = kept.num_rows, 0
-        while start < count:
-            take = min(rows - have, count - start)
-            whole = start == 0 and take == count
-            window.append((feeds, kept) if whole else
-                          ({n: a[start:start + take] for n, a in feeds.items()},
-                           kept.slice(start, take)))
-            have += take
-            start += take
-            if have == rows:
-                yield window
-                window, have = [], 0
-    if window:
-        yield window
-
-
 def _join(window: list[Piece], budget: TokenBudget, pads: Mapping[str, int]
           ) -> tuple[dict[str, np.ndarray], pa.Table, np.ndarray, tuple[str, ...]]:
     """One window's feeds (token inputs padded to one width), kept columns, token counts, and
@@ -242,7 +221,7 @@ def length_batches(pieces: Iterator[Piece], budget: TokenBudget, pads: Mapping[s
     again at each batch's width. `pads`: the value each token input is padded with.
     """
     first_row = 0
-    for window in _windows(pieces, budget.window):
+    for window in exact_batches(pieces, budget.window):
         feeds, kept, lengths, carried = _join(window, budget, pads)
         kept = kept.append_column(ORDER, pa.array(np.arange(first_row, first_row + len(lengths),
                                                             dtype=np.int64)))
