@@ -7,13 +7,15 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO, cast
 
+import pyarrow as pa
 import ray
 
 from jobs.lease import OutputLock
+from jobs.limits import limited_by
 from jobs.output import (
     INPUTS_FILE,
     MANIFEST_FILE,
@@ -25,12 +27,17 @@ from jobs.output import (
 )
 from jobs.paths import resolve_paths
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
+from jobs.plan_signing import load_signer
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.processing import Processing, check_preprocess_schema, resolve_processing
 from jobs.progress import Progress
+from jobs.resources import WorkerResources, worker_resources
 from jobs.shards import (
+    SHARDS_PER_WORKER,
     BadFile,
     InputFile,
+    balanced_rows,
+    balanced_shards,
     cut_file_shards,
     cut_shards,
     is_image_listing,
@@ -40,13 +47,21 @@ from jobs.shards import (
     select_files,
 )
 from jobs.spec import JobSpec
+from jobs.text_profiles import text_profiles
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import ClusterError, SpecError, StorageError
+from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.preprocess import ImagePrep, TensorPrep, TextPrep
+from workers.redact import RedactingStream, redact
 from workers.storage import probe, read_bytes
 from workers.tensors import ModelInfo, describe_onnx
-from workers.types import Shard, ShardResult, WorkerConfig
+from workers.types import FileRef, Shard, ShardResult, WorkerConfig
+
+#: Shards cut before the workers are known (and files per shard of an image directory).
+DEFAULT_ROWS_PER_SHARD = 100_000
+DEFAULT_FILES_PER_SHARD = 1000
 
 #: Failures the summary prints one per line; the manifest lists every one.
 SUMMARY_FAILURES = 10
@@ -85,6 +100,10 @@ class PreparedJob:
     #: Files of the input the job does not read: not of `--file-extensions` (Parquet), or not
     #: images (an image directory).
     skipped_files: tuple[str, ...] = ()
+    #: Balanced shards: the rows (or files) per shard they were cut for, and the files whose
+    #: row groups are larger than that (url, rows of the largest); None: cut as the spec says.
+    shard_target: int | None = None
+    big_row_groups: tuple[tuple[str, int], ...] = ()
 
     @property
     def keep(self) -> tuple[str, ...]:
@@ -98,28 +117,46 @@ class PreparedJob:
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same job (so parts of one can be reused by the other)."""
+        # URIs without credentials: a presigned URL's signature changes between runs of the
+        # same job, and this identity is written to OUTPUT.
         key: dict[str, Any] = {
             "model_sha256": self.model_sha256,
-            "input": self.spec.input,
+            "input": redact(self.spec.input),
             "bindings": [list(b) for b in self.bindings],
             "keep": list(self.keep),
             "precision": self.spec.precision,
         }
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
-        return {"fingerprint": fingerprint(key), "model": self.spec.model, **key}
+        return {"fingerprint": fingerprint(key), "model": redact(self.spec.model), **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
+    """The model's bytes and description; its external-data references checked to stay in its
+    directory (see workers.external_data), before anything reads them."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
         raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
-    return data, describe_onnx(data, source=f"model '{spec.model}'")
+    info = describe_onnx(data, source=f"model '{spec.model}'")
+    check_model_directory(data, spec.model, spec.storage)
+    return data, info
+
+
+def onnx_model_files(spec: JobSpec, model_bytes: bytes) -> bytes | ModelFiles:
+    """What ONNX Runtime actors get: the model's bytes, with its external files when it has
+    them (read here, from the model's directory, so actors never open files the model names)."""
+    locations = check_model_directory(model_bytes, spec.model, spec.storage)
+    if not locations:
+        return model_bytes
+    files = read_external_files(spec.model, locations, spec.storage)
+    return ModelFiles(model=model_bytes, external=tuple(sorted(files.items())))
 
 
 def prepare(spec: JobSpec) -> PreparedJob:
     """Load the model's metadata, list and shard the input, check every column binding."""
+    if spec.backend != "onnxruntime":
+        load_signer(spec.plan_key_file)  # an unreadable or short plan key fails before Ray starts
     model_bytes, model = load_model(spec)
     fs, listing = list_input(spec.input, spec.storage)
     if spec.input_format == "images" or (spec.input_format == "auto"
@@ -145,7 +182,8 @@ def prepare(spec: JobSpec) -> PreparedJob:
             good.append(f)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
-                       bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
+                       bad_files=bad,
+                       shards=cut_shards(good, spec.rows_per_shard or DEFAULT_ROWS_PER_SHARD),
                        bindings=bindings, processing=processing, skipped_files=tuple(others))
 
 
@@ -186,9 +224,44 @@ def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any
     check_keep(processing.keep, model, IMAGE_DIR_SCHEMA, source, processing.output_columns)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=[],
-                       bad_files=[], shards=cut_file_shards(images, spec.rows_per_shard),
+                       bad_files=[],
+                       shards=cut_file_shards(images,
+                                              spec.rows_per_shard or DEFAULT_FILES_PER_SHARD),
                        bindings=processing.bindings, processing=processing,
                        skipped_files=tuple(others))
+
+
+def balance(job: PreparedJob, workers: int, previous: dict[str, Any] | None,
+            earlier: Iterable[str] = ()) -> PreparedJob:
+    """`job` with shards balanced over `workers` (at least `SHARDS_PER_WORKER` each), unless
+    the spec sets rows_per_shard; a rerun keeps the cut its earlier run recorded, so the
+    parts it committed stay valid whatever the cluster's size now. `earlier`: fingerprints
+    the same job had in an earlier version's records (`OutputDir.earlier_fingerprints`)."""
+    if job.spec.rows_per_shard is not None:
+        return job
+    target = None
+    if previous and previous.get("job") in {job.identity["fingerprint"], *earlier}:
+        recorded = previous.get("rows_per_shard")
+        target = recorded if isinstance(recorded, int) and recorded > 0 else None
+    if not job.files:  # an image directory: files per shard
+        images: list[FileRef] = [f for s in job.shards for f in s.files]
+        per = target or max(1, min(DEFAULT_FILES_PER_SHARD,
+                                   len(images) // (SHARDS_PER_WORKER * workers)))
+        return replace(job, shards=cut_file_shards(images, per), shard_target=per)
+    rows = target or balanced_rows(job.files, workers)
+    shards, big = balanced_shards(job.files, workers, rows)
+    return replace(job, shards=shards, shard_target=rows, big_row_groups=tuple(big))
+
+
+def shard_note(job: PreparedJob, workers: int) -> str:
+    """Why a balanced job has fewer shards than its workers want (row groups too big), or ''."""
+    if not job.big_row_groups or len(job.shards) >= SHARDS_PER_WORKER * workers:
+        return ""
+    url, rows = max(job.big_row_groups, key=lambda b: b[1])
+    return (f"{len(job.big_row_groups)} file(s) have row groups larger than the "
+            f"{job.shard_target:,}-row shards that would keep {workers} worker(s) busy (the "
+            f"largest: {rows:,} rows in '{url}'); a row group is one shard at least, so its "
+            "rows run on one worker: write such files with smaller row groups")
 
 
 # Ray 2.59+ (token authentication); older Rays have no such error to catch.
@@ -237,30 +310,35 @@ def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> s
     return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
 
 
-def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    default = gpus if gpus else max(1, cpus // spec.cpus_per_worker)
-    workers = max(1, min(spec.workers or default, shards))
-    return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
-                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries,
-                      max_actor_deaths=spec.max_actor_deaths)
+def _worker_resources(spec: JobSpec) -> WorkerResources:
+    """Each actor's CPUs and threads on this cluster (`jobs.resources`), the spec's values first."""
+    return worker_resources(ray.nodes(), spec.cpus_per_worker, spec.readers,
+                            spec.preprocess_threads)
 
 
-def worker_config(spec: JobSpec, job: PreparedJob, backend: str) -> WorkerConfig:
+def _pool_config(spec: JobSpec, shards: int, resources: WorkerResources) -> PoolConfig:
+    workers = max(1, min(spec.workers or resources.default_workers, shards))
+    return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
+                      num_cpus=resources.cpus, shards_in_flight=spec.shards_in_flight,
+                      max_retries=spec.max_retries, max_actor_deaths=spec.max_actor_deaths)
+
+
+def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
+                  resources: WorkerResources) -> WorkerConfig:
     """What every actor of this job is given."""
     return WorkerConfig(
         backend=backend,
-        backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
-                                     engine_host_code_allowed=spec.version_compatible),
+        # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code).
+        backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision),
         output_url=spec.output, bindings=job.bindings, keep=job.keep,
         batch_size=spec.batch_size, storage_options=spec.storage_options,
-        slots=spec.slots, readers=spec.readers,
+        slots=spec.slots, readers=resources.readers,
         concurrent_batches=spec.concurrent_batches,
         preprocess=job.processing.preprocess if job.processing else (),
         postprocess=job.processing.postprocess if job.processing else (),
-        preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
+        preprocess_threads=resources.preprocess_threads,
+        max_row_group_bytes=spec.max_row_group_bytes,
+        max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window)
 
 
 def _now() -> str:
@@ -269,7 +347,8 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     """Run a job to the end; raises RunnerError only for problems found before work starts."""
-    stream = stream or sys.stderr
+    # Every line the job prints passes through here: URIs in it lose their credentials.
+    stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     spec = resolve_paths(spec)  # one spelling of every path, for the identity and the manifest
     for flag in ("model", "input", "output"):
@@ -277,6 +356,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
         # one line before anything starts.
         probe(getattr(spec, flag), flag, spec.storage)
     job = prepare(spec)
+    phases = {"prepare": time.monotonic() - started}
     out = OutputDir(spec.output, spec.storage)
     out.require_directory()
     lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
@@ -288,17 +368,24 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
               f"({why})", file=stream, flush=True)
     try:
         out.check(job.identity, spec.overwrite)  # refuse another job's output before Ray starts
-        return _run_locked(spec, job, out, lock, stream, started, started_at)
+        return _run_locked(spec, job, out, lock, stream, started, started_at, phases)
     finally:
         lock.release()
 
 
 def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLock,
-                stream: TextIO, started: float, started_at: str) -> JobReport:
+                stream: TextIO, started: float, started_at: str,
+                startup: dict[str, float]) -> JobReport:
     """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
+    mark = time.monotonic()
     init_ray()
+    startup["ray_init"] = time.monotonic() - mark
     gpu_nodes = gpu_nodes_for(spec.backend)
     backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    resources = _worker_resources(spec)
+    workers = spec.workers or resources.default_workers
+    before = out.read_json(INPUTS_FILE)
+    job = balance(job, workers, before, out.earlier_fingerprints)
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
@@ -309,8 +396,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     # so OUTPUT never holds parts of two versions of a file.
     record = inputs_record(job.identity["fingerprint"],
                            [(f.url, f.size, f.version) for f in job.files], job.shards)
-    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed,
-                          earlier=out.earlier_fingerprints)
+    if job.shard_target is not None:
+        record["rows_per_shard"] = job.shard_target  # a rerun cuts the same shards
+    changes = diff_inputs(before, record, committed, earlier=out.earlier_fingerprints)
     out.remove([p["part"] for p in changes.stale])
     # Parts named by an earlier version, or before a file added ahead of theirs moved their
     # file's position, take their input-order names (kept, not recomputed).
@@ -323,6 +411,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         print(f"output: renamed {len(renamed)} committed part(s) to their input-order names",
               file=stream, flush=True)
     print(job_line(job, len(skipped), len(todo)), file=stream, flush=True)
+    note = shard_note(job, workers)
+    if note:
+        print(f"shards: {note}", file=stream, flush=True)
+    for prep in job.processing.preprocess if job.processing else ():
+        if isinstance(prep, TextPrep):
+            print(f"text '{prep.column}': {prep.limits_text()}", file=stream, flush=True)
     try:  # failed rows of shards committed by an earlier run are carried into this manifest
         previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
                     if isinstance(e, dict)}
@@ -333,19 +427,26 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     if todo:
-        pool_config = _pool_config(spec, len(todo))
+        pool_config = _pool_config(spec, len(todo), resources)
+        config = worker_config(spec, job, backend, resources)
         model_ref: Any
+        mark = time.monotonic()
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
-            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
+            # Text: profiles for the widths the job's batches have, from a sample of the input.
+            text = text_profiles(config, job.model.inputs, todo)
+            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream,
+                                 build=spec.build_config(text))
             model_ref, plans = shared.refs, shared.plans
         else:
-            model_ref = ray.put(job.model_bytes)
-        pool = ShardPool(pool_config, worker_config(spec, job, backend), model_ref,
-                         is_committed=out.has_part)
+            model_ref = ray.put(onnx_model_files(spec, job.model_bytes))
+        startup["plan"] = time.monotonic() - mark
+        mark = time.monotonic()
+        pool = ShardPool(pool_config, config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
+        startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
-              f"{worker_info['device']}", file=stream, flush=True)
+              f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
 
@@ -362,10 +463,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
         try:
             outcome = pool.run(todo, on_result, on_tick=on_tick, on_progress=progress.running)
+            mark = time.monotonic()
             outcome.worker_stats = pool.stats()
         finally:
             progress.close()
             pool.shutdown()
+        startup["pool_stop"] = time.monotonic() - mark
 
     results = outcome.results if outcome else {}
     failures = outcome.failures if outcome else {}
@@ -392,7 +495,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         if s.id in results:
             r = results[s.id]
             entry.update(status="committed", worker=r.worker, seconds=r.times.to_json(gpu),
-                         bytes=r.part_bytes)
+                         bytes=r.part_bytes, started_at=round(r.started_at, 3),
+                         committed_at=round(r.committed_at, 3))
             if outcome and (outcome.errors.get(s.id) or outcome.deaths.get(s.id)):
                 # Committed in the end, after retries: say so, the part is still exactly once.
                 entry.update(errors=outcome.errors.get(s.id, 0),
@@ -426,11 +530,15 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         "failures": failed, "files_skipped": list(job.skipped_files),
         "stale_parts_removed": changes.stale,
         "parts_renamed": [{"from": a, "to": b} for a, b in renamed],
+        "foreign_files_removed": out.foreign_removed,
         "input_changes": changes.to_json(), "lock": lock.to_json(),
         "workers": outcome.worker_stats if outcome else [],
         "actors_replaced": outcome.actors_replaced if outcome else 0,
         "shards": shard_rows,
     }
+    manifest["limited_by"] = limited_by(outcome.worker_stats if outcome else [],
+                                        *_limit_context(job))
+    manifest["timings"] = job_timings(startup, results.values(), started)
     lock.check()  # a job that lost its lock must not write the manifest or _SUCCESS
     out.clear_tmp()
     out.write_json(MANIFEST_FILE, manifest)
@@ -458,6 +566,43 @@ def job_line(job: PreparedJob, skipped: int, todo: int) -> str:
     return line
 
 
+def _limit_context(job: PreparedJob) -> tuple[str, list[str]]:
+    """What the convert stage does in this job, and its tensor inputs read from list columns."""
+    specs = job.processing.preprocess if job.processing else ()
+    convert_is = ("decoding images" if any(isinstance(p, ImagePrep) for p in specs)
+                  else "tokenizing text" if any(isinstance(p, TextPrep) for p in specs)
+                  else "converting columns")
+    schema = job.files[0].schema if job.files else None
+    columns = [column for _, column in job.bindings]
+    columns += [p.column for p in specs if isinstance(p, TensorPrep) and p.column not in columns]
+    listed = []
+    if schema is not None:
+        for column in columns:
+            index = schema.get_field_index(column)
+            kind = schema.field(index).type if index >= 0 else None
+            if kind is not None and (isinstance(kind, pa.FixedShapeTensorType)
+                                     or pa.types.is_fixed_size_list(kind)
+                                     or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+                listed.append(column)
+    return convert_is, listed
+
+
+def job_timings(phases: dict[str, float], results: Any, started: float) -> dict[str, float]:
+    """Where the job's time went: its fixed costs by phase, and the shard phase from the first
+    shard's start to the last shard's commit (wall clock, as the actors saw it)."""
+    out = {name: round(seconds, 3) for name, seconds in phases.items()}
+    spans = [(r.started_at, r.committed_at) for r in results if r.committed_at]
+    if spans:
+        first = min(a for a, _ in spans)
+        last = max(b for _, b in spans)
+        now_wall, now = time.time(), time.monotonic()
+        out["shards"] = round(last - first, 3)
+        # `started` is monotonic; the actors' times are wall clock: convert through now.
+        out["before_first_shard"] = round(first - (now_wall - (now - started)), 3)
+        out["after_last_commit"] = round(now_wall - last, 3)
+    return out
+
+
 def summary(report: JobReport) -> str:
     """The job's last lines: rows written, shards (and unreadable files) counted apart, and at
     most `SUMMARY_FAILURES` failures, the rest left to the manifest."""
@@ -467,6 +612,8 @@ def summary(report: JobReport) -> str:
              f"{len(report.failed) - files} failed"
              + (f"; files: {files:,} unreadable" if files else "")
              + f"; backend {report.backend}; output {report.output}"]
+    if report.manifest.get("limited_by"):
+        lines.append(report.manifest["limited_by"])
     if report.manifest.get("rows_failed"):
         lines.append(f"rows left out: {report.manifest['rows_failed']:,} row(s) failed "
                      "preprocessing; _manifest.json lists them under row_failures")

@@ -186,7 +186,9 @@ def test_a_gpu_without_a_plan_stops_the_pool_with_the_reason(ray_cluster: None, 
 
 @pytest.mark.ray
 def test_share_plans_puts_each_cached_plan_once(ray_cluster: None, tmp_path: Path,
-                                                dataset: Path) -> None:
+                                                dataset: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default cache's home
     source = two_input_model(seed=30)
     path = tmp_path / "model.onnx"
     path.write_bytes(source)
@@ -194,7 +196,7 @@ def test_share_plans_puts_each_cached_plan_once(ray_cluster: None, tmp_path: Pat
     nodes = [node("a", (8, 6)), node("b", (9, 0)), node("c", (9, 0))]
     # What a build on each target stored in the cache (here: ONNX models ORT can run).
     stored = {"sm_86": two_input_model(seed=31), "sm_90": two_input_model(seed=32)}
-    cache = PlanCache(default_cache_uri(spec.output))
+    cache = PlanCache(default_cache_uri())
     for target, data in stored.items():
         cache.commit(PlanKey(digest(source), (), "10.13.0.35", 12, target, spec.build_config()),
                      data)
