@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: CPU, or the CUDA provider when onnxruntime-gpu is installed."""
+"""ONNX Runtime backend: CPU, or the CUDA provider when onnxruntime-gpu is installed.
+
+`--precision fp16|bf16` means what it means on TensorRT: the model is converted with the same
+converter the plan builder uses (`workers.onnx_precision.convert_float`, I/O kept FP32) and the
+CUDA provider runs the converted model. The CPU provider is refused: it computes FP16 graphs in
+FP32 behind inserted Casts, so the run would be neither FP16 nor faster. int8/fp8 need the
+model's own Q/DQ nodes, which ONNX Runtime runs as they are.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot
-from workers.errors import BackendError, MissingDependencyError
+from workers.errors import BackendError, MissingDependencyError, SpecError
 from workers.tensors import TensorMeta, describe_onnx
 
 
@@ -38,12 +45,33 @@ def gpu_visible() -> bool:
     return visible is not None and visible.strip() not in ("", "-1", "NoDevFiles")
 
 
+def check_precision(precision: str, device: str, types: Any, source: str = "the model") -> None:
+    """Refuse a precision ONNX Runtime cannot honour on `device` ("cpu" or "cuda"), naming the fix.
+
+    `types`: the model's `workers.onnx_precision.ModelTypes`.
+    """
+    if precision in ("fp16", "bf16") and device != "cuda":
+        raise SpecError(
+            f"precision {precision} with ONNX Runtime needs its CUDA provider, and this runs on "
+            f"the CPU provider, which computes {precision} models in fp32 behind inserted Casts "
+            f"(neither {precision} nor faster); run on GPU nodes with onnxruntime-gpu "
+            "(pip install '.[gpu]'), or use --precision fp32")
+    if precision in ("int8", "fp8") and not types.carries(precision):
+        raise SpecError(
+            f"precision {precision} needs a model with explicit quantization (QuantizeLinear/"
+            f"DequantizeLinear nodes producing {precision}), and {source} has none; quantize it "
+            "with NVIDIA ModelOpt (python -m modelopt.onnx.quantization --onnx_path MODEL.onnx "
+            f"--quantize_mode {precision}) and pass the quantized model, or use --precision fp32")
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs an ONNX model with ONNX Runtime; `config.device` picks the CPU or CUDA provider."""
 
     name: ClassVar[str] = "onnxruntime"
     supports_slots: ClassVar[bool] = True
     session: Any
+    #: what the sessions load: the model, or its conversion for --precision fp16/bf16
+    _session_model: bytes
 
     def __init__(self, model: bytes, config: BackendConfig | None = None,
                  cuda_options: Mapping[str, str] | None = None) -> None:
@@ -69,11 +97,27 @@ class OnnxRuntimeBackend(Backend):
     def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
-        self.session = self._new_session(self._providers())
+        providers = self._providers()
+        on_cuda = providers[0] != "CPUExecutionProvider"
+        self._session_model = self._precision_model("cuda" if on_cuda else "cpu")
+        self.session = self._new_session(providers)
         self._output_names = [meta.name for meta in info.outputs]
         self.providers = list(self.session.get_providers())
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         return info.inputs, info.outputs
+
+    def _precision_model(self, device: str) -> bytes:
+        """The model bytes the sessions load: the model itself, or its fp16/bf16 conversion."""
+        from workers.onnx_precision import convert_float, model_types
+
+        precision = self.config.precision
+        if precision == "fp32":
+            return self._model
+        types = model_types(self._model)
+        check_precision(precision, device, types)
+        if precision in ("fp16", "bf16") and not types.computes_in(precision):
+            return convert_float(self._model, precision)
+        return self._model
 
     def _new_session(self, providers: list[Any]) -> Any:
         ort = import_onnxruntime()
@@ -82,7 +126,7 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            return ort.InferenceSession(self._model, options, providers=providers)
+            return ort.InferenceSession(self._session_model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise BackendError(f"ONNX Runtime could not load the model: {exc}") from exc
 
