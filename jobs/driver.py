@@ -211,6 +211,22 @@ def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> s
     return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
 
 
+def check_onnxruntime_precision(spec: JobSpec, job: PreparedJob) -> None:
+    """Refuse, before any actor starts, a precision ONNX Runtime cannot run on this cluster.
+
+    Actors run on the CUDA provider where the cluster has GPUs (an actor whose node lacks
+    onnxruntime-gpu still refuses fp16/bf16 when it loads), else on the CPU provider.
+    """
+    if spec.precision == "fp32":
+        return
+    from workers.backends.onnxruntime import check_precision
+    from workers.onnx_precision import model_types
+
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
+    source = f"model '{spec.model}'"
+    check_precision(spec.precision, device, model_types(job.model_bytes, source), source)
+
+
 def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -252,6 +268,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     init_ray()
     gpu_nodes = gpu_nodes_for(spec.backend)
     backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    if backend == "onnxruntime":
+        check_onnxruntime_precision(spec, job)
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
