@@ -42,6 +42,7 @@ from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.plan_build import BuildConfig
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
 from workers.types import Shard, ShardResult, WorkerConfig
@@ -203,12 +204,14 @@ def gpu_nodes_for(requested: str) -> list[GpuNode]:
     return probe_gpu_nodes()
 
 
-def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> str:
+def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None,
+                    build: BuildConfig | None = None) -> str:
     """`auto` -> the best backend the cluster can run; an impossible request fails here.
 
-    `nodes`: the GPU nodes' probed facts (probed here when not given).
+    `nodes`: the GPU nodes' probed facts (probed here when not given); `build`: the plans the
+    job would build (lean-only nodes run only version-compatible ones).
     """
-    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
+    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes, build)
 
 
 def check_onnxruntime_precision(spec: JobSpec, job: PreparedJob) -> None:
@@ -267,7 +270,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
     init_ray()
     gpu_nodes = gpu_nodes_for(spec.backend)
-    backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    # Before the output is touched or GPUs reserved.
+    backend = resolve_backend(spec.backend, gpu_nodes, spec.build_config())
     if backend == "onnxruntime":
         check_onnxruntime_precision(spec, job)
     committed = out.claim(job.identity, spec.overwrite)

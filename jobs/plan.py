@@ -219,22 +219,25 @@ def _plain_tensor_lines(kind: str, tensors: Sequence[dict[str, Any]]) -> list[st
 def _engine_summary(trt_module: Any, data: bytes, uri: str, layers: bool,
                     trust_host_code: bool = False) -> dict[str, Any]:
     """I/O, profiles and (with `layers`) the layer list of a deserialized plan."""
-    from workers.backends.tensorrt import import_cuda, make_logger, numpy_dtype
+    from workers.backends.tensorrt import import_cuda, numpy_dtype, process_logger
 
+    if layers:
+        require_engine_inspector(trt_module)
     cuda = import_cuda()
     if cuda.device_count() < 1:
         raise SpecError(f"reading plan '{uri}' needs a CUDA GPU (TensorRT deserializes it onto "
                         "one), and none is visible here; inspect it on a GPU node")
     cuda.set_device(0)
-    logger = make_logger(trt_module, echo=False)
-    runtime: trt.Runtime = trt_module.Runtime(logger)
+    logger = process_logger(trt_module)
+    runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
     if trust_host_code and hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = True
-    engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
+    with logger.capture() as log:
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise SpecError(f"'{uri}' is neither an ONNX model nor a plan this TensorRT "
                         f"({getattr(trt_module, '__version__', '?')}) can load: "
-                        f"{logger.last_errors()}; a version-compatible plan with the lean "
+                        f"{log.last_errors()}; a version-compatible plan with the lean "
                         "runtime inside needs --trust-host-code")
     tensors: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
     for index in range(engine.num_io_tensors):
@@ -259,6 +262,16 @@ def _engine_summary(trt_module: Any, data: bytes, uri: str, layers: bool,
         info = json.loads(inspector.get_engine_information(trt_module.LayerInformationFormat.JSON))
         summary["layers"] = [_layer_line(layer) for layer in info.get("Layers", [])]
     return summary
+
+
+def require_engine_inspector(trt_module: Any) -> None:
+    """Refuse `--layers` where TensorRT has no EngineInspector (the lean and dispatch runtimes)."""
+    if not hasattr(trt_module, "EngineInspector"):
+        raise MissingDependencyError(
+            f"--layers lists a plan's layers with TensorRT's EngineInspector, which "
+            f"{trt_module.__name__} {getattr(trt_module, '__version__', '?')} (a runtime-only "
+            "package) does not have; install the full package here (pip install "
+            "'.[tensorrt-cu12]' or '.[tensorrt-cu13]'), or drop --layers")
 
 
 def _layer_line(layer: Any) -> str:
@@ -315,7 +328,9 @@ def build(args: argparse.Namespace, out: TextIO) -> int:
     key = PlanKey(model_sha256=digest(data),
                   external_data=tuple((loc, digest(b)) for loc, b in sorted(external.items())),
                   tensorrt=result.tensorrt, cuda_major=cuda_runtime_major(),
-                  target=target_key(result.capability, config.hardware_compatible), build=config)
+                  target=target_key(result.capability, config.hardware_compatible,
+                                    result.gpu_name),
+                  build=config, conversion=result.conversion)
     name = args.output.rstrip("/").rsplit("/", 1)[-1]
     sidecar = sidecar_for(key, result.plan, name, result.info())
     write_bytes_atomic(args.output, result.plan)

@@ -49,6 +49,8 @@ def test_fingerprint_is_stable_and_hex() -> None:
     {"cuda_major": 13},
     {"target": "sm_90"},
     {"target": "ampere_plus"},
+    {"target": "sm_86-nvidia-a40"},  # same compute capability, another device model
+    {"conversion": "onnxconverter-common 1.16.0; passes r2"},  # a plan from a converted model
     {"build": BuildConfig.for_batch(256, precision="fp16")},
     {"build": BuildConfig.for_batch(128)},
     {"build": BuildConfig(profiles=((8, 256, 256),))},
@@ -60,6 +62,12 @@ def test_fingerprint_is_stable_and_hex() -> None:
 ])
 def test_every_input_changes_the_fingerprint(change: dict[str, Any]) -> None:
     assert dataclasses.replace(BASE, **change).fingerprint != BASE.fingerprint
+
+
+def test_a_fixed_converter_is_a_new_plan() -> None:
+    before = dataclasses.replace(BASE, conversion="onnxconverter-common 1.16.0; passes r2")
+    after = dataclasses.replace(BASE, conversion="onnxconverter-common 1.16.0; passes r3")
+    assert before.fingerprint != after.fingerprint
 
 
 def test_default_cache_uri() -> None:

@@ -142,8 +142,8 @@ def test_build_without_tensorrt_says_how_to_install(model_path: Path, tmp_path: 
     code, _, err = run(["build", str(model_path), "-o", str(tmp_path / "m.plan")], capsys)
     assert code == 2
     assert err == ("error: TensorRT is not installed; building a plan needs the full package: "
-                   "pip install '.[tensorrt]' on the node that builds, or set backend: "
-                   "onnxruntime\n")
+                   "pip install '.[tensorrt-cu12]' or '.[tensorrt-cu13]' on the node that "
+                   "builds, or set backend: onnxruntime\n")
 
 
 @no_tensorrt

@@ -247,9 +247,88 @@ def test_parser_errors_name_the_unsupported_node() -> None:
 
 
 def test_timing_cache_is_reused(model_bytes: bytes, fp32_plan: BuildResult) -> None:
+    """Loaded, not merely unrejected: with a logger per object the warnings were always empty."""
+    assert fp32_plan.timing_cache and not fp32_plan.timing_cache_loaded
     again = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH),
                        timing_cache=fp32_plan.timing_cache)
-    assert again.plan and not any("timing cache ignored" in w for w in again.warnings)
+    assert again.plan and again.timing_cache_loaded
+    assert not any("timing cache ignored" in w for w in again.warnings)
+    corrupt = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH),
+                         timing_cache=b"\x00" * 64)
+    assert not corrupt.timing_cache_loaded
+    assert any("timing cache ignored" in w for w in corrupt.warnings)
+
+
+def test_tensorrt_errors_are_reported_after_other_objects_lived(fp32_plan: BuildResult) -> None:
+    """TensorRT keeps the process's first logger: later loads must still see their errors."""
+    with create_backend("tensorrt", fp32_plan.plan):
+        pass  # a Runtime (and the module's builds before it) lived in this process
+    broken = fp32_plan.plan[: len(fp32_plan.plan) // 2]
+    with pytest.raises(BackendError, match="could not deserialize the plan") as info:
+        create_backend("tensorrt", broken).load()
+    assert "no error was logged" not in str(info.value)
+
+
+def test_several_profiles_and_batches_below_a_minimum(model_bytes: bytes) -> None:
+    config = BuildConfig(profiles=((1, 4, 8), (16, 32, 64)))
+    result = build_plan(model_bytes, config)
+    with create_backend("tensorrt", result.plan) as backend:
+        assert backend.max_rows == 64  # type: ignore[attr-defined]
+        slot = backend.open_slot(64)
+        try:
+            # 12 rows fit no profile: they run padded to 16 on the second.
+            for rows in (3, 8, 12, 40, 64, 1):
+                data = batch(rows, seed=100 + rows)
+                for name, array in data.items():
+                    np.copyto(slot.host_inputs[name][:rows], array)
+                slot.submit(rows)
+                close_to({k: v.copy() for k, v in slot.wait().items()},
+                         reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        finally:
+            slot.close()
+        data = batch(150, seed=7)  # infer() splits past the largest profile
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_a_second_gpu(model_bytes: bytes) -> None:
+    from workers import cuda
+
+    if cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (device_id 1)")
+    result = build_plan(model_bytes, BuildConfig.for_batch(16), device=1)
+    data = batch(16, seed=13)
+    with create_backend("tensorrt", result.plan, BackendConfig(device_id=1)) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        slot = backend.open_slot(16)
+        try:
+            for name, array in data.items():
+                np.copyto(slot.host_inputs[name], array)
+            slot.submit(16)
+            close_to({k: v.copy() for k, v in slot.wait().items()},
+                     reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        finally:
+            slot.close()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["resize", "attention", "shared_constant", "large_values"])
+def test_precision_on_realistic_graphs(name: str, precision: str) -> None:
+    """Constant-held Resize scales, an HF attention mask with LayerNorm, a shared constant and
+    values past FP16's range, built at the requested precision on this TensorRT."""
+    from tests.precision_models import MODELS
+    from tests.workers.test_onnx_precision import TOLERANCE, relative_error, run_fp32
+
+    if precision == "bf16" and capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability 8.0+")
+    make_model, make_inputs = MODELS[name]
+    model = make_model()
+    result = build_plan(model, BuildConfig.for_batch(16, precision=precision))
+    feed = make_inputs(16, seed=9)
+    with create_backend("tensorrt", result.plan) as backend:
+        got = backend.infer(feed)
+        names = [m.name for m in backend.outputs]
+    for out, want in zip(names, run_fp32(model, feed), strict=True):
+        assert relative_error(got[out], want) <= 2 * TOLERANCE[precision], (name, out)
 
 
 def test_cli_build_and_inspect_layers(tmp_path: Path, model_bytes: bytes) -> None:

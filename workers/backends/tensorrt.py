@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import threading
 import weakref
+from collections import deque
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +30,9 @@ from workers.tensors import TensorMeta
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL_HINT = ("pip install '.[tensorrt]' on the GPU nodes (tensorrt-lean is enough to run "
+# The extra of the CUDA major the node's driver runs (a CUDA 12 driver cannot run CUDA 13 builds).
+_EXTRAS = "'.[tensorrt-cu12]' or '.[tensorrt-cu13]'"
+INSTALL_HINT = (f"pip install {_EXTRAS} on the GPU nodes (tensorrt-lean is enough to run "
                 "version-compatible plans), or set backend: onnxruntime")
 # numpy has no bfloat16/fp8; ml_dtypes (an onnx dependency) provides them.
 _ML_DTYPES = {"BF16": "bfloat16", "FP8": "float8_e4m3fn"}
@@ -55,7 +60,7 @@ def import_tensorrt(builder: bool = False) -> ModuleType:
         extra = (f" ({lean[0]} is installed: it runs plans but cannot build them)" if lean else "")
         raise MissingDependencyError(
             f"TensorRT is not installed{extra}; building a plan needs the full package: "
-            "pip install '.[tensorrt]' on the node that builds, or set backend: onnxruntime")
+            f"pip install {_EXTRAS} on the node that builds, or set backend: onnxruntime")
     raise MissingDependencyError(f"TensorRT is not installed; {INSTALL_HINT}")
 
 
@@ -73,7 +78,7 @@ def import_cuda() -> ModuleType:
         from workers import cuda
     except ImportError as exc:
         raise MissingDependencyError(
-            f"cuda-python is not installed ({exc}); pip install '.[tensorrt]'") from exc
+            f"cuda-python is not installed ({exc}); pip install {_EXTRAS}") from exc
     return cuda
 
 
@@ -99,30 +104,107 @@ def numpy_dtype(trt_module: Any, dtype: Any, tensor: str = "") -> np.dtype:
                        "make the model's inputs and outputs float, int or bool (cast inside it)")
 
 
-def make_logger(trt_module: Any, echo: bool = True) -> Any:
-    """A TensorRT logger that keeps warnings and errors (for our messages) and echoes them."""
+class LogCapture:
+    """The TensorRT errors and warnings logged while this capture was open.
 
-    class CapturingLogger(trt_module.ILogger):
-        def __init__(self) -> None:
-            trt_module.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
+    Each build and each loaded backend holds one, so its messages name its own failure even
+    though every TensorRT object of the process logs through the one `ProcessLogger`.
+    """
 
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= int(trt_module.ILogger.ERROR):
-                self.errors.append(msg)
-            elif level == int(trt_module.ILogger.WARNING):
-                self.warnings.append(msg)
-            else:
-                return
-            if echo:
-                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+    def __init__(self, owner: ProcessLogger) -> None:
+        self._owner = owner
+        self.errors: deque[str] = deque(maxlen=_KEPT_MESSAGES)
+        self.warnings: list[str] = []
 
-        def last_errors(self, count: int = 3) -> str:
-            return "; ".join(self.errors[-count:]) or "no error was logged"
+    def last_errors(self, count: int = 3) -> str:
+        return "; ".join(list(self.errors)[-count:]) or "no error was logged"
 
-    return CapturingLogger()
+    def close(self) -> None:
+        self._owner._captures.discard(self)
+
+    def __enter__(self) -> LogCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProcessLogger:
+    """This process's one TensorRT logger; `capture()` collects messages for one build or load.
+
+    TensorRT keeps the logger of the first Builder or Runtime a process creates and ignores
+    every later one, so a logger per object would leave all but the first empty. Messages go to
+    every open capture (two builds at once in one process each see both: a name in a message
+    says whose it is) and are echoed to stderr from `echo_level` up (WARNING unless changed,
+    e.g. by `python -m jobs.plan build -v/-q`).
+    """
+
+    def __init__(self, trt_module: Any) -> None:
+        self._trt = trt_module
+        self._captures: weakref.WeakSet[LogCapture] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.echo_level = int(trt_module.ILogger.WARNING)
+        owner = self
+
+        class _Logger(trt_module.ILogger):
+            def __init__(self) -> None:
+                trt_module.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                owner._log(int(severity), msg)
+
+        # Kept alive here: TensorRT holds only a raw pointer to it.
+        self.trt_logger = _Logger()
+
+    def capture(self) -> LogCapture:
+        capture = LogCapture(self)
+        with self._lock:
+            self._captures.add(capture)
+        return capture
+
+    def _log(self, level: int, msg: str) -> None:
+        errors = level <= int(self._trt.ILogger.ERROR)
+        warning = level == int(self._trt.ILogger.WARNING)
+        if errors or warning:
+            with self._lock:
+                captures = list(self._captures)
+            for capture in captures:
+                (capture.errors.append if errors else capture.warnings.append)(msg)
+        if level <= self.echo_level:
+            print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+
+
+_KEPT_MESSAGES = 50
+_process_loggers: dict[str, ProcessLogger] = {}
+_process_loggers_lock = threading.Lock()
+
+
+def process_logger(trt_module: Any) -> ProcessLogger:
+    """The process's TensorRT logger for `trt_module`, created on first use (see ProcessLogger)."""
+    with _process_loggers_lock:
+        logger = _process_loggers.get(trt_module.__name__)
+        if logger is None:
+            logger = _process_loggers[trt_module.__name__] = ProcessLogger(trt_module)
+        return logger
+
+
+def choose_profile(profiles: Sequence[tuple[int, int]], rows: int) -> tuple[int, int]:
+    """(optimization profile, rows to execute) for a batch of `rows`.
+
+    `profiles` are the (min, max) batch rows of each profile. The first whose range holds
+    `rows` wins; a batch below every minimum runs padded to the nearest minimum (its extra rows
+    are computed and dropped).
+    """
+    for index, (lo, hi) in enumerate(profiles):
+        if lo <= rows <= hi:
+            return index, rows
+    above = [(lo, index) for index, (lo, _) in enumerate(profiles) if lo > rows]
+    if not above:
+        raise BackendError(f"a batch of {rows} rows is larger than every optimization profile of "
+                           f"the plan (batch rows {[list(p) for p in profiles]}); lower "
+                           "--batch-size or rebuild the plan")
+    lo, index = min(above)
+    return index, lo
 
 
 def _shape(dims: trt.Dims) -> tuple[int, ...]:
@@ -145,8 +227,8 @@ class TensorRTBackend(Backend):
         cuda.set_device(self.config.device_id)
         self._trt = trt_module
         self._cuda = cuda
-        self._logger = make_logger(trt_module)
-        runtime: trt.Runtime = trt_module.Runtime(self._logger)
+        self._logger = process_logger(trt_module).capture()
+        runtime: trt.Runtime = trt_module.Runtime(process_logger(trt_module).trt_logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
             # Version-compatible plans carry the lean runtime as host code: opt in (the plan
             # comes from this job's own cache, built by its own build task).
@@ -163,7 +245,8 @@ class TensorRTBackend(Backend):
                 "also needs engine_host_code_allowed): rebuild it for this node")
         self.engine = engine
         inputs, outputs = self._describe(engine)
-        self._max_rows, self._fixed_batch = self._batch_limits(engine, inputs)
+        self._profiles, self._fixed_batch = self._batch_limits(engine, inputs)
+        self._max_rows = max(hi for _, hi in self._profiles)
         self._sync: TensorRTSlot | None = None
         self._slots: weakref.WeakSet[TensorRTSlot] = weakref.WeakSet()
         return inputs, outputs
@@ -198,19 +281,24 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _batch_limits(engine: trt.ICudaEngine, inputs: tuple[TensorMeta, ...]
-                      ) -> tuple[int, int | None]:
-        """(most rows one execution takes, fixed batch of a static plan or None)."""
+                      ) -> tuple[tuple[tuple[int, int], ...], int | None]:
+        """((min, max) batch rows of each optimization profile, fixed batch of a static plan).
+
+        A profile's range is what every dynamic input accepts in it (the intersection).
+        """
         dynamic = [m for m in inputs if m.shape[0] is None]
         if not dynamic:
-            fixed = inputs[0].shape[0] if inputs else 1
-            return int(fixed or 1), int(fixed or 1)
-        # Every execution context starts on profile 0 (TensorRT 10 lets contexts share it), and
-        # the runner's plans have just that one.
-        return min(int(engine.get_tensor_profile_shape(m.name, 0)[2][0]) for m in dynamic), None
+            fixed = int(inputs[0].shape[0] or 1) if inputs else 1
+            return ((fixed, fixed),), fixed
+        profiles = []
+        for index in range(engine.num_optimization_profiles):
+            shapes = [engine.get_tensor_profile_shape(m.name, index) for m in dynamic]
+            profiles.append((max(int(s[0][0]) for s in shapes), min(int(s[2][0]) for s in shapes)))
+        return tuple(profiles), None
 
     @property
     def max_rows(self) -> int:
-        """Most rows one execution of the plan takes (its optimization profile's max batch)."""
+        """Most rows one execution of the plan takes (its largest optimization profile's max)."""
         self._require_loaded()
         return self._max_rows
 
@@ -219,7 +307,7 @@ class TensorRTBackend(Backend):
         self._require_loaded()
         if max_rows > self._max_rows:
             raise BackendError(f"the plan runs at most {self._max_rows} rows per batch (its "
-                               f"optimization profile), and a slot of {max_rows} was asked for; "
+                               f"optimization profiles), and a slot of {max_rows} was asked for; "
                                "rebuild the plan with a larger batch size or lower --batch-size")
         slot = TensorRTSlot(self, max_rows)
         self._slots.add(slot)
@@ -254,6 +342,7 @@ class TensorRTBackend(Backend):
         # Destruction order matters to TensorRT: contexts (slots), then engine, then runtime.
         del self.engine
         del self._runtime
+        self._logger.close()
 
 
 class TensorRTSlot(DeviceSlot):
@@ -261,7 +350,9 @@ class TensorRTSlot(DeviceSlot):
 
     The slot owns every resource it creates and frees them in `close()`, after its stream's
     work is done. Execution contexts are independent, so K slots can hold K batches at once (the
-    pool decides how many execute at once, through `submit`'s `after` event).
+    pool decides how many execute at once, through `submit`'s `after` event). Each batch runs on
+    the optimization profile that holds its rows (`choose_profile`), switched on the slot's
+    stream when it changes; a batch below that profile's minimum runs padded to it.
     """
 
     def __init__(self, backend: TensorRTBackend, max_rows: int) -> None:
@@ -272,7 +363,11 @@ class TensorRTSlot(DeviceSlot):
         self.max_rows = max_rows
         # A plan with a fixed batch always runs it whole (rows past the batch are ignored).
         self._fixed = backend._fixed_batch is not None
-        self._exec_rows = backend._fixed_batch or max_rows
+        self._profiles = backend._profiles
+        self._profile = -1  # the context's profile, once chosen
+        # Buffers hold the largest execution this slot makes (a padded one may exceed max_rows).
+        self._exec_rows = backend._fixed_batch or max(max_rows, choose_profile(self._profiles,
+                                                                               max_rows)[1])
         self._inputs = backend.inputs
         self._outputs = backend.outputs
         self._resources: list[Any] = []
@@ -306,6 +401,8 @@ class TensorRTSlot(DeviceSlot):
                                f"({self._logger.last_errors()}); the GPU may be out of memory: "
                                "lower --batch-size or --slots")
         self._context = context
+        if not self._fixed:
+            self._use_profile(choose_profile(self._profiles, self.max_rows)[0])
         for meta in self._inputs:
             shape = (self._exec_rows, *(int(d) for d in meta.row_shape if d is not None))
             if not self._fixed and not context.set_input_shape(meta.name, shape):
@@ -324,6 +421,16 @@ class TensorRTSlot(DeviceSlot):
             if not context.set_tensor_address(name, buffer.ptr):
                 raise BackendError(f"TensorRT refused the device address of tensor '{name}': "
                                    f"{self._logger.last_errors()}")
+
+    def _use_profile(self, index: int) -> None:
+        """Switch the context to optimization profile `index`, ordered on the slot's stream."""
+        context = self._context
+        if index == self._profile or context is None:
+            return
+        if not context.set_optimization_profile_async(index, self.stream.handle):
+            raise BackendError(f"TensorRT refused optimization profile {index} "
+                               f"({self._profiles[index]} rows): {self._logger.last_errors()}")
+        self._profile = index
 
     def _allocate(self, meta: TensorMeta, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = max(1, math.prod(shape) * meta.dtype.itemsize)
@@ -344,7 +451,11 @@ class TensorRTSlot(DeviceSlot):
         self._check_submit(rows)
         cuda = self._cuda
         stream = self.stream.handle
-        exec_rows = self._exec_rows if self._fixed else rows
+        if self._fixed:
+            exec_rows = self._exec_rows
+        else:
+            profile, exec_rows = choose_profile(self._profiles, rows)
+            self._use_profile(profile)
         self.timer.mark(0, stream)
         for meta in self._inputs:
             row = tuple(int(d) for d in meta.row_shape if d is not None)
