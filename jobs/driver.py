@@ -102,16 +102,34 @@ class PreparedJob:
         }
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
+        if self.spec.weights:
+            from jobs.caffe import converter_version
+
+            # model_sha256 is the converted model's: it covers the prototxt, the weights and
+            # what the converter made of them; the converter is named for the record.
+            key["converted_by"] = converter_version()
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return {"fingerprint": fingerprint, "model": self.spec.model, **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
+    """The model's ONNX bytes (a Caffe model converted here, once) and its description."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
         raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
-    return data, describe_onnx(data, source=f"model '{spec.model}'")
+    source = f"model '{spec.model}'"
+    if spec.weights:
+        from jobs.caffe import convert_caffe
+
+        try:
+            weights = read_bytes(spec.weights, spec.storage)
+        except StorageError as exc:
+            raise SpecError(f"weights '{spec.weights}' cannot be read ({exc}); check "
+                            "--weights") from exc
+        source = f"Caffe model '{spec.model}' with weights '{spec.weights}'"
+        data = convert_caffe(data, weights, source)
+    return data, describe_onnx(data, source=source)
 
 
 def prepare(spec: JobSpec) -> PreparedJob:

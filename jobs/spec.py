@@ -48,6 +48,9 @@ class JobSpec:
     model: str
     input: str
     output: str
+    #: Caffe: the trained net.caffemodel for `model` (a deploy.prototxt); converted to ONNX in
+    #: the driver (jobs/caffe.py). None: `model` is an ONNX model.
+    weights: str | None = None
     columns: tuple[tuple[str, str], ...] = ()
     keep: tuple[str, ...] = ()
     batch_size: int = 256
@@ -88,6 +91,7 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
+        _check_caffe(self.model, self.weights)
         for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
                      "slots", "readers", "concurrent_batches"):
             _positive(name, getattr(self, name))
@@ -153,6 +157,20 @@ class JobSpec:
             exclude_lean_runtime=self.exclude_lean_runtime)
 
 
+def _check_caffe(model: str, weights: str | None) -> None:
+    """A Caffe model is a deploy.prototxt with its weights; one without the other is refused."""
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise SpecError(f"weights must be the URI of a Caffe net.caffemodel, got {weights!r}")
+    if weights is None and model.lower().endswith(".prototxt"):
+        raise SpecError(f"model '{model}' is a Caffe deploy.prototxt, which holds no weights; "
+                        "pass its trained net.caffemodel with --weights URI (weights: in the "
+                        "config)")
+    if weights is not None and model.lower().endswith(".onnx"):
+        raise SpecError(f"weights '{weights}' are for a Caffe model, and model '{model}' is an "
+                        "ONNX model, which holds its own; drop --weights, or pass the Caffe "
+                        "deploy.prototxt as --model")
+
+
 def _check_build_options(spec: JobSpec) -> None:
     """TensorRT build settings: sizes parsed (`4GiB`), flags boolean, BuildConfig's rules held."""
     if isinstance(spec.workspace, str):
@@ -189,7 +207,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
         "Run an ONNX model over a Parquet dataset on a Ray cluster; write Parquet parts."))
     p.add_argument("--config", metavar="job.yaml", help="YAML file with the same settings; "
                    "flags override it")
-    p.add_argument("--model", metavar="URI", help="ONNX model (any fsspec URI)")
+    p.add_argument("--model", metavar="URI", help="ONNX model, or a Caffe deploy.prototxt with "
+                   "--weights (any fsspec URI)")
+    p.add_argument("--weights", metavar="URI", help="Caffe: the trained net.caffemodel of "
+                   "--model deploy.prototxt; the pair is converted to ONNX once, in the driver")
     p.add_argument("--input", metavar="URI", help="a Parquet file, a directory, or a glob")
     p.add_argument("--output", metavar="URI", help="directory that will hold the parts")
     p.add_argument("--column", action="append", metavar="INPUT=COLUMN", dest="columns",
