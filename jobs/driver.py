@@ -248,6 +248,13 @@ def check_onnxruntime_precision(spec: JobSpec, job: PreparedJob) -> None:
     check_precision(spec.precision, device, model_types(job.model_bytes, source), source)
 
 
+def plugins_of(spec: JobSpec) -> tuple[tuple[str, str], ...]:
+    """(uri, sha256) of each --plugins library, read once here; the fingerprint holds them."""
+    from workers.plugins import digest_plugins
+
+    return digest_plugins(spec.plugins, spec.storage) if spec.plugins else ()
+
+
 def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
@@ -327,7 +334,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         worker_config = WorkerConfig(
             backend=backend,
             backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
-                                         engine_host_code_allowed=spec.version_compatible),
+                                         engine_host_code_allowed=spec.version_compatible,
+                                         plugins=plugins_of(spec),
+                                         storage_options=spec.storage_options,
+                                         plugins_in_plan=(backend == "tensorrt"
+                                                          and spec.version_compatible
+                                                          and bool(spec.plugins))),
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
             slots=spec.slots, readers=spec.readers,

@@ -218,7 +218,8 @@ def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, ke
 
     cache = PlanCache(cache_uri, storage_options)
     timing = cache.read_timing_cache(key.tensorrt, key.target)
-    result = build_plan(model, build, timing_cache=timing, external_data=external, source=source)
+    result = build_plan(model, build, timing_cache=timing, external_data=external, source=source,
+                        storage_options=storage_options)
     built_for = target_key(result.capability, build.hardware_compatible, result.gpu_name)
     if result.tensorrt != key.tensorrt or built_for != key.target:
         raise BackendError(f"the build task ran on a node with TensorRT {result.tensorrt} and "
@@ -317,7 +318,10 @@ class SharedPlans:
 def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
                 nodes: Sequence[GpuNode], stream: TextIO | None = None) -> SharedPlans:
     """Find or build one plan per target and put each in the object store once."""
-    build: BuildConfig = spec.build_config()
+    from workers.plugins import digest_plugins
+
+    # The plugin libraries' hashes are in the plan key.
+    build: BuildConfig = spec.build_config(digest_plugins(spec.plugins, spec.storage))
     source = f"model '{model_uri}'"
     profile_shapes(model.inputs, build, source)  # shape problems fail before any GPU work
     cache = PlanCache(spec.plan_cache or default_cache_uri(spec.output), spec.storage)

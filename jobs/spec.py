@@ -79,6 +79,9 @@ class JobSpec:
     hardware_compatible: bool = False
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    #: `--plugins`: TensorRT plugin libraries / ONNX Runtime custom-op libraries (local paths on
+    #: every node, or fsspec URIs), loaded by the build task and every actor
+    plugins: tuple[str, ...] = ()
     #: Preprocessors (workers.preprocess specs) and postprocessors (workers.postprocess specs);
     #: a config's lists of items are parsed into them by `spec_from_settings`.
     preprocess: tuple[Any, ...] = ()
@@ -146,15 +149,19 @@ class JobSpec:
         return out
 
 
-    def build_config(self) -> BuildConfig:
-        """The TensorRT build this job asks for: one profile from 1 row to the batch size."""
+    def build_config(self, plugins: tuple[tuple[str, str], ...] = ()) -> BuildConfig:
+        """The TensorRT build this job asks for: one profile from 1 row to the batch size.
+
+        `plugins`: the (uri, sha256) of `self.plugins` (`workers.plugins.digest_plugins`), which
+        the fingerprint holds; the driver reads the libraries once to compute them.
+        """
         return BuildConfig.for_batch(
             self.batch_size, precision=self.precision, workspace=self.workspace,
             optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
                                 else self.optimization_level),
             hardware_compatible=self.hardware_compatible,
             version_compatible=self.version_compatible,
-            exclude_lean_runtime=self.exclude_lean_runtime)
+            exclude_lean_runtime=self.exclude_lean_runtime, plugins=plugins)
 
 
 def _check_caffe(model: str, weights: str | None) -> None:
@@ -258,6 +265,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--exclude-lean-runtime", action="store_true", default=None,
                    help="with --version-compatible: keep the lean runtime out of the plan "
                    "(workers need tensorrt-lean of the building version)")
+    p.add_argument("--plugins", action="append", metavar="LIB",
+                   help="a TensorRT plugin library (or, with ONNX Runtime, a custom-op library) "
+                   "to load before the model, in the build task and every actor: a local path "
+                   "on every node or any fsspec URI (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace another job's parts in OUTPUT")
     p.add_argument("--max-actor-deaths", type=int, metavar="N",
@@ -320,6 +331,11 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
     keep = data.pop("keep", None) or []
     if isinstance(keep, str) or not isinstance(keep, Sequence):
         raise SpecError(f"keep in {source} must be a list of column names, got {keep!r}")
+    plugins = data.pop("plugins", None) or []
+    if isinstance(plugins, str) or not isinstance(plugins, Sequence):
+        raise SpecError(f"plugins in {source} must be a list of library paths or URIs, "
+                        f"got {plugins!r}")
+    data["plugins"] = tuple(str(p) for p in plugins)
     storage = data.pop("storage_options", None) or {}
     if isinstance(storage, str):
         try:

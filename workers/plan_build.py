@@ -71,6 +71,9 @@ class BuildConfig:
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
     detailed_profiling: bool = False
+    #: `--plugins`: (uri, sha256) of each TensorRT plugin library, registered before parsing;
+    #: version-compatible plans serialize them (`plugins_to_serialize`)
+    plugins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -405,6 +408,7 @@ class BuildResult:
 def format_parser_errors(parser: trt.OnnxParser, source: str) -> str:
     """Every ONNX parser error with node index, node name, operator and description."""
     lines = []
+    operators = []  # of errors that say no importer (or plugin) exists for the node's operator
     for index in range(parser.num_errors):
         error = parser.get_error(index)
         node = int(error.node())
@@ -414,8 +418,14 @@ def format_parser_errors(parser: trt.OnnxParser, source: str) -> str:
         where = (f"node {node}" + (f" '{name}'" if name else "") + (f" ({operator})" if operator else "")
                  if node >= 0 else "the model")
         lines.append(f"  {where}: {error.desc()} [{code}]")
+        if code == "UNSUPPORTED_NODE" or re.search(r"(?i)no importer|plugin", str(error.desc())):
+            operators.append(operator)
+    unknown = sorted({op for op in operators if op})
+    plugin_hint = (f"; an operator TensorRT has no importer for ({', '.join(unknown)}) may be a "
+                   "plugin layer: load its library with --plugins LIB" if unknown else "")
     return (f"TensorRT cannot parse {source} ({parser.num_errors} error(s)):\n" + "\n".join(lines)
-            + "\nchange or remove the unsupported node(s), or run with --backend onnxruntime")
+            + "\nchange or remove the unsupported node(s), or run with --backend onnxruntime"
+            + plugin_hint)
 
 
 def _dims(dims: trt.Dims) -> tuple[int | None, ...]:
@@ -424,12 +434,13 @@ def _dims(dims: trt.Dims) -> tuple[int | None, ...]:
 
 def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None = None,
                external_data: Mapping[str, bytes] | None = None, source: str = "model",
-               device: int = 0) -> BuildResult:
+               device: int = 0, storage_options: Mapping[str, Any] | None = None) -> BuildResult:
     """Parse `model` and build a plan on GPU `device`; needs the full `tensorrt` package.
 
     `external_data` maps each external-weights location (relative, as the model names it) to
-    its bytes. Raises SpecError for what the user must change (unsupported nodes, shapes,
-    precision), BackendError for what went wrong on the node.
+    its bytes; `storage_options` reach the plugin libraries of `config.plugins`. Raises
+    SpecError for what the user must change (unsupported nodes, shapes, precision),
+    BackendError for what went wrong on the node.
     """
     info = describe_onnx(model, source=source)
     shapes = profile_shapes(info.inputs, config, source)
@@ -454,11 +465,19 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
 
     started = time.monotonic()
     logger = process_logger(trt_module)
-    with logger.capture() as log:
+    with logger.capture() as log, tempfile.TemporaryDirectory(prefix="trt-plugins-") as libs:
+        from workers.plugins import local_plugin_files, register_tensorrt_plugins
+
+        plugin_files = local_plugin_files(config.plugins, storage_options, libs)
+        register_tensorrt_plugins(trt_module, logger.trt_logger, plugin_files)
         builder: trt.Builder = trt_module.Builder(logger.trt_logger)
         network = _parse(trt_module, builder, logger.trt_logger, model, precision, external_data,
                          source)
         builder_config = _builder_config(trt_module, builder, config, precision, shapes, api, log)
+        if plugin_files and config.version_compatible:
+            # The plan carries the libraries, for runtimes (lean ones too) that load it with host
+            # code allowed; who may allow that is the plan trust rules' decision.
+            builder_config.plugins_to_serialize = plugin_files
         loaded = _set_timing_cache(builder_config, timing_cache, log)
         serialized = builder.build_serialized_network(network, builder_config)
         if serialized is None:

@@ -243,7 +243,49 @@ def test_parser_errors_name_the_unsupported_node() -> None:
     with pytest.raises(SpecError, match=r"TensorRT cannot parse model \(\d+ error\(s\)\):\n"
                                         r"  node 1 'mystery_node' \(Mystery\): .*\[") as info:
         build_plan(model.SerializeToString(), BuildConfig.for_batch(4))
-    assert str(info.value).endswith("or run with --backend onnxruntime")
+    assert str(info.value).endswith(
+        "or run with --backend onnxruntime; an operator TensorRT has no importer for (Mystery) may "
+        "be a plugin layer: load its library with --plugins LIB")
+
+
+def efficient_nms_model(boxes: int = 8, classes: int = 3, keep: int = 4) -> bytes:
+    """boxes [N,B,4] + scores [N,B,C] -> TensorRT's standard EfficientNMS_TRT plugin layer."""
+    from onnx import helper
+
+    node = helper.make_node(
+        "EfficientNMS_TRT", ["boxes", "scores"],
+        ["num_detections", "detection_boxes", "detection_scores", "detection_classes"],
+        name="nms", plugin_version="1", background_class=-1, max_output_boxes=keep,
+        score_threshold=0.05, iou_threshold=0.5, score_activation=0, box_coding=0)
+    graph = helper.make_graph(
+        [node], "nms",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", boxes, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", boxes, classes])],
+        [helper.make_tensor_value_info("num_detections", TensorProto.INT32, ["N", 1]),
+         helper.make_tensor_value_info("detection_boxes", TensorProto.FLOAT, ["N", keep, 4]),
+         helper.make_tensor_value_info("detection_scores", TensorProto.FLOAT, ["N", keep]),
+         helper.make_tensor_value_info("detection_classes", TensorProto.INT32, ["N", keep])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_standard_plugin_layer_parses_and_runs() -> None:
+    """EfficientNMS_TRT comes from libnvinfer_plugin: registered by init_libnvinfer_plugins."""
+    result = build_plan(efficient_nms_model(), BuildConfig.for_batch(4))
+    rng = np.random.default_rng(5)
+    # Eight disjoint boxes, three classes: NMS (per class) suppresses nothing, so the four
+    # detections are the four best (box, class) scores.
+    corners = np.arange(8, dtype=np.float32)[:, None] * 10
+    boxes = np.concatenate([corners, corners, corners + 5, corners + 5], axis=1)
+    batch_boxes = np.repeat(boxes[None], 2, axis=0)
+    scores = rng.uniform(0.1, 1.0, (2, 8, 3)).astype(np.float32)
+    with create_backend("tensorrt", result.plan) as backend:
+        out = backend.infer({"boxes": batch_boxes, "scores": scores})
+    for n in range(2):
+        assert int(out["num_detections"][n, 0]) == 4
+        best = np.sort(scores[n].ravel())[::-1][:4]
+        np.testing.assert_allclose(out["detection_scores"][n], best, rtol=1e-5)
 
 
 def test_timing_cache_is_reused(model_bytes: bytes, fp32_plan: BuildResult) -> None:

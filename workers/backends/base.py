@@ -34,6 +34,14 @@ class BackendConfig:
     #: TensorRT: let the runtime load plans that carry host code (version-compatible plans with
     #: the lean runtime inside). Set only for plans this job built (they come from its cache).
     engine_host_code_allowed: bool = False
+    #: `--plugins`: (uri, sha256) of each plugin library (TensorRT) or custom-op library (ONNX
+    #: Runtime), loaded before the plan or model (workers/plugins.py), and the storage options
+    #: to fetch them with (frozen, as specs carry them).
+    plugins: tuple[tuple[str, str], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    #: TensorRT: the plan carries the plugin libraries (version-compatible plans serialize
+    #: them); the runtime loads them from it, where host code is allowed, instead of from `plugins`.
+    plugins_in_plan: bool = False
 
     def __post_init__(self) -> None:
         if self.threads < 1:

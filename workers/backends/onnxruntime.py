@@ -10,6 +10,7 @@ model's own Q/DQ nodes, which ONNX Runtime runs as they are.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import numpy as np
 
 from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot
 from workers.errors import BackendError, MissingDependencyError, SpecError
+from workers.plugins import local_plugin_files
 from workers.tensors import TensorMeta, describe_onnx
 
 
@@ -98,6 +100,10 @@ class OnnxRuntimeBackend(Backend):
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
         providers = self._providers()
+        # --plugins: custom-op libraries, fetched once per backend (workers/plugins.py).
+        self._plugin_dir = tempfile.TemporaryDirectory(prefix="ort-custom-ops-")
+        self._plugin_files = local_plugin_files(self.config.plugins, self.config.storage_options,
+                                                self._plugin_dir.name)
         on_cuda = providers[0] != "CPUExecutionProvider"
         self._session_model = self._precision_model("cuda" if on_cuda else "cpu")
         self.session = self._new_session(providers)
@@ -125,6 +131,12 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = self.config.threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        for path in self._plugin_files:
+            try:
+                options.register_custom_ops_library(path)
+            except Exception as exc:  # ORT raises its own Fail for a library it cannot load
+                raise BackendError(f"ONNX Runtime could not load custom-op library '{path}' "
+                                   f"({exc}); check --plugins") from exc
         try:
             return ort.InferenceSession(self._session_model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -153,6 +165,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _close(self) -> None:
         del self.session
+        self._plugin_dir.cleanup()
 
 
 class OrtCudaSlot(DeviceSlot):

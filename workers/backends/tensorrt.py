@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import tempfile
 import threading
 import weakref
 from collections import deque
@@ -25,6 +26,7 @@ import numpy as np
 
 from workers.backends.base import Backend, Batch, DeviceSlot
 from workers.errors import BackendError, MissingDependencyError
+from workers.plugins import local_plugin_files, register_tensorrt_plugins
 from workers.tensors import TensorMeta
 
 if TYPE_CHECKING:
@@ -227,8 +229,15 @@ class TensorRTBackend(Backend):
         cuda.set_device(self.config.device_id)
         self._trt = trt_module
         self._cuda = cuda
-        self._logger = process_logger(trt_module).capture()
-        runtime: trt.Runtime = trt_module.Runtime(process_logger(trt_module).trt_logger)
+        logger = process_logger(trt_module)
+        self._logger = logger.capture()
+        self._plugin_dir = tempfile.TemporaryDirectory(prefix="trt-plugins-")
+        if not self.config.plugins_in_plan:
+            # Before deserializing: the plan's plugin layers need their creators registered.
+            files = local_plugin_files(self.config.plugins, self.config.storage_options,
+                                       self._plugin_dir.name)
+            self._plugin_handles = register_tensorrt_plugins(trt_module, logger.trt_logger, files)
+        runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
             # Version-compatible plans carry the lean runtime as host code: opt in (the plan
             # comes from this job's own cache, built by its own build task).
@@ -343,6 +352,8 @@ class TensorRTBackend(Backend):
         del self.engine
         del self._runtime
         self._logger.close()
+        # The libraries stay loaded (TensorRT does not unload plugins); their files can go.
+        self._plugin_dir.cleanup()
 
 
 class TensorRTSlot(DeviceSlot):
