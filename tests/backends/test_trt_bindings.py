@@ -59,6 +59,9 @@ def test_our_code_runs_against_the_real_module(bindings: tuple[str, dict[str, An
     assert facts["one_logger"]
     assert facts["captured"] == {"warnings": ["a warning"], "errors": ["an error"]}
     assert facts["runtime_arguments"] == "accepted"
+    assert facts["register_no_libraries"] == []
+    assert facts["register_library"] == (f"{found['module']} has no plugin registry here; the "
+                                         "plugin libraries cannot be loaded")  # the stub's NULL
     if lean:
         assert not facts["full"] and not facts["init_libnvinfer_plugins"]
         assert "tensorrt_lean is installed: it runs plans but cannot build them" in (

@@ -168,6 +168,17 @@ def probe(name: str) -> dict[str, Any]:
     if full:
         facts["builder_arguments"] = accepts_arguments(module.Builder, logger.trt_logger)
         facts["init_plugins_returns"] = module.init_libnvinfer_plugins(logger.trt_logger, "")
+    from workers.errors import BackendError
+    from workers.plugins import register_tensorrt_plugins
+
+    # Our plugin registration against the real module: init_libnvinfer_plugins (full only)
+    # takes our logger; with libraries, the stub's registry is NULL and we say so.
+    facts["register_no_libraries"] = register_tensorrt_plugins(module, logger.trt_logger, [])
+    try:
+        register_tensorrt_plugins(module, logger.trt_logger, ["/nonexistent/libplugin.so"])
+        facts["register_library"] = "loaded"
+    except BackendError as exc:
+        facts["register_library"] = str(exc)
     from jobs.plan import require_engine_inspector
 
     try:
