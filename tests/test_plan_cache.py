@@ -76,6 +76,16 @@ def test_default_cache_uri() -> None:
 
 
 # Commit and lookup ---------------------------------------------------------------------------
+def test_every_key_field_survives_the_sidecar(tmp_path: Path) -> None:
+    """Lookups compare the sidecar's JSON with the key: tuples must come back equal."""
+    key = dataclasses.replace(
+        BASE, conversion="onnxconverter-common 1.16.0; passes r2", target="sm_90-nvidia-h200",
+        build=BuildConfig(profiles=((1, 8, 16), (17, 64, 64)), plugins=(("a.so", "1" * 64),)))
+    cache = PlanCache(str(tmp_path / "plans"))
+    cache.commit(key, payload(7))
+    assert cache.lookup(key) is not None
+
+
 def test_commit_then_lookup(tmp_path: Path) -> None:
     cache = PlanCache(str(tmp_path / "plans"))
     assert cache.lookup(BASE) is None

@@ -115,7 +115,9 @@ class BuildConfig:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        # Lists, as JSON reads them back: the cache compares a sidecar's key with this.
         out["profiles"] = [list(p) for p in self.profiles]
+        out["plugins"] = [list(p) for p in self.plugins]
         return out
 
 
