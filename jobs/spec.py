@@ -231,7 +231,9 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--rows-per-shard", type=int, metavar="N",
                    help="target rows per shard; shards are whole row groups (default 100000)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
-    p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="numeric precision on TensorRT and ONNX Runtime's CUDA provider "
+                   "(default fp32; fp16/bf16 convert the model, int8/fp8 need its Q/DQ nodes)")
     p.add_argument("--storage-options", metavar="JSON",
                    help="fsspec storage options as a JSON object; AWS_* variables also apply")
     p.add_argument("--max-failed-shards", type=int, metavar="N",

@@ -232,11 +232,12 @@ class TensorRTBackend(Backend):
         logger = process_logger(trt_module)
         self._logger = logger.capture()
         self._plugin_dir = tempfile.TemporaryDirectory(prefix="trt-plugins-")
-        if not self.config.plugins_in_plan:
-            # Before deserializing: the plan's plugin layers need their creators registered.
-            files = local_plugin_files(self.config.plugins, self.config.storage_options,
-                                       self._plugin_dir.name)
-            self._plugin_handles = register_tensorrt_plugins(trt_module, logger.trt_logger, files)
+        # Before deserializing: the plan's plugin layers need their creators registered (the
+        # standard ones always; --plugins libraries unless the plan carries them itself).
+        files = ([] if self.config.plugins_in_plan else
+                 local_plugin_files(self.config.plugins, self.config.storage_options,
+                                    self._plugin_dir.name))
+        self._plugin_handles = register_tensorrt_plugins(trt_module, logger.trt_logger, files)
         runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
             # Version-compatible plans carry the lean runtime as host code: opt in (the plan
