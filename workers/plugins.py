@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,11 +80,19 @@ def local_plugin_files(plugins: Plugins,
     return paths
 
 
+# (TensorRT module, library sha256) -> handle: TensorRT's registry is one per process and
+# `load_library` returns NULL for a library whose plugins are already registered, so a library
+# loads once per process however many builds and backends use it.
+_loaded: dict[tuple[str, str], Any] = {}
+_loaded_lock = threading.Lock()
+
+
 def register_tensorrt_plugins(trt_module: Any, trt_logger: Any, paths: Sequence[str]) -> list[Any]:
     """TensorRT's standard plugins, then each library of `paths`; returns the library handles.
 
     The lean and dispatch runtimes have no `init_libnvinfer_plugins` (their plans carry what
-    they need); libraries load into the registry there too.
+    they need); libraries load into the registry there too. A library this process loaded
+    before (the same bytes) is not loaded again.
     """
     init = getattr(trt_module, "init_libnvinfer_plugins", None)
     if init is not None:
@@ -96,11 +105,17 @@ def register_tensorrt_plugins(trt_module: Any, trt_logger: Any, paths: Sequence[
         raise BackendError(f"{trt_module.__name__} has no plugin registry here; the plugin "
                            "libraries cannot be loaded")
     handles = []
-    for path in paths:
-        handle = registry.load_library(path)
-        if handle is None:
-            raise BackendError(f"TensorRT could not load plugin library '{path}' (not a TensorRT "
-                               "plugin library for this TensorRT version, or its dependencies "
-                               "are missing); check --plugins")
-        handles.append(handle)
+    with _loaded_lock:
+        for path in paths:
+            with open(path, "rb") as f:
+                key = (trt_module.__name__, hashlib.sha256(f.read()).hexdigest())
+            if key not in _loaded:
+                handle = registry.load_library(path)
+                if handle is None:
+                    raise BackendError(
+                        f"TensorRT could not load plugin library '{path}' (not a TensorRT plugin "
+                        "library for this TensorRT version, its dependencies are missing, or its "
+                        "plugins are registered already by another library); check --plugins")
+                _loaded[key] = handle
+            handles.append(_loaded[key])
     return handles

@@ -426,3 +426,46 @@ def test_job_builds_once_then_uses_the_cache(ray_cluster: None, tmp_path: Path, 
     want = reference(model_bytes, image, meta)["logits"]
     got = result.column("logits").combine_chunks().to_numpy_ndarray()
     assert np.abs(got - want).max() <= 1e-4 * max(float(np.abs(want).max()), 1.0)
+
+
+PLUGIN_SOURCE = Path(__file__).parent / "plugins" / "add_scalar.cu"
+
+
+def tensorrt_include() -> str | None:
+    """A directory holding TensorRT's headers (NvInferRuntime.h), if this machine has one."""
+    import os
+
+    candidates = [os.environ.get("TENSORRT_INCLUDE_DIR"), "/usr/include/x86_64-linux-gnu",
+                  "/usr/include/aarch64-linux-gnu", "/usr/include", "/usr/local/tensorrt/include",
+                  "/opt/tensorrt/include"]
+    return next((c for c in candidates if c and (Path(c) / "NvInferRuntime.h").is_file()), None)
+
+
+def test_a_plugin_library_built_from_cuda_source(tmp_path: Path) -> None:
+    """--plugins end to end: a library compiled here, loaded by the build and by the backend."""
+    import shutil
+    import subprocess
+
+    from onnx import helper
+
+    from workers.plugins import digest_plugins
+
+    nvcc, include = shutil.which("nvcc"), tensorrt_include()
+    if nvcc is None or include is None:
+        pytest.skip("needs nvcc and TensorRT's headers (set TENSORRT_INCLUDE_DIR)")
+    lib = tmp_path / "libadd_scalar.so"
+    subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-I", include, str(PLUGIN_SOURCE),
+                    "-o", str(lib)], check=True, timeout=300)
+    node = helper.make_node("AddScalarPlugin", ["x"], ["y"], name="add", scalar=2.5,
+                            plugin_version="1")
+    graph = helper.make_graph([node], "plugin",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    plugins = digest_plugins([str(lib)])
+    result = build_plan(model.SerializeToString(), BuildConfig.for_batch(8, plugins=plugins))
+    x = np.random.default_rng(6).standard_normal((5, 6)).astype(np.float32)
+    # The same process loaded the library for the build: the backend must not load it twice.
+    with create_backend("tensorrt", result.plan, BackendConfig(plugins=plugins)) as backend:
+        np.testing.assert_allclose(backend.infer({"x": x})["y"], x + 2.5, rtol=1e-6)
