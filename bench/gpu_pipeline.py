@@ -57,8 +57,9 @@ from workers import cuda
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend, OrtCudaSlot, import_onnxruntime
 from workers.convert import column_to_tensor, tensor_to_binary_column
-from workers.pipeline import SlotPool, process_shard
+from workers.pipeline import process_shard
 from workers.rowgroups import RowGroupReader
+from workers.slots import SlotPool
 from workers.storage import file_version, filesystem
 from workers.types import Shard, ShardResult, WorkerConfig
 

@@ -69,7 +69,9 @@ def preprocess(encoded: Sequence[bytes]) -> np.ndarray:
     """The pixels the job's image preprocessor makes for `cnn.onnx`: [N, 3, 16, 16] float32."""
     from workers.images import ImageDecoder
 
-    decoder = ImageDecoder("RGB", (SIZE, SIZE), SIZE, mean=MEAN, std=STD, layout="NCHW",
+    # draft=True: JPEGs larger than the model's size decode at a reduced DCT scale, as the
+    # job's image preprocessor does by default.
+    decoder = ImageDecoder("RGB", (SIZE, SIZE), SIZE, True, mean=MEAN, std=STD, layout="NCHW",
                            dtype=np.dtype(np.float32))
     pixels, bad = decoder.decode(list(encoded))
     if bad:

@@ -9,12 +9,14 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TextIO
+from dataclasses import dataclass, field, replace
+from typing import Any, TextIO, cast
 
+import pyarrow as pa
 import ray
 
 from jobs.lease import OutputLock
+from jobs.limits import limited_by
 from jobs.output import (
     INPUTS_FILE,
     MANIFEST_FILE,
@@ -24,12 +26,17 @@ from jobs.output import (
     inputs_record,
 )
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
+from jobs.plan_signing import load_signer
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
 from jobs.processing import Processing, check_preprocess_schema, resolve_processing
 from jobs.progress import Progress
+from jobs.resources import WorkerResources, worker_resources
 from jobs.shards import (
+    SHARDS_PER_WORKER,
     BadFile,
     InputFile,
+    balanced_rows,
+    balanced_shards,
     cut_file_shards,
     cut_shards,
     is_image_listing,
@@ -38,14 +45,22 @@ from jobs.shards import (
     read_footers,
 )
 from jobs.spec import JobSpec
+from jobs.text_profiles import text_profiles
 from jobs.validate import check_keep, resolve_bindings, schema_problem
 from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
+from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
 from workers.plan_build import BuildConfig
+from workers.preprocess import ImagePrep, TensorPrep, TextPrep
+from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
 from workers.tensors import ModelInfo, describe_onnx
-from workers.types import Shard, ShardResult, WorkerConfig
+from workers.types import FileRef, Shard, ShardResult, WorkerConfig
+
+#: Shards cut before the workers are known (and files per shard of an image directory).
+DEFAULT_ROWS_PER_SHARD = 100_000
+DEFAULT_FILES_PER_SHARD = 1000
 
 
 @dataclass
@@ -80,6 +95,10 @@ class PreparedJob:
     processing: Processing | None = None
     #: Files of the input that are not images, when the input is an image directory (skipped).
     skipped_files: tuple[str, ...] = ()
+    #: Balanced shards: the rows (or files) per shard they were cut for, and the files whose
+    #: row groups are larger than that (url, rows of the largest); None: cut as the spec says.
+    shard_target: int | None = None
+    big_row_groups: tuple[tuple[str, int], ...] = ()
 
     @property
     def keep(self) -> tuple[str, ...]:
@@ -93,9 +112,11 @@ class PreparedJob:
     @property
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same job (so parts of one can be reused by the other)."""
+        # URIs without credentials: a presigned URL's signature changes between runs of the
+        # same job, and this identity is written to OUTPUT.
         key: dict[str, Any] = {
             "model_sha256": self.model_sha256,
-            "input": self.spec.input,
+            "input": redact(self.spec.input),
             "bindings": [list(b) for b in self.bindings],
             "keep": list(self.keep),
             "precision": self.spec.precision,
@@ -109,11 +130,13 @@ class PreparedJob:
             # what the converter made of them; the converter is named for the record.
             key["converted_by"] = converter_version()
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        return {"fingerprint": fingerprint, "model": self.spec.model, **key}
+        return {"fingerprint": fingerprint, "model": redact(self.spec.model), **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
-    """The model's ONNX bytes (a Caffe model converted here, once) and its description."""
+    """The model's ONNX bytes (a Caffe model converted here, once) and its description; its
+    external-data references checked to stay in its directory (see workers.external_data),
+    before anything reads them."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
@@ -129,11 +152,25 @@ def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
                             "--weights") from exc
         source = f"Caffe model '{spec.model}' with weights '{spec.weights}'"
         data = convert_caffe(data, weights, source)
-    return data, describe_onnx(data, source=source)
+    info = describe_onnx(data, source=source)
+    check_model_directory(data, spec.model, spec.storage)
+    return data, info
+
+
+def onnx_model_files(spec: JobSpec, model_bytes: bytes) -> bytes | ModelFiles:
+    """What ONNX Runtime actors get: the model's bytes, with its external files when it has
+    them (read here, from the model's directory, so actors never open files the model names)."""
+    locations = check_model_directory(model_bytes, spec.model, spec.storage)
+    if not locations:
+        return model_bytes
+    files = read_external_files(spec.model, locations, spec.storage)
+    return ModelFiles(model=model_bytes, external=tuple(sorted(files.items())))
 
 
 def prepare(spec: JobSpec) -> PreparedJob:
     """Load the model's metadata, list and shard the input, check every column binding."""
+    if spec.backend != "onnxruntime":
+        load_signer(spec.plan_key_file)  # an unreadable or short plan key fails before Ray starts
     model_bytes, model = load_model(spec)
     fs, listing = list_input(spec.input, spec.storage)
     if spec.input_format == "images" or (spec.input_format == "auto"
@@ -158,7 +195,8 @@ def prepare(spec: JobSpec) -> PreparedJob:
             good.append(f)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
-                       bad_files=bad, shards=cut_shards(good, spec.rows_per_shard),
+                       bad_files=bad,
+                       shards=cut_shards(good, spec.rows_per_shard or DEFAULT_ROWS_PER_SHARD),
                        bindings=bindings, processing=processing)
 
 
@@ -199,9 +237,42 @@ def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any
     check_keep(processing.keep, model, IMAGE_DIR_SCHEMA, source, processing.output_columns)
     return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
                        model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=[],
-                       bad_files=[], shards=cut_file_shards(images, spec.rows_per_shard),
+                       bad_files=[],
+                       shards=cut_file_shards(images,
+                                              spec.rows_per_shard or DEFAULT_FILES_PER_SHARD),
                        bindings=processing.bindings, processing=processing,
                        skipped_files=tuple(others))
+
+
+def balance(job: PreparedJob, workers: int, previous: dict[str, Any] | None) -> PreparedJob:
+    """`job` with shards balanced over `workers` (at least `SHARDS_PER_WORKER` each), unless
+    the spec sets rows_per_shard; a rerun keeps the cut its earlier run recorded, so the
+    parts it committed stay valid whatever the cluster's size now."""
+    if job.spec.rows_per_shard is not None:
+        return job
+    target = None
+    if previous and previous.get("job") == job.identity["fingerprint"]:
+        recorded = previous.get("rows_per_shard")
+        target = recorded if isinstance(recorded, int) and recorded > 0 else None
+    if not job.files:  # an image directory: files per shard
+        images: list[FileRef] = [f for s in job.shards for f in s.files]
+        per = target or max(1, min(DEFAULT_FILES_PER_SHARD,
+                                   len(images) // (SHARDS_PER_WORKER * workers)))
+        return replace(job, shards=cut_file_shards(images, per), shard_target=per)
+    rows = target or balanced_rows(job.files, workers)
+    shards, big = balanced_shards(job.files, workers, rows)
+    return replace(job, shards=shards, shard_target=rows, big_row_groups=tuple(big))
+
+
+def shard_note(job: PreparedJob, workers: int) -> str:
+    """Why a balanced job has fewer shards than its workers want (row groups too big), or ''."""
+    if not job.big_row_groups or len(job.shards) >= SHARDS_PER_WORKER * workers:
+        return ""
+    url, rows = max(job.big_row_groups, key=lambda b: b[1])
+    return (f"{len(job.big_row_groups)} file(s) have row groups larger than the "
+            f"{job.shard_target:,}-row shards that would keep {workers} worker(s) busy (the "
+            f"largest: {rows:,} rows in '{url}'); a row group is one shard at least, so its "
+            "rows run on one worker: write such files with smaller row groups")
 
 
 def init_ray() -> None:
@@ -255,15 +326,17 @@ def plugins_of(spec: JobSpec) -> tuple[tuple[str, str], ...]:
     return digest_plugins(spec.plugins, spec.storage) if spec.plugins else ()
 
 
-def _pool_config(spec: JobSpec, shards: int) -> PoolConfig:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = int(resources.get("CPU", 1))
-    default = gpus if gpus else max(1, cpus // spec.cpus_per_worker)
-    workers = max(1, min(spec.workers or default, shards))
-    return PoolConfig(workers=workers, num_gpus=1 if gpus else 0, num_cpus=spec.cpus_per_worker,
-                      shards_in_flight=spec.shards_in_flight, max_retries=spec.max_retries,
-                      max_actor_deaths=spec.max_actor_deaths)
+def _worker_resources(spec: JobSpec) -> WorkerResources:
+    """Each actor's CPUs and threads on this cluster (`jobs.resources`), the spec's values first."""
+    return worker_resources(ray.nodes(), spec.cpus_per_worker, spec.readers,
+                            spec.preprocess_threads)
+
+
+def _pool_config(spec: JobSpec, shards: int, resources: WorkerResources) -> PoolConfig:
+    workers = max(1, min(spec.workers or resources.default_workers, shards))
+    return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
+                      num_cpus=resources.cpus, shards_in_flight=spec.shards_in_flight,
+                      max_retries=spec.max_retries, max_actor_deaths=spec.max_actor_deaths)
 
 
 def _now() -> str:
@@ -272,9 +345,11 @@ def _now() -> str:
 
 def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     """Run a job to the end; raises RunnerError only for problems found before work starts."""
-    stream = stream or sys.stderr
+    # Every line the job prints passes through here: URIs in it lose their credentials.
+    stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     job = prepare(spec)
+    phases = {"prepare": time.monotonic() - started}
     out = OutputDir(spec.output, spec.storage)
     lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
                       job=job.identity["fingerprint"])
@@ -285,20 +360,27 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
               f"({why})", file=stream, flush=True)
     try:
         out.check(job.identity, spec.overwrite)  # refuse another job's output before Ray starts
-        return _run_locked(spec, job, out, lock, stream, started, started_at)
+        return _run_locked(spec, job, out, lock, stream, started, started_at, phases)
     finally:
         lock.release()
 
 
 def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLock,
-                stream: TextIO, started: float, started_at: str) -> JobReport:
+                stream: TextIO, started: float, started_at: str,
+                startup: dict[str, float]) -> JobReport:
     """The job while it holds OUTPUT's lock: claim, run the shards, write the manifest."""
+    mark = time.monotonic()
     init_ray()
+    startup["ray_init"] = time.monotonic() - mark
     gpu_nodes = gpu_nodes_for(spec.backend)
     # Before the output is touched or GPUs reserved.
     backend = resolve_backend(spec.backend, gpu_nodes, spec.build_config())
     if backend == "onnxruntime":
         check_onnxruntime_precision(spec, job)
+    resources = _worker_resources(spec)
+    workers = spec.workers or resources.default_workers
+    before = out.read_json(INPUTS_FILE)
+    job = balance(job, workers, before)
     committed = out.claim(job.identity, spec.overwrite)
     out.clear_tmp()
     todo = [s for s in job.shards if s.id not in committed]
@@ -309,7 +391,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     # so OUTPUT never holds parts of two versions of a file.
     record = inputs_record(job.identity["fingerprint"],
                            [(f.url, f.size, f.version) for f in job.files], job.shards)
-    changes = diff_inputs(out.read_json(INPUTS_FILE), record, committed)
+    if job.shard_target is not None:
+        record["rows_per_shard"] = job.shard_target  # a rerun cuts the same shards
+    changes = diff_inputs(before, record, committed)
     out.remove([p["part"] for p in changes.stale])
     committed = {sid: name for sid, name in committed.items() if sid in current}
     out.write_json(INPUTS_FILE, record)
@@ -320,6 +404,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
           f"{len(todo)} to run" + (f"; {len(job.bad_files)} bad file(s)" if job.bad_files else "")
           + (f"; {len(job.skipped_files)} non-image file(s) ignored" if job.skipped_files else ""),
           file=stream, flush=True)
+    note = shard_note(job, workers)
+    if note:
+        print(f"shards: {note}", file=stream, flush=True)
+    for prep in job.processing.preprocess if job.processing else ():
+        if isinstance(prep, TextPrep):
+            print(f"text '{prep.column}': {prep.limits_text()}", file=stream, flush=True)
     try:  # failed rows of shards committed by an earlier run are carried into this manifest
         previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
                     if isinstance(e, dict)}
@@ -330,11 +420,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     if todo:
-        pool_config = _pool_config(spec, len(todo))
+        pool_config = _pool_config(spec, len(todo), resources)
         worker_config = WorkerConfig(
             backend=backend,
-            backend_config=BackendConfig(threads=spec.cpus_per_worker, precision=spec.precision,
-                                         engine_host_code_allowed=spec.version_compatible,
+            # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code);
+            # so is leaving the --plugins libraries to a plan that carries them.
+            backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision,
                                          plugins=plugins_of(spec),
                                          storage_options=spec.storage_options,
                                          plugins_in_plan=(backend == "tensorrt"
@@ -342,22 +433,31 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                                                           and bool(spec.plugins))),
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
-            slots=spec.slots, readers=spec.readers,
+            slots=spec.slots, readers=resources.readers,
             concurrent_batches=spec.concurrent_batches,
             preprocess=job.processing.preprocess if job.processing else (),
             postprocess=job.processing.postprocess if job.processing else (),
-            preprocess_threads=spec.preprocess_threads or spec.cpus_per_worker)
+            preprocess_threads=resources.preprocess_threads,
+            max_row_group_bytes=spec.max_row_group_bytes,
+            max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window)
         model_ref: Any
+        mark = time.monotonic()
         if backend == "tensorrt":
             # One plan per GPU type, each put in the object store once; actors pick theirs.
-            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream)
+            # Text: profiles for the widths the job's batches have, from a sample of the input.
+            text = text_profiles(worker_config, job.model.inputs, todo)
+            shared = share_plans(job.model_bytes, job.model, spec.model, spec, gpu_nodes, stream,
+                                 build=spec.build_config(text))
             model_ref, plans = shared.refs, shared.plans
         else:
-            model_ref = ray.put(job.model_bytes)
+            model_ref = ray.put(onnx_model_files(spec, job.model_bytes))
+        startup["plan"] = time.monotonic() - mark
+        mark = time.monotonic()
         pool = ShardPool(pool_config, worker_config, model_ref, is_committed=out.has_part)
         worker_info = pool.start(pool_config.workers)
+        startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
-              f"{worker_info['device']}", file=stream, flush=True)
+              f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
 
@@ -373,10 +473,12 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
 
         try:
             outcome = pool.run(todo, on_result, on_tick=on_tick)
+            mark = time.monotonic()
             outcome.worker_stats = pool.stats()
         finally:
             progress.close()
             pool.shutdown()
+        startup["pool_stop"] = time.monotonic() - mark
 
     results = outcome.results if outcome else {}
     failures = outcome.failures if outcome else {}
@@ -402,7 +504,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         if s.id in results:
             r = results[s.id]
             entry.update(status="committed", worker=r.worker, seconds=vars(r.times),
-                         bytes=r.part_bytes)
+                         bytes=r.part_bytes, started_at=round(r.started_at, 3),
+                         committed_at=round(r.committed_at, 3))
             if outcome and (outcome.errors.get(s.id) or outcome.deaths.get(s.id)):
                 # Committed in the end, after retries: say so, the part is still exactly once.
                 entry.update(errors=outcome.errors.get(s.id, 0),
@@ -431,11 +534,15 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         "rows_failed": sum(int(e.get("rows_failed", 0)) for e in shard_rows),
         "shards_skipped": len(skipped), "shards_failed": len(failures),
         "failures": failed, "stale_parts_removed": changes.stale,
+        "foreign_files_removed": out.foreign_removed,
         "input_changes": changes.to_json(), "lock": lock.to_json(),
         "workers": outcome.worker_stats if outcome else [],
         "actors_replaced": outcome.actors_replaced if outcome else 0,
         "shards": shard_rows,
     }
+    manifest["limited_by"] = limited_by(outcome.worker_stats if outcome else [],
+                                        *_limit_context(job))
+    manifest["timings"] = job_timings(startup, results.values(), started)
     lock.check()  # a job that lost its lock must not write the manifest or _SUCCESS
     out.clear_tmp()
     out.write_json(MANIFEST_FILE, manifest)
@@ -450,10 +557,49 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     return report
 
 
+def _limit_context(job: PreparedJob) -> tuple[str, list[str]]:
+    """What the convert stage does in this job, and its tensor inputs read from list columns."""
+    specs = job.processing.preprocess if job.processing else ()
+    convert_is = ("decoding images" if any(isinstance(p, ImagePrep) for p in specs)
+                  else "tokenizing text" if any(isinstance(p, TextPrep) for p in specs)
+                  else "converting columns")
+    schema = job.files[0].schema if job.files else None
+    columns = [column for _, column in job.bindings]
+    columns += [p.column for p in specs if isinstance(p, TensorPrep) and p.column not in columns]
+    listed = []
+    if schema is not None:
+        for column in columns:
+            index = schema.get_field_index(column)
+            kind = schema.field(index).type if index >= 0 else None
+            if kind is not None and (isinstance(kind, pa.FixedShapeTensorType)
+                                     or pa.types.is_fixed_size_list(kind)
+                                     or pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+                listed.append(column)
+    return convert_is, listed
+
+
+def job_timings(phases: dict[str, float], results: Any, started: float) -> dict[str, float]:
+    """Where the job's time went: its fixed costs by phase, and the shard phase from the first
+    shard's start to the last shard's commit (wall clock, as the actors saw it)."""
+    out = {name: round(seconds, 3) for name, seconds in phases.items()}
+    spans = [(r.started_at, r.committed_at) for r in results if r.committed_at]
+    if spans:
+        first = min(a for a, _ in spans)
+        last = max(b for _, b in spans)
+        now_wall, now = time.time(), time.monotonic()
+        out["shards"] = round(last - first, 3)
+        # `started` is monotonic; the actors' times are wall clock: convert through now.
+        out["before_first_shard"] = round(first - (now_wall - (now - started)), 3)
+        out["after_last_commit"] = round(now_wall - last, 3)
+    return out
+
+
 def summary(report: JobReport) -> str:
     lines = [f"done: {report.rows:,} rows in {report.seconds:.1f}s; shards: {report.committed} "
              f"committed, {report.skipped} skipped (already committed), {len(report.failed)} "
              f"failed; backend {report.backend}; output {report.output}"]
+    if report.manifest.get("limited_by"):
+        lines.append(report.manifest["limited_by"])
     if report.manifest.get("rows_failed"):
         lines.append(f"rows left out: {report.manifest['rows_failed']:,} row(s) failed "
                      "preprocessing; _manifest.json lists them under row_failures")

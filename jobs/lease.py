@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from workers.errors import OutputConflictError, StorageError
+from workers.processes import pid_namespace, process_start
+from workers.redact import redact
 from workers.storage import (
     create_exclusive,
     filesystem,
@@ -46,21 +49,28 @@ class LostLockError(OutputConflictError):
     """Another job took this job's lock on OUTPUT, or it could not be refreshed for too long."""
 
 
-def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The command name (field 2) may hold spaces; fields after its ')' are fixed.
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+class MalformedLockError(OutputConflictError):
+    """OUTPUT's lock file is not a lock this runner wrote: not JSON, or a field of the wrong kind."""
 
 
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
+def _finite(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# What each field of a lock must be, and how the error says so.
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "owner": (lambda v: isinstance(v, str), "a string"),
+    "host": (lambda v: isinstance(v, str), "a string"),
+    "pid": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "a process id"),
+    "pid_namespace": (lambda v: isinstance(v, str), "a string"),
+    "pid_start": (lambda v: isinstance(v, str), "a string"),
+    "started": (lambda v: isinstance(v, str), "a string"),
+    "heartbeat": (_finite, "seconds since the epoch"),
+    "timeout": (lambda v: _finite(v) and v > 0, "a number of seconds > 0"),
+    "job": (lambda v: isinstance(v, str), "a string"),
+}
 
 
 def _iso(seconds: float) -> str:
@@ -78,24 +88,36 @@ class LockInfo:
     pid_start: str
     started: str
     heartbeat: float  # seconds since the epoch, refreshed while the job runs
-    timeout: float  # the owner's: stale this long after `heartbeat`
+    # The owner's --lock-timeout, recorded for people reading the file; readers judge staleness
+    # by their own timeout, never by this value (anyone who can write OUTPUT can write it).
+    timeout: float
     job: str = ""  # the job's fingerprint (see jobs.driver.PreparedJob.identity)
 
     @classmethod
     def mine(cls, timeout: float, job: str, clock: Callable[[], float]) -> LockInfo:
         now = clock()
         return cls(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
-                   pid_namespace=_pid_namespace(), pid_start=_proc_start(os.getpid()),
+                   pid_namespace=pid_namespace(), pid_start=process_start(os.getpid()),
                    started=_iso(now), heartbeat=now, timeout=timeout, job=job)
 
     @classmethod
-    def parse(cls, data: bytes) -> LockInfo | None:
-        """None when `data` is not a lock this runner wrote (or is being written)."""
+    def parse(cls, data: bytes, url: str = LOCK_FILE) -> LockInfo:
+        """The lock in `data`; MalformedLockError naming `url` when it is not one this runner
+        writes (locks are written whole, so a reader never sees one half-written)."""
         try:
             value = json.loads(data)
-            return cls(**{k: value[k] for k in cls.__dataclass_fields__ if k in value})
-        except (ValueError, TypeError, KeyError):
-            return None
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise _malformed(url, "not a JSON object")
+        for name, (valid, expected) in _FIELD_RULES.items():
+            if name not in value:
+                if name == "job":
+                    continue  # locks of runners before the job fingerprint lack it
+                raise _malformed(url, f"{name} is missing")
+            if not valid(value[name]):
+                raise _malformed(url, f"{name} is {value[name]!r}, expected {expected}")
+        return cls(**{k: value[k] for k in cls.__dataclass_fields__ if k in value})
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -109,20 +131,29 @@ class LockInfo:
     def dead_process(self) -> bool:
         """True when the owner ran on this host, in this PID namespace, and its process is gone."""
         if self.host != socket.gethostname() or not self.pid_namespace \
-                or self.pid_namespace != _pid_namespace():
+                or self.pid_namespace != pid_namespace():
             return False
         if not os.path.exists(f"/proc/{self.pid}"):
             return True
-        return bool(self.pid_start) and _proc_start(self.pid) != self.pid_start
+        return bool(self.pid_start) and process_start(self.pid) != self.pid_start
 
-    def stale_reason(self, now: float) -> str | None:
-        """Why the lock no longer protects a running job, or None while it does."""
+    def stale_reason(self, now: float, timeout: float) -> str | None:
+        """Why the lock no longer protects a running job, or None while it does.
+
+        `timeout`: the reader's own lock timeout, not the one the file records.
+        """
         age = now - self.heartbeat
-        if age > self.timeout:
-            return f"no heartbeat for {age:.0f}s (its timeout is {self.timeout:g}s)"
+        if age > timeout:
+            return f"no heartbeat for {age:.0f}s (this job's lock timeout is {timeout:g}s)"
         if self.dead_process():
             return f"its process {self.pid} on this host has exited"
         return None
+
+
+def _malformed(url: str, why: str) -> MalformedLockError:
+    return MalformedLockError(
+        f"output lock '{url}' is malformed ({why}); it was not written by this runner, or is "
+        "damaged: make sure no job is writing this output, then pass --takeover to remove it")
 
 
 class OutputLock:
@@ -148,22 +179,19 @@ class OutputLock:
     def interval(self) -> float:
         return self.timeout / 4
 
-    def read(self) -> LockInfo | None:
-        """The lock in OUTPUT now; None if there is none. An unreadable one counts as fresh."""
+    def _read_raw(self) -> bytes | None:
+        """The lock file's bytes; None if there is none."""
         try:
-            data = read_bytes(self.url, self.storage_options)
+            return read_bytes(self.url, self.storage_options)
         except StorageError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
                 return None
             raise
-        info = LockInfo.parse(data)
-        if info is None:
-            # Written by something else, or caught mid-write: held by an unknown job whose
-            # heartbeat is the file's modification time.
-            return LockInfo(owner="unknown", host="unknown", pid=0, pid_namespace="",
-                            pid_start="", started="unknown", heartbeat=self._modified(),
-                            timeout=self.timeout)
-        return info
+
+    def read(self) -> LockInfo | None:
+        """The lock in OUTPUT now; None if there is none, MalformedLockError if it is not a lock."""
+        data = self._read_raw()
+        return None if data is None else LockInfo.parse(data, self.url)
 
     def _modified(self) -> float:
         fs, path = filesystem(self.url, self.storage_options)
@@ -174,7 +202,20 @@ class OutputLock:
         value = info.get("mtime", info.get("LastModified"))
         if isinstance(value, dt.datetime):
             return value.timestamp()
-        return float(value) if isinstance(value, int | float) else self.clock()
+        return float(value) if _finite(value) else self.clock()
+
+    def _judge(self, data: bytes, takeover: bool) -> tuple[LockInfo, str | None]:
+        """The lock in `data` and why it is stale (None: it is fresh); a malformed lock raises
+        unless `takeover`, which replaces it like any other."""
+        try:
+            current = LockInfo.parse(data, self.url)
+        except MalformedLockError:
+            if not takeover:
+                raise
+            return LockInfo(owner="malformed", host="unknown", pid=0, pid_namespace="",
+                            pid_start="", started="unknown", heartbeat=self._modified(),
+                            timeout=self.timeout), None
+        return current, current.stale_reason(self.clock(), self.timeout)
 
     def acquire(self, takeover: bool = False) -> None:
         """Take the lock, or raise OutputConflictError naming the job that holds it.
@@ -186,27 +227,27 @@ class OutputLock:
             self.me = replace(self.me, heartbeat=self.clock())
             if create_exclusive(self.url, self.me.to_bytes(), self.storage_options):
                 break
-            current = self.read()
-            if current is None:
+            data = self._read_raw()
+            if data is None:
                 continue  # released between our create and our read: try again
+            current, reason = self._judge(data, takeover)
             if current.owner == self.me.owner:
                 break  # our create landed, and its retry found it
             now = self.clock()
-            reason = current.stale_reason(now)
             if reason is None and not takeover:
                 raise OutputConflictError(
                     f"output '{self.output_url}' is locked by another job: "
                     f"{current.describe(now)}; wait for it to finish, or if it is dead, rerun "
-                    f"after its lock goes stale ({current.timeout:g}s after its last "
+                    f"after its lock goes stale ({self.timeout:g}s after its last "
                     "heartbeat), or pass --takeover to take the lock now (only if you know "
                     "it is not running)")
             # Delete only the lock we judged: if it changed meanwhile, judge the new one.
-            if self.read() != current:
+            if self._read_raw() != data:
                 continue
             remove_file(self.url, self.storage_options)
             self.took_over = (current, reason or "--takeover")
             # INFO: the driver prints the takeover for the user (see jobs.driver.run_job).
-            log.info("taking over the lock on %s from %s: %s", self.output_url,
+            log.info("taking over the lock on %s from %s: %s", redact(self.output_url),
                      current.describe(now), reason or "--takeover")
         else:
             raise OutputConflictError(
@@ -230,7 +271,7 @@ class OutputLock:
                 self.lost = str(exc)
                 return
             except StorageError as exc:
-                log.warning("cannot refresh the lock on %s: %s", self.output_url, exc)
+                log.warning("cannot refresh the lock on %s: %s", redact(self.output_url), exc)
                 if self.clock() - last_ok > self.timeout:
                     self.lost = (f"could not refresh the lock on output '{self.output_url}' for "
                                  f"{self.clock() - last_ok:.0f}s ({exc}); another job may have "
@@ -239,7 +280,11 @@ class OutputLock:
 
     def refresh(self) -> None:
         """Write a new heartbeat; LostLockError if the lock is no longer ours."""
-        current = self.read()
+        try:
+            current = self.read()
+        except MalformedLockError as exc:
+            raise LostLockError(f"this job lost its lock on output '{self.output_url}': {exc}"
+                                ) from exc
         if current is None or current.owner != self.me.owner:
             holder = current.describe(self.clock()) if current else "nobody (it was removed)"
             raise LostLockError(f"this job lost its lock on output '{self.output_url}': it is "
@@ -265,9 +310,11 @@ class OutputLock:
             current = self.read()
             if current is not None and current.owner == self.me.owner:
                 remove_file(self.url, self.storage_options)
+        except MalformedLockError:
+            pass  # not ours any more: someone replaced it, and it is theirs to remove
         except StorageError as exc:
             log.warning("could not remove the lock on %s (%s); the next run takes it over "
-                        "once it is stale", self.output_url, exc)
+                        "once it is stale", redact(self.output_url), exc)
 
     def to_json(self) -> dict[str, Any]:
         """What the manifest records about the lock."""

@@ -7,6 +7,7 @@ before any new part is written, so OUTPUT never holds parts of two versions of a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -15,9 +16,11 @@ from typing import Any
 
 import fsspec
 
-from workers.commit import TMP_DIR
+from jobs.lease import LOCK_FILE
+from workers.commit import TMP_DIR, TMP_PART_RE
 from workers.errors import OutputConflictError, StorageError
-from workers.storage import filesystem, retrying, write_bytes_atomic
+from workers.redact import redact_json
+from workers.storage import filesystem, is_local, is_local_temp_of, retrying, write_bytes_atomic
 from workers.types import Shard
 
 JOB_FILE = "_job.json"
@@ -25,6 +28,9 @@ MANIFEST_FILE = "_manifest.json"
 SUCCESS_FILE = "_SUCCESS"
 INPUTS_FILE = "_inputs.json"
 PART_RE = re.compile(r"^part-([0-9a-f]{24})\.parquet$")
+#: The runner's own small files in OUTPUT; a run removes only their temporary copies.
+OWN_FILES = (JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, INPUTS_FILE, LOCK_FILE)
+PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass
@@ -33,6 +39,8 @@ class OutputDir:
 
     url: str
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    #: Parquet files of other tools that `claim(overwrite=True)` removed (paths under OUTPUT).
+    foreign_removed: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.fs: fsspec.AbstractFileSystem
@@ -45,18 +53,55 @@ class OutputDir:
     def file_url(self, name: str) -> str:
         return str(self.fs.unstrip_protocol(self.path(name)))
 
-    def committed(self) -> dict[str, str]:
-        """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
+    def _names(self, path: str) -> list[str]:
+        """Names directly under `path` (none if it does not exist), never from a stale cache."""
         def listing() -> list[str]:
             # Parts are written by other processes: never trust this process's listing cache.
-            self.fs.invalidate_cache(self.root)
+            self.fs.invalidate_cache(path)
             try:
-                return [p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+                return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
             except FileNotFoundError:
                 return []
 
-        names = retrying(f"cannot list output '{self.url}'", listing)
-        return {m.group(1): name for name in names if (m := PART_RE.match(name))}
+        return retrying(f"cannot list '{self.fs.unstrip_protocol(path)}'", listing)
+
+    def committed(self) -> dict[str, str]:
+        """Shard id -> part name for every part in OUTPUT (parts are only ever complete)."""
+        return {m.group(1): name for name in self._names(self.root) if (m := PART_RE.match(name))}
+
+    def foreign_parquet(self) -> list[str]:
+        """Parquet files under OUTPUT (by path below it) that this runner did not write.
+
+        Only those a reader of OUTPUT would read: names starting `_` or `.` are skipped by
+        Parquet readers, and by this check. A file is Parquet by its `.parquet` name or, for
+        names without it (Hive's `000000_0`), by its leading magic bytes.
+        """
+        def find() -> list[str]:
+            self.fs.invalidate_cache(self.root)
+            try:
+                return [str(p) for p in self.fs.find(self.root)]
+            except FileNotFoundError:
+                return []
+
+        paths = retrying(f"cannot list output '{self.url}'", find)
+        found = []
+        for path in paths:
+            relative = path[len(self.root):].lstrip("/")
+            parts = relative.split("/")
+            if not relative or any(p.startswith(("_", ".")) for p in parts):
+                continue
+            if len(parts) == 1 and PART_RE.match(relative):
+                continue  # a part of this runner (whose job it is, check() decides)
+            if relative.lower().endswith(".parquet") or self._has_parquet_magic(path):
+                found.append(relative)
+        return sorted(found)
+
+    def _has_parquet_magic(self, path: str) -> bool:
+        def head() -> bytes:
+            with self.fs.open(path, "rb") as f:
+                return bytes(f.read(len(PARQUET_MAGIC)))
+
+        return retrying(f"cannot read '{self.fs.unstrip_protocol(path)}'", head) == PARQUET_MAGIC
 
     def has_part(self, shard: Shard) -> bool:
         """Whether the shard's part is in OUTPUT (False when storage cannot tell)."""
@@ -85,7 +130,10 @@ class OutputDir:
         return value if isinstance(value, dict) else None
 
     def write_json(self, name: str, value: Mapping[str, Any]) -> None:
-        data = json.dumps(value, indent=2, sort_keys=False, default=str).encode()
+        """Write one of the runner's files; no URI in it keeps its credentials (OUTPUT is often
+        shared more widely than the job's inputs)."""
+        data = json.dumps(redact_json(json.loads(json.dumps(value, default=str))), indent=2,
+                          sort_keys=False).encode()
         write_bytes_atomic(self.file_url(name), data, self.storage_options)
 
     def remove(self, names: list[str]) -> None:
@@ -97,18 +145,41 @@ class OutputDir:
             retrying(f"cannot remove '{self.file_url(name)}'", rm)
 
     def clear_tmp(self) -> None:
-        """Drop temporary files an interrupted run left (never visible as parts)."""
-        def rm() -> None:
-            if self.fs.exists(self.path(TMP_DIR)):
-                self.fs.rm(self.path(TMP_DIR), recursive=True)
+        """Remove the temporary files an interrupted run left, by their names; nothing else.
 
-        retrying(f"cannot clean '{self.file_url(TMP_DIR)}'", rm)
+        Parts being written live in `OUTPUT/_tmp/part-<id>.parquet.<uuid>`, the runner's small
+        files in `OUTPUT/.<name>.<uuid>.tmp`; other files (in `_tmp` or not) are the user's.
+        """
+        tmp = self.path(TMP_DIR)
+        for name in self._names(tmp):
+            if TMP_PART_RE.match(name):
+                self._remove_path(f"{tmp}/{name}")
+        if is_local(self.fs) and self.fs.isdir(tmp) and not self._names(tmp):
+            self.fs.rmdir(tmp)  # object stores have no directories to remove
+        for name in self._names(self.root):
+            if any(is_local_temp_of(own, name) for own in OWN_FILES):
+                self._remove_path(self.path(name))
+
+    def _remove_path(self, path: str) -> None:
+        def rm() -> None:
+            with contextlib.suppress(FileNotFoundError):  # removed by another run in between
+                self.fs.rm_file(path)
+
+        retrying(f"cannot remove '{self.fs.unstrip_protocol(path)}'", rm)
 
     def check(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
         """Parts of an earlier run of this job; refuses another job's parts unless `overwrite`.
 
         Read-only, so the driver can call it before it starts Ray.
         """
+        foreign = self.foreign_parquet()
+        if foreign and not overwrite:
+            listing = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                if len(foreign) > 5 else "")
+            raise OutputConflictError(
+                f"output '{self.url}' holds {len(foreign)} Parquet file(s) this runner did not "
+                f"write ({listing}); a reader of the output would read them with the job's "
+                "parts: choose another --output, or pass --overwrite to remove them")
         parts = self.committed()
         previous = self.read_json(JOB_FILE)
         same = previous is not None and previous.get("fingerprint") == identity["fingerprint"]
@@ -126,10 +197,14 @@ class OutputDir:
     def claim(self, identity: Mapping[str, Any], overwrite: bool) -> dict[str, str]:
         """Make OUTPUT this job's; return the parts already committed by an earlier run of it.
 
-        Refuses (OutputConflictError) when OUTPUT holds parts of a different job, unless
-        `overwrite`, which removes them first.
+        Refuses (OutputConflictError) when OUTPUT holds parts of a different job, or Parquet
+        files this runner did not write, unless `overwrite`, which removes them first.
         """
         parts = self.check(identity, overwrite)
+        foreign = self.foreign_parquet() if overwrite else []
+        for relative in foreign:
+            self._remove_path(self.path(relative))
+        self.foreign_removed = foreign
         if not parts:
             others = self.committed()
             if others:  # another job's, and overwrite was given

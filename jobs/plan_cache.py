@@ -1,6 +1,7 @@
 """The plan cache: plans keyed by a fingerprint of everything that makes two plans differ.
 
-Layout under the cache URI (any fsspec URL; default OUTPUT/_plans):
+Layout under the cache URI (any fsspec URL; default `default_cache_uri()`, private to the user on
+the driver's machine, never OUTPUT: outputs are shared more widely than build artifacts):
 
     FINGERPRINT.json                 sidecar: the fingerprint's inputs, the plan's name and
                                      sha256, its I/O tensors, build seconds, builder
@@ -13,6 +14,10 @@ write (temp file and rename locally, one PUT on object stores). Readers start fr
 and check the plan's size and sha256 against it, so they see a complete plan or a miss, never a
 mix: two jobs that build the same fingerprint at once each write their own plan object, and
 whichever sidecar lands last names a plan that is already complete.
+
+Those checks find damage, not intent: the plan and its sidecar sit in the same store. With a plan
+key (`jobs.plan_signing`), a commit signs the plan in its sidecar, and `lookup` says whether the
+signature verifies; what a caller may do with an unverified plan is `jobs.plan_share`'s call.
 """
 
 from __future__ import annotations
@@ -20,16 +25,19 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.errors import StorageError
 from workers.plan_build import BuildConfig
-from workers.storage import filesystem, read_bytes, storage_errors, write_bytes_atomic
+from workers.storage import filesystem, storage_errors, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from jobs.plan_signing import PlanSigner
 
 SIDECAR_FORMAT = 1
-PLANS_DIR = "_plans"
 
 
 @dataclass(frozen=True)
@@ -70,11 +78,26 @@ class CachedPlan:
     plan: bytes
     sidecar: dict[str, Any]
     url: str
+    #: None when the plan's signature verified with the job's plan key; else why it did not
+    #: ("no plan key is set" when the job has none).
+    unverified: str | None = "no plan key is set"
 
 
-def default_cache_uri(output: str) -> str:
-    """Plans live next to the parts unless the spec names a cache: OUTPUT/_plans."""
-    return f"{output.rstrip('/')}/{PLANS_DIR}"
+def default_cache_uri() -> str:
+    """The user's own plan cache on the driver's machine, made private (0700) if new.
+
+    `$XDG_CACHE_HOME/trt-batch-runner/plans`, else `~/.cache/trt-batch-runner/plans`. Under
+    `ray job submit` the driver runs on the head node, so plans persist there for later jobs;
+    a cache shared by several clusters is a `--plan-cache` URL (and wants a plan key).
+    """
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(base, "trt-batch-runner")
+    path = os.path.join(root, "plans")
+    for directory in (root, path):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if os.stat(directory).st_uid == os.getuid():
+            os.chmod(directory, 0o700)  # also when an older umask made it wider
+    return path
 
 
 def sidecar_for(key: PlanKey, plan: bytes, plan_name: str, info: Mapping[str, Any]
@@ -120,8 +143,11 @@ class PlanCache:
                 return None
         return data
 
-    def lookup(self, key: PlanKey) -> CachedPlan | None:
-        """The plan for `key`, or None when absent or incomplete (then build and commit it)."""
+    def lookup(self, key: PlanKey, signer: PlanSigner | None = None) -> CachedPlan | None:
+        """The plan for `key`, or None when absent or incomplete (then build and commit it).
+
+        With `signer`, the result says whether its signature verifies (`unverified`).
+        """
         fingerprint = key.fingerprint
         raw = self._read(self.sidecar_url(fingerprint))
         if raw is None:
@@ -142,18 +168,25 @@ class PlanCache:
         if (plan is None or len(plan) != plan_meta.get("bytes")
                 or hashlib.sha256(plan).hexdigest() != plan_meta["sha256"]):
             return None
-        return CachedPlan(plan=plan, sidecar=sidecar, url=url)
+        if signer is None:
+            return CachedPlan(plan=plan, sidecar=sidecar, url=url)
+        return CachedPlan(plan=plan, sidecar=sidecar, url=url,
+                          unverified=signer.problem(sidecar, fingerprint, plan))
 
-    def commit(self, key: PlanKey, plan: bytes, info: Mapping[str, Any] | None = None
-               ) -> CachedPlan:
-        """Store `plan` for `key`: the plan object first, then the sidecar that names it."""
+    def commit(self, key: PlanKey, plan: bytes, info: Mapping[str, Any] | None = None,
+               signer: PlanSigner | None = None) -> CachedPlan:
+        """Store `plan` for `key`: the plan object first, then the sidecar that names it (and,
+        with `signer`, signs it)."""
         sha = hashlib.sha256(plan).hexdigest()
         url = self.plan_url(key.fingerprint, sha)
         sidecar = sidecar_for(key, plan, url.rsplit("/", 1)[-1], info or {})
+        if signer is not None:
+            sidecar["signature"] = signer.sign(key.fingerprint, plan)
         write_bytes_atomic(url, plan, self.storage_options)
         write_bytes_atomic(self.sidecar_url(key.fingerprint),
                            json.dumps(sidecar, indent=2).encode(), self.storage_options)
-        return CachedPlan(plan=plan, sidecar=sidecar, url=url)
+        return CachedPlan(plan=plan, sidecar=sidecar, url=url,
+                          unverified=None if signer is not None else "no plan key is set")
 
     def read_timing_cache(self, tensorrt: str, target: str) -> bytes | None:
         """The timing cache for builds with this TensorRT on this target, if one was saved."""
@@ -168,18 +201,10 @@ class PlanCache:
 
 def read_external_data(model_uri: str, locations: list[str],
                        storage_options: Mapping[str, Any] | None = None) -> dict[str, bytes]:
-    """The external weight files a model names, read relative to the model's directory."""
-    base = model_uri.rsplit("/", 1)[0] if "/" in model_uri else "."
-    out = {}
-    for location in locations:
-        url = f"{base}/{location}"
-        try:
-            out[location] = read_bytes(url, storage_options)
-        except StorageError as exc:
-            raise StorageError(f"model '{model_uri}' keeps weights in '{location}', which cannot "
-                               f"be read ({exc}); keep the external data files next to the model"
-                               ) from exc
-    return out
+    """The external weight files a model names, read from the model's own directory only."""
+    from workers.external_data import read_external_files
+
+    return read_external_files(model_uri, locations, storage_options)
 
 
 def digest(data: bytes) -> str:

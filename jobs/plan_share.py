@@ -7,25 +7,41 @@
    when the plan is hardware-compatible. Nodes with only the lean or dispatch runtime join
    only targets whose plans they can run (version-compatible ones).
 3. `share_plans`, per target: cache hit -> the driver reads the plan and `ray.put`s it once;
-   miss -> exactly one Ray task on a GPU node of that target builds it, commits it to the cache
-   and returns it, so the plan enters the object store as that task's result, once.
+   miss -> exactly one Ray task on a GPU node of that target builds it and returns it, so the
+   plan enters the object store as that task's result, once; the driver commits it to the
+   cache (signing it with the plan key, which never leaves the driver), so GPU nodes need no
+   access to the cache.
 4. Actors (`PlanWorker`) receive every target's ObjectRef, find their own GPU's compute
    capability and model and fetch only their plan from the object store (no per-actor storage
    download).
+
+Trust (see `jobs.plan_signing`): TensorRT host code is allowed only for plans this run built or
+whose signature verifies with the job's plan key (`PlanRefs.host_code`). With a key, a cached
+plan without a valid signature is not used; without one, a cached plan is used with host code
+disallowed, unless it needs host code (version-compatible with the lean runtime or `--plugins`
+libraries inside).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 import ray
 from ray.exceptions import GetTimeoutError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jobs.plan_cache import PlanCache, PlanKey, default_cache_uri, digest, read_external_data
+from jobs.plan_cache import (
+    CachedPlan,
+    PlanCache,
+    PlanKey,
+    default_cache_uri,
+    digest,
+    read_external_data,
+)
+from jobs.plan_signing import PlanSigner, load_signer
 from workers.actor import ShardWorker
 from workers.backends import create_backend
 from workers.errors import BackendError, RunnerError, SpecError
@@ -211,25 +227,49 @@ def _version_order(version: str) -> tuple[int, ...]:
 
 
 def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, key: PlanKey,
-                cache_uri: str, storage_options: dict[str, Any], source: str
+                timing_cache: bytes | None, source: str, storage_options: dict[str, Any]
                 ) -> tuple[bytes, dict[str, Any]]:
-    """On a GPU node: build the plan for `key`, commit it to the cache, return (plan, sidecar)."""
+    """On a GPU node: build the plan for `key`; return (plan, {info, timing_cache}).
+    `storage_options` reach the `--plugins` libraries, which the build fetches.
+
+    The driver commits what it returns (and reads the timing cache it starts from): the cache
+    may be on the driver's own disk, and the plan key stays with the driver.
+    """
     from workers.plan_build import build_plan
 
-    cache = PlanCache(cache_uri, storage_options)
-    timing = cache.read_timing_cache(key.tensorrt, key.target)
-    result = build_plan(model, build, timing_cache=timing, external_data=external, source=source,
-                        storage_options=storage_options)
+    result = build_plan(model, build, timing_cache=timing_cache, external_data=external,
+                        source=source, storage_options=storage_options)
     built_for = target_key(result.capability, build.hardware_compatible, result.gpu_name)
     if result.tensorrt != key.tensorrt or built_for != key.target:
         raise BackendError(f"the build task ran on a node with TensorRT {result.tensorrt} and "
                            f"target {built_for}, but plan {key.target} with TensorRT "
                            f"{key.tensorrt} was asked for; the cluster changed during the job: "
                            "rerun it")
-    cached = cache.commit(key, result.plan, {**result.info(), "warnings": result.warnings[-20:]})
-    if result.timing_cache:
-        cache.write_timing_cache(key.tensorrt, key.target, result.timing_cache)
-    return result.plan, cached.sidecar
+    return result.plan, {"info": {**result.info(), "warnings": result.warnings[-20:]},
+                         "timing_cache": result.timing_cache}
+
+
+def needs_host_code(build: BuildConfig) -> bool:
+    """True when plans of `build` carry host code: version-compatible, with the lean runtime or
+    `--plugins` libraries inside (`plugins_to_serialize`)."""
+    return build.version_compatible and (not build.exclude_lean_runtime or bool(build.plugins))
+
+
+def cached_plan_problem(hit: CachedPlan, signer: PlanSigner | None, build: BuildConfig
+                        ) -> str | None:
+    """Why a cached plan may not be used (None: it may; with host code only if verified).
+
+    With a key, only a plan whose signature verifies; without one, any plan but one that needs
+    host code, which only plans this run built or signed with the key may run.
+    """
+    if hit.unverified is None:
+        return None
+    if signer is not None:
+        return hit.unverified
+    if needs_host_code(build):
+        return ("it is not signed (no plan key is set) and a version-compatible plan runs host "
+                "code, which only plans this run built or signed with the plan key may")
+    return None
 
 
 @dataclass(frozen=True)
@@ -243,6 +283,9 @@ class PlanRefs:
     refs: tuple[tuple[str, Any], ...]
     capability: tuple[int, int] | None = None
     gpu_name: str | None = None
+    #: Targets whose plan may run TensorRT host code: built by this run, or signed with the
+    #: job's plan key (see jobs.plan_signing). Every other plan loads with it disallowed.
+    host_code: tuple[str, ...] = ()
 
     @property
     def keys(self) -> list[str]:
@@ -290,7 +333,11 @@ class PlanWorker(ShardWorker):
             name = cuda.device_name(device) if name is None else name
         key = select_plan(self.plans.keys, capability, name)
         plan: bytes = ray.get(dict(self.plans.refs)[key])
-        self.backend = create_backend(self.config.backend, plan, self.config.backend_config)
+        # The driver decided per plan whether it is trusted to run host code; never the spec.
+        trusted = key in self.plans.host_code
+        config = replace(self.config.backend_config, engine_host_code_allowed=trusted,
+                         plugins_in_plan=self.config.backend_config.plugins_in_plan and trusted)
+        self.backend = create_backend(self.config.backend, plan, config)
         self.plan_key, self.capability = key, capability
 
     def load(self) -> dict[str, Any]:
@@ -298,7 +345,8 @@ class PlanWorker(ShardWorker):
         info = super().load()
         assert self.capability is not None
         info.update(plan=self.plan_key,
-                    compute_capability=f"{self.capability[0]}.{self.capability[1]}")
+                    compute_capability=f"{self.capability[0]}.{self.capability[1]}",
+                    host_code_allowed=self.backend.config.engine_host_code_allowed)
         return info
 
     def process(self, shard: Shard) -> ShardResult:
@@ -316,15 +364,21 @@ class SharedPlans:
 
 
 def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
-                nodes: Sequence[GpuNode], stream: TextIO | None = None) -> SharedPlans:
-    """Find or build one plan per target and put each in the object store once."""
+                nodes: Sequence[GpuNode], stream: TextIO | None = None,
+                build: BuildConfig | None = None) -> SharedPlans:
+    """Find or build one plan per target and put each in the object store once.
+
+    `build`: the build settings (default: the spec's, `spec.build_config()`); the `--plugins`
+    libraries' hashes are put in it here, since they are in the plan key.
+    """
     from workers.plugins import digest_plugins
 
-    # The plugin libraries' hashes are in the plan key.
-    build: BuildConfig = spec.build_config(digest_plugins(spec.plugins, spec.storage))
+    build = replace(build or spec.build_config(),
+                    plugins=digest_plugins(spec.plugins, spec.storage))
     source = f"model '{model_uri}'"
     profile_shapes(model.inputs, build, source)  # shape problems fail before any GPU work
-    cache = PlanCache(spec.plan_cache or default_cache_uri(spec.output), spec.storage)
+    signer = load_signer(getattr(spec, "plan_key_file", None))
+    cache = PlanCache(spec.plan_cache or default_cache_uri(), spec.storage)
     locations = external_data_locations(model_bytes, source)
     external = read_external_data(model_uri, locations, spec.storage) if locations else {}
     external_digests = tuple((loc, digest(data)) for loc, data in sorted(external.items()))
@@ -332,8 +386,9 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
 
     types = model_types(model_bytes, source)
     refs: dict[str, Any] = {}
+    host_code: set[str] = set()
     records: dict[str, dict[str, Any]] = {}
-    pending: dict[str, tuple[Any, Any, float, PlanTarget]] = {}
+    pending: dict[str, tuple[Any, Any, float, PlanTarget, PlanKey]] = {}
     model_ref = None
     for target in plan_targets(nodes, build):
         facts = (target.builder or target.nodes[0]).facts
@@ -346,19 +401,30 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
         key = PlanKey(model_sha256=digest(model_bytes), external_data=external_digests,
                       tensorrt=target.tensorrt, cuda_major=target.cuda_major, target=target.key,
                       build=build, conversion=conversion)
-        hit = cache.lookup(key)
-        if hit is not None:
+        hit = cache.lookup(key, signer)
+        refused = cached_plan_problem(hit, signer, build) if hit is not None else None
+        if hit is not None and refused is None:
             refs[target.key] = ray.put(hit.plan)
+            verified = hit.unverified is None
+            if verified and build.version_compatible:
+                host_code.add(target.key)
             records[target.key] = {"fingerprint": key.fingerprint, "source": "cache",
                                    "url": hit.url, "bytes": len(hit.plan),
+                                   "signature": "verified" if verified else
+                                   "none (no plan key)",
                                    "nodes": [n.address for n in target.nodes]}
+            trust = ("signature verified" if verified else
+                     "not signed (no plan key): loaded with TensorRT host code disallowed")
             _say(stream, f"plan {target.key}: cached ({key.fingerprint[:12]}, "
-                         f"{len(hit.plan):,} bytes)")
+                         f"{len(hit.plan):,} bytes, {trust})")
             continue
+        if hit is not None:
+            _say(stream, f"plan {target.key}: the cached plan {hit.url} is not used: {refused}")
         if target.builder is None:
+            why = f"; the cached plan was not used: {refused}" if refused else ""
             raise SpecError(
                 f"plan {target.key} is not in the cache ({cache.uri}) and no node for it can "
-                f"build it (they have only {facts.tensorrt_module or 'no TensorRT'}); install "
+                f"build it (they have only {facts.tensorrt_module or 'no TensorRT'}){why}; install "
                 "the full tensorrt package on one of them, or build it elsewhere with "
                 "python -m jobs.plan build and point --plan-cache at its cache")
         if model_ref is None:
@@ -366,31 +432,42 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
         task = ray.remote(_build_task).options(
             num_gpus=1, num_cpus=1, num_returns=2, max_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(target.builder.node_id, soft=False))
-        # num_returns=2: the plan and its sidecar are separate objects, so the driver fetches
-        # only the small sidecar and hands the plan's ref to the actors untouched.
-        returned: Any = task.remote(model_ref, external, build, key, cache.uri,
-                                    dict(spec.storage), source)
-        plan_ref, sidecar_ref = returned
-        pending[target.key] = (plan_ref, sidecar_ref, time.monotonic(), target)
+        # num_returns=2: the plan and its build facts are separate objects; the plan's ref goes
+        # to the actors as it is, and the driver fetches the plan once to commit it.
+        timing = cache.read_timing_cache(key.tensorrt, key.target)
+        returned: Any = task.remote(model_ref, external, build, key, timing, source,
+                                    dict(spec.storage))
+        plan_ref, meta_ref = returned
+        pending[target.key] = (plan_ref, meta_ref, time.monotonic(), target, key)
         _say(stream, f"plan {target.key}: building on {target.builder.describe()} "
                      f"({key.fingerprint[:12]})")
-    for target_name, (plan_ref, sidecar_ref, started, built) in pending.items():
+    for target_name, (plan_ref, meta_ref, started, built, key) in pending.items():
         try:
-            sidecar: dict[str, Any] = ray.get(sidecar_ref)
+            meta: dict[str, Any] = ray.get(meta_ref)
+            plan: bytes = ray.get(plan_ref)
         except RayTaskError as exc:
             cause = exc.cause
             if isinstance(cause, RunnerError):
                 raise cause from exc
             raise BackendError(f"building plan {target_name} failed: {_cause(exc)}") from exc
+        sidecar = cache.commit(key, plan, meta["info"], signer).sidecar
+        if meta["timing_cache"]:
+            cache.write_timing_cache(key.tensorrt, key.target, meta["timing_cache"])
+        del plan  # the actors take the task's own object; the driver needed it to commit
         refs[target_name] = plan_ref
+        if build.version_compatible:
+            host_code.add(target_name)  # built by this run: its host code is the job's own
         records[target_name] = {"fingerprint": sidecar["fingerprint"], "source": "built",
                                 "build_seconds": sidecar.get("build_seconds"),
                                 "bytes": sidecar["plan"]["bytes"],
                                 "precision_how": sidecar.get("precision_how"),
+                                "signature": "signed" if signer else "none (no plan key)",
                                 "nodes": [n.address for n in built.nodes]}
         _say(stream, f"plan {target_name}: built in {time.monotonic() - started:.1f}s "
-                     f"({sidecar['plan']['bytes']:,} bytes, {sidecar.get('precision_how')})")
-    return SharedPlans(refs=PlanRefs(tuple(sorted(refs.items()))), plans=records)
+                     f"({sidecar['plan']['bytes']:,} bytes, {sidecar.get('precision_how')}"
+                     f"{', signed' if signer else ''})")
+    return SharedPlans(refs=PlanRefs(tuple(sorted(refs.items())),
+                                     host_code=tuple(sorted(host_code))), plans=records)
 
 
 def _say(stream: TextIO | None, line: str) -> None:

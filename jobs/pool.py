@@ -207,16 +207,20 @@ class ShardPool:
         waiting_since: float | None = None
 
         def fill() -> None:
-            for index in sorted(range(len(self.actors)), key=lambda i: load[i]):
-                if not self._ready[index]:
-                    continue
-                while queue and load[index] < self.config.shards_in_flight:
-                    shard = queue.popleft()
-                    actor = self.actors[index]
-                    ref = actor.process.remote(shard)
-                    inflight[ref] = (index, actor, shard)
-                    calls[index].append(ref)
-                    load[index] += 1
+            # One shard at a time to the least loaded actor: with few shards, each actor gets
+            # one before any gets a second (a queue of two on one actor idles another).
+            while queue:
+                open_ = [i for i in range(len(self.actors))
+                         if self._ready[i] and load[i] < self.config.shards_in_flight]
+                if not open_:
+                    return
+                index = min(open_, key=lambda i: load[i])
+                shard = queue.popleft()
+                actor = self.actors[index]
+                ref = actor.process.remote(shard)
+                inflight[ref] = (index, actor, shard)
+                calls[index].append(ref)
+                load[index] += 1
 
         def give_up(shard: Shard, reason: str, kind: str) -> None:
             failure = ShardFailure(shard, reason, attempts[shard.id], deaths[shard.id], kind)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import posixpath
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from workers.postprocess import (
 )
 from workers.preprocess import (
     BAD_IMAGE_POLICIES,
+    IMAGE_DECODES,
     LAYOUTS,
     NULL_POLICIES,
     PREP_KINDS,
@@ -117,6 +119,14 @@ def add_processing_flags(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--std", type=_floats, metavar="R,G,B", help="per-channel std (default 1)")
     pre.add_argument("--layout", choices=LAYOUTS[1:], help="pixel layout (default: from the "
                      "model input's shape)")
+    pre.add_argument("--image-decode", choices=IMAGE_DECODES,
+                     help="where images decode: gpu (nvImageCodec on the actor's GPU, straight "
+                     "into the batch; pip install '.[gpu]'), cpu (libjpeg-turbo for JPEG, "
+                     "Pillow for the rest, on the actor's CPUs), or auto (default: gpu where "
+                     "nvImageCodec imports and decodes on the actor's GPU)")
+    pre.add_argument("--max-image-pixels", type=int, metavar="N",
+                     help="an image of more pixels is a bad row, never decoded (default: "
+                     "(32 x --resize)^2, at most Pillow's MAX_IMAGE_PIXELS)")
     pre.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES,
                      help="an image that does not decode fails the shard (default), or skip: "
                      "its row is left out and listed in the manifest with its kept columns")
@@ -192,6 +202,8 @@ _PRE_OPTIONS = (
     ("std", "--std", "std", ("image",)),
     ("layout", "--layout", "layout", ("image",)),
     ("on_bad_image", "--on-bad-image", "on_error", ("image",)),
+    ("image_decode", "--image-decode", "decode", ("image",)),
+    ("max_image_pixels", "--max-image-pixels", "max_pixels", ("image",)),
     ("preprocess_columns", "--preprocess-columns", "columns", ("function",)),
 )
 _POST_OPTIONS = (
@@ -207,6 +219,21 @@ _ADD_HINT = {"features": "--features COLUMNS", "text": "--text-column COLUMN",
              "image": "--image-column COLUMN", "function": "--preprocess MODULE:FUNCTION",
              "argmax": "--postprocess argmax", "topk": "--postprocess topk",
              "sigmoid": "--postprocess sigmoid", "embedding": "--postprocess embedding"}
+
+
+def function_items(value: Any, section: str, source: str) -> list[tuple[str, str]]:
+    """`(where, module:function)` of every user-function item in a config's `section` list."""
+    return [(f"{section}[{i}]", str(item["kind"]))
+            for i, item in enumerate(_items(value, section, source))
+            if _kind(item) == "function"]
+
+
+def command_line_functions(args: argparse.Namespace) -> set[str]:
+    """The `module:function` targets the command line itself names (--preprocess/--postprocess)."""
+    named = {_input_and(value)[1] for value in getattr(args, "preprocess_function", None) or []}
+    named |= {value for value in getattr(args, "postprocess", None) or []
+              if is_function_target(value)}
+    return named
 
 
 def _input_and(value: str) -> tuple[str | None, str]:
@@ -270,7 +297,9 @@ def _apply_options(items: list[dict[str, Any]], args: argparse.Namespace,
 def _build(cls: type[Any], item: Mapping[str, Any], where: str, rename: Mapping[str, str]
            ) -> Any:
     data = {rename.get(k, k): v for k, v in item.items() if k != "kind"}
-    allowed = {f.name for f in fields(cls)} - {"tokenizer_json", "label_names"}
+    # Filled by the driver, never set by the user.
+    allowed = {f.name for f in fields(cls)} - {"tokenizer_json", "label_names",
+                                               "tokenizer_limit", "model_positions"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise SpecError(f"{where} has unknown setting(s) {unknown}; its settings are "
@@ -356,12 +385,21 @@ def _read_text(uri: str, what: str, flag: str, storage: Mapping[str, Any]) -> st
         raise SpecError(f"{what} '{uri}' is not UTF-8 text ({exc}); check {flag}") from exc
 
 
+def _tokenizer_config(tokenizer_uri: str, storage: Mapping[str, Any]) -> str | None:
+    """The `tokenizer_config.json` beside a `tokenizer.json` (it holds `model_max_length`)."""
+    uri = posixpath.join(posixpath.dirname(tokenizer_uri), "tokenizer_config.json")
+    try:
+        return read_bytes(uri, storage).decode()
+    except (StorageError, UnicodeDecodeError):  # optional: most tokenizers come without one
+        return None
+
+
 def resolve_processing(spec: JobSpec, model: ModelInfo, schema: pa.Schema, source: str,
                        resolve_bindings: Callable[..., tuple[tuple[str, str], ...]],
                        images_input: bool = False) -> Processing:
     """Fill every preprocessor's and postprocessor's defaults from the model, check them against
     `schema`, load the tokenizer and labels, and bind the inputs no preprocessor feeds."""
-    from workers.text import load_tokenizer
+    from workers.text import load_tokenizer, tokenizer_limit
 
     metas = {m.name: m for m in model.inputs}
     column_map = spec.column_map
@@ -392,7 +430,10 @@ def resolve_processing(spec: JobSpec, model: ModelInfo, schema: pa.Schema, sourc
                                                      spec.storage)
             load_tokenizer(text, f"'{prep.tokenizer}'")
             prep = TextPrep(**{**{f.name: getattr(prep, f.name) for f in fields(prep)},
-                               "tokenizer_json": text})
+                               "tokenizer_json": text,
+                               "tokenizer_limit": tokenizer_limit(
+                                   text, _tokenizer_config(prep.tokenizer, spec.storage)),
+                               "model_positions": model.positions})
         done = prep.resolve(metas, free(), schema, source)
         claim(done.inputs, f"the {prep.kind} preprocessor"
               + (f" '{prep.function}'" if isinstance(prep, FunctionPrep) else ""))

@@ -119,19 +119,51 @@ def read_footers(fs: fsspec.AbstractFileSystem, files: Mapping[str, Mapping[str,
         return list(pool.map(lambda item: read_footer(fs, *item), files.items()))
 
 
-def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
-    """Cut each file into runs of whole row groups of about `rows_per_shard` rows (empty ones skipped)."""
+#: Balanced shards: each worker gets at least this many, so none sits idle while the last
+#: shards finish; and none larger than `MAX_SHARD_ROWS` rows (a retry redoes a whole shard).
+SHARDS_PER_WORKER = 4
+MAX_SHARD_ROWS = 100_000
+
+
+def cut_shards(files: list[InputFile], rows_per_shard: int, at_most: bool = False
+               ) -> list[Shard]:
+    """Cut each file into runs of whole row groups of about `rows_per_shard` rows (empty ones skipped).
+
+    A shard takes row groups until it holds `rows_per_shard` rows, or, `at_most`, while it
+    holds no more than that (a row group larger than that is a shard of its own).
+    """
     shards: list[Shard] = []
     for f in files:
         start, rows = 0, 0
-        for i, n in enumerate(f.row_group_rows):
+        groups = f.row_group_rows
+        for i, n in enumerate(groups):
             rows += n
-            if rows >= rows_per_shard or i == len(f.row_group_rows) - 1:
+            last = i == len(groups) - 1
+            full = (rows + groups[i + 1] > rows_per_shard if at_most and not last
+                    else rows >= rows_per_shard)
+            if full or last:
                 if rows:
                     shards.append(Shard(url=f.url, size=f.size, version=f.version,
                                         row_groups=(start, i + 1), rows=rows))
                 start, rows = i + 1, 0
     return shards
+
+
+def balanced_rows(files: list[InputFile], workers: int) -> int:
+    """Rows per shard that give each of `workers` at least `SHARDS_PER_WORKER` shards."""
+    total = sum(f.rows for f in files)
+    return max(1, min(MAX_SHARD_ROWS, total // (SHARDS_PER_WORKER * max(1, workers))))
+
+
+def balanced_shards(files: list[InputFile], workers: int, rows: int | None = None
+                    ) -> tuple[list[Shard], list[tuple[str, int]]]:
+    """Shards of at most `rows` rows (default `balanced_rows`), and the files whose row groups
+    are larger than that: (url, its largest row group's rows). A row group is never split, so
+    such a file's big row groups each run on one worker."""
+    rows = rows or balanced_rows(files, workers)
+    big = [(f.url, max(f.row_group_rows)) for f in files
+           if f.row_group_rows and max(f.row_group_rows) > rows]
+    return cut_shards(files, rows, at_most=True), big
 
 
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")

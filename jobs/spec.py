@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,12 +14,15 @@ from jobs.processing import (
     INPUT_FORMATS,
     add_processing_flags,
     apply_processing_flags,
+    command_line_functions,
+    function_items,
     parse_postprocess,
     parse_preprocess,
 )
 from workers.backends import BACKEND_NAMES
 from workers.errors import SpecError
 from workers.plan_build import DEFAULT_OPTIMIZATION_LEVEL, BuildConfig, parse_bytes
+from workers.types import DEFAULT_MAX_ROW_GROUP_BYTES
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 
@@ -55,7 +59,8 @@ class JobSpec:
     keep: tuple[str, ...] = ()
     batch_size: int = 256
     workers: int | None = None
-    rows_per_shard: int = 100_000
+    #: None: shards balanced over the workers (`jobs.shards.balanced_rows`).
+    rows_per_shard: int | None = None
     backend: str = "auto"
     storage_options: tuple[tuple[str, Any], ...] = ()
     max_failed_shards: int = 0
@@ -65,14 +70,20 @@ class JobSpec:
     lock_timeout: float = 120.0
     takeover: bool = False
     precision: str = "fp32"
-    cpus_per_worker: int = 1
+    #: None: 1 on a CPU-only cluster; on GPUs, the CPUs a GPU node has per GPU (the host side
+    #: of a GPU actor, tokenizing and decoding, gets all of them).
+    cpus_per_worker: int | None = None
     shards_in_flight: int = 2
-    #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers.
+    #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers
+    #: (None: the worker's CPUs).
     slots: int = 3
-    readers: int = 4
+    readers: int | None = None
     #: GPU actors: of the `slots` batches in flight, how many execute at once.
     concurrent_batches: int = 2
     plan_cache: str | None = None
+    #: A file holding the key that signs and verifies cached plans (jobs.plan_signing); the
+    #: key itself is never part of the spec.
+    plan_key_file: str | None = None
     progress: bool | None = None
     workspace: int | None = None
     optimization_level: int | None = None
@@ -88,6 +99,12 @@ class JobSpec:
     postprocess: tuple[Any, ...] = ()
     input_format: str = "auto"
     preprocess_threads: int | None = None
+    #: What one row group may decode to in memory (bytes, or a size such as "2GiB").
+    max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
+    #: Text: most padded tokens per batch, and rows sorted by length together (None: defaults
+    #: in `workers.batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
@@ -95,11 +112,12 @@ class JobSpec:
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
         _check_caffe(self.model, self.weights)
-        for name in ("batch_size", "rows_per_shard", "cpus_per_worker", "shards_in_flight",
-                     "slots", "readers", "concurrent_batches"):
+        for name in ("batch_size", "shards_in_flight", "slots", "concurrent_batches"):
             _positive(name, getattr(self, name))
-        if self.workers is not None:
-            _positive("workers", self.workers)
+        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers",
+                     "max_batch_tokens", "sort_window"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         for name in ("max_failed_shards", "max_retries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -117,6 +135,8 @@ class JobSpec:
                             f"got {self.input_format!r}")
         if self.preprocess_threads is not None:
             _positive("preprocess_threads", self.preprocess_threads)
+        object.__setattr__(self, "max_row_group_bytes",
+                           parse_bytes(self.max_row_group_bytes, "max_row_group_bytes"))
         object.__setattr__(self, "preprocess", parse_preprocess(self.preprocess))
         object.__setattr__(self, "postprocess", parse_postprocess(self.postprocess))
         inputs = [name for name, _ in self.columns]
@@ -149,12 +169,25 @@ class JobSpec:
         return out
 
 
-    def build_config(self, plugins: tuple[tuple[str, str], ...] = ()) -> BuildConfig:
-        """The TensorRT build this job asks for: one profile from 1 row to the batch size.
+    def build_config(self, text: tuple[tuple[tuple[int, int, int], ...],
+                                       tuple[tuple[int, int, int], ...]] | None = None,
+                     plugins: tuple[tuple[str, str], ...] = ()) -> BuildConfig:
+        """The TensorRT build this job asks for: one profile from 1 row to the batch size, or,
+        for text (`text`: batch and width profiles, `jobs.text_profiles`), one per range of
+        widths.
 
         `plugins`: the (uri, sha256) of `self.plugins` (`workers.plugins.digest_plugins`), which
         the fingerprint holds; the driver reads the libraries once to compute them.
         """
+        if text is not None:
+            return BuildConfig(
+                profiles=text[0], lengths=text[1], precision=self.precision,
+                workspace=self.workspace,
+                optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
+                                    else self.optimization_level),
+                hardware_compatible=self.hardware_compatible,
+                version_compatible=self.version_compatible,
+                exclude_lean_runtime=self.exclude_lean_runtime, plugins=plugins)
         return BuildConfig.for_batch(
             self.batch_size, precision=self.precision, workspace=self.workspace,
             optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
@@ -229,18 +262,34 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--workers", type=int, metavar="N",
                    help="actors (default: one per GPU, or one per CPU on a CPU-only cluster)")
     p.add_argument("--rows-per-shard", type=int, metavar="N",
-                   help="target rows per shard; shards are whole row groups (default 100000)")
+                   help="target rows per shard; shards are whole row groups (default: at least "
+                   "4 shards per worker, at most 100000 rows each)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--precision", choices=PRECISIONS,
                    help="numeric precision on TensorRT and ONNX Runtime's CUDA provider "
                    "(default fp32; fp16/bf16 convert the model, int8/fp8 need its Q/DQ nodes)")
-    p.add_argument("--storage-options", metavar="JSON",
-                   help="fsspec storage options as a JSON object; AWS_* variables also apply")
+    p.add_argument("--storage-options", metavar="JSON|@FILE",
+                   help="fsspec storage options as a JSON object, or @FILE to read them from a "
+                   "file (keeps credentials out of the command line, which `ray job list` "
+                   "shows); AWS_* variables also apply")
+    p.add_argument("--storage-options-file", metavar="FILE",
+                   help=f"a JSON file of fsspec storage options (also ${STORAGE_OPTIONS_FILE_ENV}"
+                   f", or the JSON itself in ${STORAGE_OPTIONS_ENV}); --storage-options wins "
+                   "key by key")
     p.add_argument("--max-failed-shards", type=int, metavar="N",
                    help="exit 0 even if up to N shards fail (default 0)")
     p.add_argument("--max-retries", type=int, metavar="N",
                    help="retries of a shard that fails on its data or storage (default 2)")
-    p.add_argument("--cpus-per-worker", type=int, metavar="N")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N",
+                   help="CPUs each actor reserves in Ray and uses: its decoding/tokenizing "
+                   "threads and ONNX Runtime's (default: on GPU clusters the node's CPUs per "
+                   "GPU, else 1)")
+    p.add_argument("--max-batch-tokens", type=int, metavar="N",
+                   help="text: most tokens a batch holds, counted as rows x its longest row "
+                   "(default 64 per row of --batch-size)")
+    p.add_argument("--sort-window", type=int, metavar="ROWS",
+                   help="text: rows sorted by length together before batching (default "
+                   "max(8192, 16 x --batch-size))")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
                    help="shards queued per actor (default 2)")
     p.add_argument("--slots", type=int, metavar="K",
@@ -250,11 +299,19 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="GPU actors: of the K batches in flight, how many execute at once "
                    "(default 2, the rest wait with their inputs copied in; raise it for small "
                    "models whose batch leaves the GPU idle)")
+    p.add_argument("--max-row-group-bytes", metavar="BYTES",
+                   help="what one row group may decode to in memory, e.g. 2GiB (default 512MiB); "
+                   "a larger one fails its shard before it is read")
     p.add_argument("--readers", type=int, metavar="N",
-                   help="GPU actors: threads decoding Parquet row groups (default 4; raise it "
-                   "when the actor has the cores and large tensor columns)")
+                   help="GPU actors: threads decoding Parquet row groups (default: the actor's "
+                   "CPUs, --cpus-per-worker)")
     p.add_argument("--plan-cache", metavar="URI", help="where TensorRT plans are cached "
-                   "(default OUTPUT/_plans)")
+                   "(default ~/.cache/trt-batch-runner/plans on the driver's machine, private "
+                   "to you)")
+    p.add_argument("--plan-key-file", metavar="FILE",
+                   help="a file holding the key that signs the plans this job builds and "
+                   "verifies cached ones (also $TRT_BATCH_RUNNER_PLAN_KEY_FILE, or the key in "
+                   "$TRT_BATCH_RUNNER_PLAN_KEY); with a key, an unsigned cached plan is rebuilt")
     p.add_argument("--workspace", metavar="BYTES", help="TensorRT builder workspace limit, "
                    "e.g. 4GiB (default: TensorRT's, the GPU's memory)")
     p.add_argument("--optimization-level", type=int, metavar="0-5", help="TensorRT builder "
@@ -283,11 +340,22 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    "is not running)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
+    p.add_argument("--allow-user-code", action="store_true",
+                   help="let the --config file name preprocess/postprocess functions "
+                   "(module:function), which run in the driver and on every worker; functions "
+                   "named on the command line need no flag")
     add_processing_flags(p)
     return p
 
 
-_FIELDS = {f.name for f in fields(JobSpec)}
+#: Storage options from the environment (the JSON itself, or a file of it): the lowest layer,
+#: under a file named in the config or on the command line, under inline options.
+STORAGE_OPTIONS_ENV = "TRT_BATCH_RUNNER_STORAGE_OPTIONS"
+STORAGE_OPTIONS_FILE_ENV = "TRT_BATCH_RUNNER_STORAGE_OPTIONS_FILE"
+MAX_STORAGE_OPTIONS_BYTES = 1024 * 1024
+# Settings that are not fields of the spec: resolved into fields by spec_from_settings.
+_SETTINGS_ONLY = {"storage_options_file"}
+_FIELDS = {f.name for f in fields(JobSpec)} | _SETTINGS_ONLY
 
 
 def _parse_columns(items: Sequence[str]) -> dict[str, str]:
@@ -300,6 +368,13 @@ def _parse_columns(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+#: A job config is a page of settings: these bounds refuse files that would cost more than
+#: one to read (an alias bomb expands a few hundred bytes into millions of values).
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 64
+
+
 def _load_yaml(path: str) -> dict[str, Any]:
     import yaml
 
@@ -309,18 +384,76 @@ def _load_yaml(path: str) -> dict[str, Any]:
         text = read_bytes(path)
     except OSError as exc:
         raise SpecError(f"cannot read config '{path}': {exc}") from exc
+    if len(text) > MAX_CONFIG_BYTES:
+        raise SpecError(f"config '{path}' is {len(text):,} bytes; a job config is at most "
+                        f"{MAX_CONFIG_BYTES:,} bytes")
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise SpecError(f"config '{path}' is not valid YAML: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        # PyYAML's own message quotes the offending line, which may hold credentials
+        # (storage_options): say where and what, never the text. `from None` keeps the
+        # original (with its quote) out of tracebacks too.
+        raise SpecError(f"config '{path}' is not valid YAML: {_yaml_problem(exc)}; fix the "
+                        "syntax there") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError(f"config '{path}' is not valid YAML ({exc.__class__.__name__}); check "
+                        "its syntax") from None
     if not isinstance(data, dict):
         raise SpecError(f"config '{path}' must be a mapping of settings, got {type(data).__name__}")
+    _check_expansion(data, f"config '{path}'")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - _FIELDS)
     if unknown:
         raise SpecError(f"config '{path}' has unknown setting(s) {unknown}; "
                         f"known settings are {sorted(_FIELDS)}")
     return data
+
+
+def _yaml_problem(exc: Any) -> str:
+    """Where and what a YAML syntax error is, without the quoted source line."""
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
+    return f"{where}{what or 'syntax error'}"
+
+
+def _check_expansion(data: Any, source: str) -> None:
+    """Refuse settings that YAML aliases (`*name`) expand past MAX_CONFIG_VALUES, or loop.
+
+    PyYAML builds an alias as a reference to the anchored value, so loading is cheap; whatever
+    walks the settings afterwards (freezing them into the spec, writing the manifest) pays for
+    every expanded copy. Counted with a memo per shared value, in time linear in the file.
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(value: Any, where: str, depth: int) -> int:
+        if not isinstance(value, dict | list):
+            return 1
+        key = id(value)
+        if key in open_:
+            raise SpecError(f"{source} refers to itself through a YAML alias ({where}); "
+                            "settings cannot contain themselves: remove the alias")
+        if key in sizes:
+            return sizes[key]
+        if depth > MAX_CONFIG_DEPTH:
+            raise SpecError(f"{source} nests deeper than {MAX_CONFIG_DEPTH} levels at {where}; "
+                            "a job's settings need far fewer")
+        open_.add(key)
+        total = 1
+        children = (((f"{where}.{k}" if where else str(k)), v) for k, v in value.items()) \
+            if isinstance(value, dict) else ((f"{where}[{i}]", v) for i, v in enumerate(value))
+        for child_where, child in children:
+            total += size(child, child_where, depth + 1)
+            if total > MAX_CONFIG_VALUES:
+                raise SpecError(f"{source} expands to more than {MAX_CONFIG_VALUES:,} values "
+                                "through YAML aliases (*name); a job's settings need far fewer: "
+                                "write the values out, or remove the aliases")
+        open_.discard(key)
+        sizes[key] = total
+        return total
+
+    size(data, "", 0)
 
 
 def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") -> JobSpec:
@@ -338,15 +471,8 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
         raise SpecError(f"plugins in {source} must be a list of library paths or URIs, "
                         f"got {plugins!r}")
     data["plugins"] = tuple(str(p) for p in plugins)
-    storage = data.pop("storage_options", None) or {}
-    if isinstance(storage, str):
-        try:
-            storage = json.loads(storage)
-        except json.JSONDecodeError as exc:
-            raise SpecError(f"storage_options is not valid JSON ({exc}); "
-                            """pass an object such as '{"anon": true}'""") from exc
-    if not isinstance(storage, Mapping):
-        raise SpecError(f"storage_options must be a JSON object, got {type(storage).__name__}")
+    storage = _storage_options(data.pop("storage_options", None),
+                               data.pop("storage_options_file", None))
     for name in ("model", "input", "output"):
         data.setdefault(name, "")
     data["preprocess"] = parse_preprocess(data.get("preprocess"), source)
@@ -359,6 +485,65 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
         raise SpecError(f"bad setting in {source}: {exc}") from exc
 
 
+def _storage_options(inline: Any, path: Any) -> dict[str, Any]:
+    """Storage options, layered: the environment's, then a file's, then inline ones (JSON, or
+    `@FILE`), each replacing the keys of the one before. Errors name the source, never the
+    values (they are credentials)."""
+    layers: list[dict[str, Any]] = []
+    if os.environ.get(STORAGE_OPTIONS_ENV):
+        layers.append(_options_json(os.environ[STORAGE_OPTIONS_ENV],
+                                    f"${STORAGE_OPTIONS_ENV}"))
+    if os.environ.get(STORAGE_OPTIONS_FILE_ENV):
+        layers.append(_options_file(os.environ[STORAGE_OPTIONS_FILE_ENV]))
+    if path:
+        if not isinstance(path, str):
+            raise SpecError(f"storage_options_file must be a path, got {type(path).__name__}")
+        layers.append(_options_file(path))
+    if isinstance(inline, str) and inline.startswith("@"):
+        layers.append(_options_file(inline[1:]))
+    elif isinstance(inline, str):
+        layers.append(_options_json(inline, "storage_options"))
+    elif inline:
+        if not isinstance(inline, Mapping):
+            raise SpecError(f"storage_options must be a JSON object, got {type(inline).__name__}")
+        layers.append(dict(inline))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return merged
+
+
+def _options_json(text: str, source: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # JSONDecodeError's message says where, and quotes nothing.
+        raise SpecError(f"{source} is not valid JSON ({exc}); pass an object such as "
+                        """'{"anon": true}'""") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{source} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _options_file(path: str) -> dict[str, Any]:
+    """Storage options from a local JSON file (keep it readable by you alone: chmod 600)."""
+    source = f"storage options file '{path}'"
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            data = f.read(MAX_STORAGE_OPTIONS_BYTES + 1)
+    except OSError as exc:
+        raise SpecError(f"cannot read {source} ({exc.__class__.__name__}); check the path (on a "
+                        "cluster: an absolute path on the node the driver runs on)") from None
+    if len(data) > MAX_STORAGE_OPTIONS_BYTES:
+        raise SpecError(f"{source} is over {MAX_STORAGE_OPTIONS_BYTES:,} bytes; storage options "
+                        "are a few settings")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise SpecError(f"{source} is not UTF-8 text") from None
+    return _options_json(text, source)
+
+
 def spec_from_args(argv: Sequence[str] | None = None,
                    parser: argparse.ArgumentParser | None = None,
                    extra: Mapping[str, Any] | None = None) -> JobSpec:
@@ -367,7 +552,8 @@ def spec_from_args(argv: Sequence[str] | None = None,
     args = parser.parse_args(argv)
     # A preset (jobs.score, jobs.enrich, jobs.relabel) puts its defaults under the config's.
     settings: dict[str, Any] = copy.deepcopy(dict(getattr(args, "preset", None) or {}))
-    settings.update(_load_yaml(args.config) if args.config else {})
+    from_file = _load_yaml(args.config) if args.config else {}
+    settings.update(from_file)
     settings.update(extra or {})
     flags = {k: v for k, v in vars(args).items() if k in _FIELDS and v is not None}
     if "columns" in flags:
@@ -377,4 +563,28 @@ def spec_from_args(argv: Sequence[str] | None = None,
     settings.update(flags)
     source = f"config '{args.config}'" if args.config else "flags"
     apply_processing_flags(settings, args, source)
+    if from_file and not getattr(args, "allow_user_code", False):
+        _refuse_config_code(from_file, settings, args, source)
     return spec_from_settings(settings, source=source)
+
+
+def _refuse_config_code(from_file: Mapping[str, Any], settings: Mapping[str, Any],
+                        args: argparse.Namespace, source: str) -> None:
+    """SpecError when the config file names user functions the job would run.
+
+    Runs before anything is imported: a config may come from elsewhere, and importing a module
+    runs its code. Functions the command line names are the user's own choice; a config's
+    function that a flag replaced (--postprocess raw) is not run, so it is not refused.
+    """
+    named = command_line_functions(args)
+    used = {target for section in ("preprocess", "postprocess")
+            for _, target in function_items(settings.get(section), section, source)}
+    found = [(section, where, target) for section in ("preprocess", "postprocess")
+             for where, target in function_items(from_file.get(section), section, source)
+             if target in used and target not in named]
+    if found:
+        what = "; ".join(f"{where}: {target}" for _, where, target in found)
+        fix = " ".join(f"--{section} {target}" for section, _, target in found)
+        raise SpecError(f"{source} names user code ({what}), which the runner would import and "
+                        "run in the driver and on every worker; pass --allow-user-code if you "
+                        f"trust this config, or name the function on the command line ({fix})")

@@ -70,9 +70,12 @@ def test_a_fixed_converter_is_a_new_plan() -> None:
     assert before.fingerprint != after.fingerprint
 
 
-def test_default_cache_uri() -> None:
-    assert default_cache_uri("s3://bucket/out/") == "s3://bucket/out/_plans"
-    assert default_cache_uri("/data/out") == "/data/out/_plans"
+def test_default_cache_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_uri() == str(tmp_path / "xdg" / "trt-batch-runner" / "plans")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_uri() == str(tmp_path / "home" / ".cache" / "trt-batch-runner" / "plans")
 
 
 # Commit and lookup ---------------------------------------------------------------------------

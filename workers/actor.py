@@ -11,20 +11,32 @@ import threading
 import time
 from typing import Any
 
-from workers.backends import create_backend
-from workers.pipeline import SlotPool, process_shard
+from workers.backends import ModelFiles, create_backend
+from workers.batching import token_budget
+from workers.gpuimages import GpuImages, open_gpu_images
+from workers.pipeline import process_shard
+from workers.redact import install_log_redaction
+from workers.slots import SlotPool
+from workers.spool import Spool
 from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 
 class ShardWorker:
     """Loads the model once, then processes shards one after another."""
 
-    def __init__(self, config: WorkerConfig, model: bytes) -> None:
+    def __init__(self, config: WorkerConfig, model: bytes | ModelFiles) -> None:
         # Loading waits for `load()`, so a model that fails to load raises a task error whose
         # cause the driver can report, instead of an actor-creation failure.
         self.config = config
+        install_log_redaction()  # storage clients in this actor log request URLs
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
+        # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(config.preprocess_threads))
         self.backend = create_backend(config.backend, model, config.backend_config)
+        # Parts bound for an object store spool here, private to this actor; opening it removes
+        # what killed actors on this node left (see workers.spool).
+        self.spool = Spool.open()
         self.times = StageTimes()
         self.shards = 0
         self.rows = 0
@@ -32,6 +44,11 @@ class ShardWorker:
         # GPU backends: the K in-flight slots (streams, pinned and device buffers), opened and
         # warmed up by `load()` (or the first shard, if load was not called), reused for all.
         self.slots: SlotPool | None = None
+        # GPU actors with image inputs: nvImageCodec and the fit kernel (`--image-decode`), and
+        # how the images decode, in words, for the manifest.
+        self.images: GpuImages | None = None
+        self.image_decode = "cpu"
+        self._loaded = False
         #: Seconds the slots' warm-up batch took (0 on the CPU path).
         self.warmup_seconds = 0.0
         # Calls may run concurrently (an actor with two shards in flight): the second reads
@@ -61,13 +78,15 @@ class ShardWorker:
 
     def _process(self, shard: Shard) -> ShardResult:
         if self.slots is None:
-            # A synchronous backend (CPU, or a GPU model with dynamic shapes) runs one shard at
-            # a time: its session or execution context is not shared between threads.
+            # A synchronous backend (CPU, or a GPU model with dynamic shapes the slots cannot be
+            # sized for) runs one shard at a time: its session or context is not thread-safe.
             with self._serial:
-                result = process_shard(shard, self.config, self.backend, worker=self.name)
+                result = process_shard(shard, self.config, self.backend, worker=self.name,
+                                       spool_dir=self.spool.path)
         else:
             result = process_shard(shard, self.config, self.backend, worker=self.name,
-                                   slots=self.slots)
+                                   slots=self.slots, images=self.images,
+                                   spool_dir=self.spool.path)
         with self._lock:
             self.times.add(result.times)
             self.shards += 1
@@ -81,6 +100,11 @@ class ShardWorker:
         return {"worker": self.name, "backend": self.backend.name, "shards": self.shards,
                 "rows": self.rows, "batches": self.batches, "seconds": vars(self.times).copy(),
                 "slots": len(self.slots.slots) if self.slots else 0,
+                "readers": self.config.readers if self.slots else 1,
+                "preprocess_threads": self.config.preprocess_threads,
+                "image_decode": self.image_decode,
+                **({"image_rows": {"gpu": self.images.gpu_rows, "cpu": self.images.cpu_rows}}
+                   if self.images is not None else {}),
                 "warmup_seconds": round(self.warmup_seconds, 3),
                 "working_seconds": round(self.working_seconds, 3),
                 # The union of every batch's execution over the worker's working time: summed
@@ -90,17 +114,27 @@ class ShardWorker:
                 if self.working_seconds > 0 else 0.0}
 
     def _load(self) -> None:
-        """Load the backend and, on a GPU, open the slots and warm them up; idempotent."""
+        """Load the backend and, on a GPU, open the slots, warm them up and open GPU image
+        decoding (`--image-decode`); idempotent."""
+        if self._loaded:
+            return
         self.backend.load()
-        if self.slots is None and self.backend.uses_slots:
-            slots = SlotPool(self.backend, self.config.slots, self.config.batch_size,
-                             self.config.concurrent_batches)
+        budget = token_budget(self.config, self.backend.inputs)
+        if self.backend.uses_slots and SlotPool.fits(self.backend, budget):
+            slots = SlotPool.for_job(self.backend, self.config, budget)
             try:
                 self.warmup_seconds = slots.warm_up()
+                self.images, self.image_decode = open_gpu_images(
+                    self.config.preprocess, {m.name: m for m in self.backend.inputs}, True,
+                    self.config.backend_config.device_id, self.config.preprocess_threads)
             except BaseException:
                 slots.close()
                 raise
             self.slots = slots
+        else:
+            # Raises for --image-decode gpu on a CPU actor; auto decodes on the CPU.
+            _, self.image_decode = open_gpu_images(self.config.preprocess, {}, False)
+        self._loaded = True
 
     def load(self) -> dict[str, Any]:
         """Load the backend (and warm its GPU slots up); the worker's name, backend and tensors.
@@ -117,6 +151,11 @@ class ShardWorker:
 
     def close(self) -> None:
         if self.slots is not None:
-            self.slots.close()
+            self.slots.close()  # waits for the slots' streams, which read the images' buffers
             self.slots = None
+        if self.images is not None:
+            self.images.close()
+            self.images = None
+        self._loaded = False
         self.backend.close()
+        self.spool.close()

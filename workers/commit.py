@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -14,25 +16,43 @@ import pyarrow.parquet as pq
 from workers.storage import DEFAULT_RETRY, RetryPolicy, filesystem, is_local, retrying
 
 TMP_DIR = "_tmp"  # under the output; the leading underscore keeps Parquet readers out
+#: The names of the temporary files PartWriter makes (`part-<shard id>.parquet.<uuid>`): the only
+#: names in `_tmp` the runner may remove; anything else there is someone else's.
+TMP_PART_RE = re.compile(r"^part-[0-9a-f]{24}\.parquet\.[0-9a-f]{32}$")
+
+
+def tmp_part_name(name: str) -> str:
+    """A fresh temporary name for part `name` (matches `TMP_PART_RE`)."""
+    return f"{name}.{uuid.uuid4().hex}"
 
 
 class PartWriter:
-    """Streams tables into a Parquet file that becomes `OUTPUT/name` only on `commit()`."""
+    """Streams tables into a Parquet file that becomes `OUTPUT/name` only on `commit()`.
+
+    On a local filesystem the file is written in `OUTPUT/_tmp` (renamed into place); for an
+    object store it is spooled to a local file and uploaded once. `spool_dir`: the private
+    directory to spool in (an actor's `workers.spool.Spool`); None: a private directory made
+    for this part alone (mode 0700, as `tempfile.mkdtemp` makes them) and removed with it.
+    """
 
     def __init__(self, output_url: str, name: str,
                  storage_options: Mapping[str, Any] | None = None,
-                 policy: RetryPolicy = DEFAULT_RETRY) -> None:
+                 policy: RetryPolicy = DEFAULT_RETRY, spool_dir: str | None = None) -> None:
         self.policy = policy
         self.fs, root = filesystem(output_url, storage_options)
         self.final_path = f"{root.rstrip('/')}/{name}"
         self.url = self.fs.unstrip_protocol(self.final_path)
+        self._own_dir: str | None = None
         if is_local(self.fs):
             # Same directory tree as the final file, so the rename is atomic.
             tmp_dir = os.path.join(root, TMP_DIR)
             os.makedirs(tmp_dir, exist_ok=True)
+        elif spool_dir is not None:
+            tmp_dir = spool_dir
         else:
-            tmp_dir = tempfile.gettempdir()
-        self.tmp_path = os.path.join(tmp_dir, f"{name}.{uuid.uuid4().hex}")
+            # Never the shared temporary directory itself: the rows are the job's output.
+            tmp_dir = self._own_dir = tempfile.mkdtemp(prefix="trt-batch-runner-part-")
+        self.tmp_path = os.path.join(tmp_dir, tmp_part_name(name))
         self._writer: pq.ParquetWriter | None = None
         self.rows = 0
 
@@ -60,9 +80,15 @@ class PartWriter:
                 self.fs.put_file(self.tmp_path, self.final_path)
 
         retrying(f"cannot commit part '{self.url}'", publish, self.policy)
+        self._drop_tmp()
+        return size
+
+    def _drop_tmp(self) -> None:
         if os.path.exists(self.tmp_path):
             os.unlink(self.tmp_path)
-        return size
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+            self._own_dir = None
 
     def abort(self) -> None:
         """Drop the temporary file; the final part, if an earlier attempt made one, stays."""
@@ -71,5 +97,4 @@ class PartWriter:
                 self._writer.close()
             finally:
                 self._writer = None
-        if os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
+        self._drop_tmp()

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from workers.redact import redact
+
 
 class RunnerError(Exception):
-    """Root of every error the runner raises on purpose; its message is meant for the user."""
+    """Root of every error the runner raises on purpose; its message is meant for the user.
+
+    The message is redacted as the error is made (`workers.redact`): the user reads it, the
+    manifest records it and Ray's logs may print it, so no URI's credentials are ever in it.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class SpecError(RunnerError, ValueError):

@@ -1,11 +1,20 @@
-"""Images: decoding encoded bytes into fixed-size pixel arrays, and reading directories of image files."""
+"""Images: decoding encoded bytes into fixed-size pixel arrays, and reading directories of image files.
+
+JPEG, the format of nearly every photo set, decodes through libjpeg-turbo (simplejpeg), which
+releases the GIL and can decode at 1/8 .. 8/8 scale (DCT scaling) when the target is smaller
+than the image; everything else decodes through Pillow, in worker processes when several are
+given (`PillowProcesses`). GPU decoding (nvImageCodec) is `workers.gpuimages`.
+"""
 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import posixpath
+import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -32,7 +41,49 @@ def import_pil() -> Any:
     except ImportError as exc:
         raise MissingDependencyError("the image preprocessor needs Pillow; pip install "
                                      "'.[images]' (or pip install pillow)") from exc
+    # Pillow only warns between its MAX_IMAGE_PIXELS and twice that (and raises above): make
+    # the warning an error too, so a decompression bomb is a bad row (on_error) either way.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
     return Image
+
+
+def import_simplejpeg() -> Any | None:
+    """simplejpeg (libjpeg-turbo, GIL released while decoding), or None when not installed."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+#: Per side, how many times larger than `resize` an image may be by default (see `max_pixels`).
+MAX_SCALE = 32
+
+
+def default_max_pixels(resize: int) -> int:
+    """The pixel cap of images resized to `resize`: (MAX_SCALE x resize)^2, at most Pillow's own.
+
+    Decoding costs memory in proportion to the image's pixels whatever the target size, so a
+    small compressed file can ask for gigabytes (a 137 KB PNG of 12000x12000 pixels peaks at
+    600 MB per decode, times the decoding threads). An image beyond this is a bad row.
+    """
+    Image = import_pil()
+    cap = (MAX_SCALE * resize) ** 2
+    pillow = Image.MAX_IMAGE_PIXELS
+    return int(min(cap, pillow)) if pillow else cap
+
+
+class ImageLimitError(ValueError):
+    """An image with more pixels than the job's `max_pixels`: a bad row, never decoded."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Raise ImageLimitError when `width x height` is over `max_pixels` (None: no cap)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageLimitError(
+            f"image of {width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the "
+            f"limit of {max_pixels / 1e6:.1f} MP (max_pixels); raise it with "
+            "--max-image-pixels N if images this large are expected")
 
 
 def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -42,29 +93,157 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def load_image(data: bytes, mode: str, size: tuple[int, int], resize: int,
-               draft: bool = False) -> np.ndarray:
-    """Decode, convert to `mode`, resize the shorter side to `resize`, center-crop to `size` (h, w).
+def crop_origin(new_w: int, new_h: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of the center crop `size` (h, w) in an image resized to `new_w` x `new_h`."""
+    height, width = size
+    return round((new_w - width) / 2.0), round((new_h - height) / 2.0)
 
-    Returns uint8 `[h, w, channels]`. Raises whatever Pillow raises for a bad image.
+
+def _fit(image: Any, width: int, height: int, size: tuple[int, int], resize: int) -> Any:
+    """Resize (shorter side to `resize`) and center-crop `image`, decoded from a `width` x `height` original.
+
+    `image` may be a reduced-scale decode (libjpeg's DCT scaling, Pillow's draft) of the
+    original: the resized size comes from the original's, so both decodes give the same shape.
+    (Resizing only the crop's box would save a quarter of the resize for 4:3 photos, but its
+    rounding differs from resize-then-crop by a level here and there.)
     """
     Image = import_pil()
-    height, width = size
+    crop_h, crop_w = size
+    new_w, new_h = resized_size(width, height, resize)
+    left, top = crop_origin(new_w, new_h, size)
+    if image.size != (new_w, new_h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if (left, top, crop_w, crop_h) == (0, 0, new_w, new_h):
+        return image
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def _as_pixels(image: Any) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array if array.ndim == 3 else array[:, :, None]
+
+
+def _load_turbo(simplejpeg: Any, data: bytes, mode: str, size: tuple[int, int], resize: int,
+                draft: bool, max_pixels: int | None) -> np.ndarray | None:
+    """A JPEG through libjpeg-turbo, shrunk during decoding when the target is smaller.
+
+    None for JPEGs it does not turn into RGB (CMYK, YCCK): Pillow converts those.
+    """
+    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    if colorspace in ("CMYK", "YCCK"):
+        return None
+    check_pixels(width, height, max_pixels)
+    if not jpeg_complete(data):
+        # What Pillow refuses as "image file is truncated"; libjpeg would fill the rest gray.
+        raise TruncatedImageError("JPEG data ends before its end-of-image marker (truncated)")
+    new_w, new_h = resized_size(width, height, resize)
+    # DCT scaling (1/8 .. 8/8) to the smallest scale still at least the resized size; the
+    # decode is RGB even for one-channel models, converted below as Pillow converts, so the
+    # pixels are the same as Pillow's path (libjpeg's own gray output skips the chroma).
+    # strict=False: libjpeg's recoverable warnings (extraneous bytes before a marker, ...) do
+    # not fail the image, as they do not in Pillow; truncation is checked above.
+    rgb = simplejpeg.decode_jpeg(data, "RGB", min_height=new_h if draft else 0,
+                                 min_width=new_w if draft else 0, strict=False)
+    Image = import_pil()
+    image = Image.fromarray(rgb, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    return _as_pixels(_fit(image, width, height, size, resize))
+
+
+def _load_pillow(data: bytes, mode: str, size: tuple[int, int], resize: int, draft: bool,
+                 max_pixels: int | None) -> np.ndarray:
+    Image = import_pil()
     with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        check_pixels(width, height, max_pixels)
         if draft and image.format == "JPEG":
             # Decode at a reduced scale (a power of two no smaller than needed): much faster for
             # large photos, at the cost of pixels that differ slightly from a full decode.
-            image.draft(mode, resized_size(image.width, image.height, resize))
-        rgb = image.convert(mode)
-    new_w, new_h = resized_size(rgb.width, rgb.height, resize)
-    if (new_w, new_h) != rgb.size:
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    top = round((new_h - height) / 2.0)
-    left = round((new_w - width) / 2.0)
-    if (left, top, width, height) != (0, 0, new_w, new_h):
-        rgb = rgb.crop((left, top, left + width, top + height))
-    array = np.asarray(rgb, dtype=np.uint8)
-    return array if array.ndim == 3 else array[:, :, None]
+            image.draft(mode, resized_size(width, height, resize))
+        converted = image.convert(mode)
+    return _as_pixels(_fit(converted, width, height, size, resize))
+
+
+def is_jpeg(data: bytes) -> bool:
+    """True when `data` starts like a JPEG (the SOI marker)."""
+    return data[:3] == b"\xff\xd8\xff"
+
+
+def jpeg_complete(data: bytes) -> bool:
+    """True when a JPEG's last scan is followed by its end-of-image marker (it is not truncated).
+
+    Entropy-coded data cannot hold an FF D9 or FF DA (0xFF is stuffed), and a thumbnail's end
+    marker comes before the main image's scans, so the last EOI after the last SOS is the image's.
+    """
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+
+
+class TruncatedImageError(ValueError):
+    """A JPEG that ends before its end-of-image marker."""
+
+
+def load_image(data: bytes, mode: str, size: tuple[int, int], resize: int,
+               draft: bool = False, max_pixels: int | None = None) -> np.ndarray:
+    """Decode, convert to `mode`, resize the shorter side to `resize`, center-crop to `size` (h, w).
+
+    Returns uint8 `[h, w, channels]`. JPEGs go through libjpeg-turbo (simplejpeg) where it is
+    installed, which releases the GIL while it decodes, so threads decode in parallel; other
+    formats through Pillow. `draft`: a JPEG larger than needed is decoded at a reduced scale.
+    `max_pixels`: an image with more pixels raises ImageLimitError before it is decoded.
+    Raises whatever the decoder raises for a bad image.
+    """
+    simplejpeg = import_simplejpeg() if is_jpeg(data) else None
+    if simplejpeg is not None:
+        pixels = _load_turbo(simplejpeg, data, mode, size, resize, draft, max_pixels)
+        if pixels is not None:
+            return pixels
+    return _load_pillow(data, mode, size, resize, draft, max_pixels)
+
+
+def bad_image_reason(exc: Exception) -> str:
+    """What a bad row's record says about the exception its decode raised."""
+    if isinstance(exc, ImageLimitError):
+        return str(exc)
+    return f"cannot decode image ({exc.__class__.__name__}: {exc})"
+
+
+def _decode_pillow_rows(values: Sequence[bytes], mode: str, size: tuple[int, int], resize: int,
+                        draft: bool, max_pixels: int | None) -> list[np.ndarray | str]:
+    """Runs in a worker process: each row's pixels, or the reason it failed."""
+    out: list[np.ndarray | str] = []
+    for data in values:
+        try:
+            out.append(load_image(data, mode, size, resize, draft, max_pixels))
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
+            out.append(bad_image_reason(exc))
+    return out
+
+
+class PillowProcesses:
+    """Worker processes for the images Pillow decodes (not JPEG): Pillow holds the GIL for most
+    of a decode, so threads would take turns; started at first use, one owner closes them.
+
+    `forkserver`: the actor's own threads (Ray's, the pipeline's) are not forked into them.
+    """
+
+    def __init__(self, processes: int) -> None:
+        self.processes = max(1, processes)
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 def _affine(mean: Sequence[float], std: Sequence[float], dtype: np.dtype
@@ -81,22 +260,29 @@ class ImageDecoder:
 
     Each row is decoded, resized and cropped (`load_image`), then scaled to
     `(pixels / 255 - mean) / std` and written in `layout` and `dtype` straight into the batch,
-    all on the row's thread: Pillow releases the GIL while decoding and resizing, numpy while
-    scaling, so threads give real parallelism and each image is touched while in cache.
-    Without `mean`/`std` (or for an integer `dtype`) the pixels stay raw. A row that fails to
-    decode is returned in `bad` (row -> reason), its pixels left zero.
+    all on the row's thread: libjpeg-turbo (JPEG) releases the GIL while decoding, Pillow while
+    resizing, numpy while scaling, so threads give real parallelism and each image is touched
+    while in cache. Images Pillow decodes (PNG, WebP, ...) go to `processes` when given, as
+    Pillow holds the GIL while it decodes. Without `mean`/`std` (or for an integer `dtype`) the
+    pixels stay raw. A row that fails to decode is returned in `bad` (row -> reason), its pixels
+    left zero.
     """
 
     def __init__(self, mode: str, size: tuple[int, int], resize: int, draft: bool = False,
                  pool: Executor | None = None, threads: int = 1, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 layout: str = "NHWC", dtype: np.dtype | None = None) -> None:
+                 layout: str = "NHWC", dtype: np.dtype | None = None,
+                 max_pixels: int | None = None, processes: PillowProcesses | None = None
+                 ) -> None:
         self.mode, self.size, self.resize, self.draft = mode, size, resize, draft
+        self.max_pixels = max_pixels
         self.channels = 1 if mode == "L" else 3
         self.pool = pool
         self.threads = max(1, threads)
+        self.processes = processes
         self.layout = layout
         self.dtype = np.dtype(dtype or np.uint8)
+        self._turbo = import_simplejpeg() is not None
         self._scale: np.ndarray | None = None
         self._shift: np.ndarray | None = None
         if self.dtype.kind == "f":
@@ -109,7 +295,8 @@ class ImageDecoder:
         self.row_shape = ((self.channels, height, width) if layout == "NCHW"
                           else (height, width, self.channels))
 
-    def _put(self, pixels: np.ndarray, target: np.ndarray) -> None:
+    def put(self, pixels: np.ndarray, target: np.ndarray) -> None:
+        """Write uint8 `[h, w, c]` pixels into one row of the batch, normalized and laid out."""
         source = pixels.transpose(2, 0, 1) if self.layout == "NCHW" else pixels
         if self._scale is None or self._shift is None:
             target[...] = source
@@ -119,21 +306,37 @@ class ImageDecoder:
         else:  # float16 and friends: scale in float32, round once
             target[...] = source * self._scale + self._shift
 
-    def _decode_rows(self, values: Sequence[bytes | None], out: np.ndarray, start: int,
-                     stop: int) -> dict[int, str]:
+    def load(self, data: bytes) -> np.ndarray:
+        """One image's uint8 pixels; raises as `load_image` does."""
+        return load_image(data, self.mode, self.size, self.resize, self.draft, self.max_pixels)
+
+    def _decode_rows(self, values: Sequence[bytes | None], out: np.ndarray,
+                     rows: Sequence[int]) -> dict[int, str]:
         bad: dict[int, str] = {}
-        for i in range(start, stop):
+        for i in rows:
             data = values[i]
             if data is None:
                 bad[i] = "null image"
                 continue
             try:
-                pixels = load_image(data, self.mode, self.size, self.resize, self.draft)
+                pixels = self.load(data)
             except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ...
-                bad[i] = f"cannot decode image ({exc.__class__.__name__}: {exc})"
+                bad[i] = bad_image_reason(exc)
                 continue
-            self._put(pixels, out[i])
+            self.put(pixels, out[i])
         return bad
+
+    def _split(self, values: Sequence[bytes | None]) -> tuple[list[int], list[int]]:
+        """Rows for the threads, and rows for the processes (images Pillow decodes)."""
+        if self.processes is None or self.threads == 1:
+            return list(range(len(values))), []
+        threaded: list[int] = []
+        pillow: list[int] = []
+        for i, data in enumerate(values):
+            (threaded if data is None or (self._turbo and is_jpeg(data)) else pillow).append(i)
+        if len(pillow) < 2:  # not worth a round trip
+            return list(range(len(values))), []
+        return threaded, pillow
 
     def decode(self, values: Sequence[bytes | None]) -> tuple[np.ndarray, dict[int, str]]:
         """The batch `[N, *row_shape]` in `dtype`, and the rows that failed, with why."""
@@ -141,15 +344,32 @@ class ImageDecoder:
         # Every good row is written whole, so only bad rows need zeros: no extra pass over a
         # batch that is ~150 MB for 256 RGB images at 224 px in float32.
         out = np.empty((n, *self.row_shape), self.dtype)
-        if self.pool is None or self.threads == 1 or n < 2:
-            bad = self._decode_rows(values, out, 0, n)
+        threaded, pillow = self._split(values)
+        bad: dict[int, str] = {}
+        far: list[tuple[list[int], Future[list[np.ndarray | str]]]] = []
+        if pillow:
+            assert self.processes is not None
+            step = -(-len(pillow) // self.processes.processes)
+            for lo in range(0, len(pillow), step):
+                chunk = pillow[lo:lo + step]
+                data = [value for i in chunk if (value := values[i]) is not None]
+                far.append((chunk, self.processes.pool().submit(
+                    _decode_pillow_rows, data, self.mode, self.size, self.resize, self.draft,
+                    self.max_pixels)))
+        if self.pool is None or self.threads == 1 or len(threaded) < 2:
+            bad.update(self._decode_rows(values, out, threaded))
         else:
-            step = -(-n // self.threads)
-            futures = [self.pool.submit(self._decode_rows, values, out, lo, min(n, lo + step))
-                       for lo in range(0, n, step)]
-            bad = {}
+            step = -(-len(threaded) // self.threads)
+            futures = [self.pool.submit(self._decode_rows, values, out, threaded[lo:lo + step])
+                       for lo in range(0, len(threaded), step)]
             for future in futures:
                 bad.update(future.result())
+        for chunk, pending in far:
+            for i, result in zip(chunk, pending.result(), strict=True):
+                if isinstance(result, str):
+                    bad[i] = result
+                else:
+                    self.put(result, out[i])
         for row in bad:
             out[row] = 0
         return out, bad

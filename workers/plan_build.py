@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workers.errors import BackendError, SpecError
-from workers.onnx_precision import ModelTypes, convert_float, converter_version, model_types
 from workers.tensors import TensorMeta, describe_onnx
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from workers.onnx_precision import ModelTypes
 
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8", "int8")
 MAX_OPTIMIZATION_LEVEL = 5
@@ -57,7 +58,10 @@ def parse_bytes(value: str | int, name: str = "workspace") -> int:
 class BuildConfig:
     """How to build a plan; a value that crosses from the driver to the Ray task that builds.
 
-    `profiles` are (min, opt, max) rows of the batch dimension, one optimization profile each.
+    `profiles` are (min, opt, max) rows of the batch dimension, one optimization profile each;
+    `lengths`, when the model's inputs have dynamic dims beyond the batch (token widths), are
+    (min, opt, max) of those dims, one per profile (`workers.batching.TokenBudget.profiles`
+    chooses them from the data's token lengths).
     `workspace=None` leaves TensorRT's default (the GPU's memory); `exclude_lean_runtime` keeps
     the lean runtime out of a version-compatible plan (workers then run it with tensorrt-lean
     of the same version).
@@ -65,6 +69,7 @@ class BuildConfig:
 
     precision: str = "fp32"
     profiles: tuple[Profile, ...] = ((1, 256, 256),)
+    lengths: tuple[Profile, ...] = ()
     workspace: int | None = None
     optimization_level: int = DEFAULT_OPTIMIZATION_LEVEL
     hardware_compatible: bool = False
@@ -81,12 +86,17 @@ class BuildConfig:
                             f"got {self.precision!r}")
         if not self.profiles:
             raise SpecError("a plan needs at least one optimization profile (min, opt, max rows)")
-        for profile in self.profiles:
+        for what, profile in ([("batch sizes", p) for p in self.profiles]
+                              + [("token widths", p) for p in self.lengths]):
             if (len(profile) != 3 or any(not isinstance(n, int) or isinstance(n, bool) or n < 1
                                          for n in profile)
                     or not profile[0] <= profile[1] <= profile[2]):
-                raise SpecError(f"optimization profile {tuple(profile)} must be three batch sizes "
+                raise SpecError(f"optimization profile {tuple(profile)} must be three {what} "
                                 "min <= opt <= max, each >= 1; for example (1, 256, 256)")
+        if self.lengths and len(self.lengths) != len(self.profiles):
+            raise SpecError(f"{len(self.lengths)} token-length profile(s) for "
+                            f"{len(self.profiles)} batch profile(s); give one of each per "
+                            "optimization profile")
         if self.workspace is not None and (not isinstance(self.workspace, int)
                                            or isinstance(self.workspace, bool)
                                            or self.workspace < 1):
@@ -118,6 +128,7 @@ class BuildConfig:
         # Lists, as JSON reads them back: the cache compares a sidecar's key with this.
         out["profiles"] = [list(p) for p in self.profiles]
         out["plugins"] = [list(p) for p in self.plugins]
+        out["lengths"] = [list(p) for p in self.lengths]
         return out
 
 
@@ -145,10 +156,17 @@ def profile_shapes(inputs: Sequence[TensorMeta], config: BuildConfig, source: st
     """Per profile: input name -> (min, opt, max) shape, for inputs with a dynamic batch.
 
     Inputs with a fixed first dimension need no profile, but that batch must fit the job's
-    batch size; dynamic dimensions beyond the batch have no size to build for and are refused.
+    batch size; dynamic dimensions beyond the batch take `config.lengths`, and without them
+    have no size to build for and are refused.
     """
     dynamic: list[TensorMeta] = []
     for meta in inputs:
+        if any(d is None for d in meta.row_shape) and config.lengths:
+            if meta.shape[0] is not None:
+                raise SpecError(f"{source} input '{meta.name}' is {meta.describe()}: a fixed "
+                                "batch with dynamic widths; export it with a dynamic batch")
+            dynamic.append(meta)
+            continue
         if any(d is None for d in meta.row_shape):
             raise SpecError(
                 f"{source} input '{meta.name}' is {meta.describe()}: dimensions beyond the batch "
@@ -165,11 +183,14 @@ def profile_shapes(inputs: Sequence[TensorMeta], config: BuildConfig, source: st
                 f"batch dimension (torch.onnx.export(..., dynamic_axes={{'{meta.name}': "
                 f"{{0: 'N'}}}})) or set the batch size to {batch}")
     out = []
-    for lo, opt, hi in config.profiles:
+    for index, (lo, opt, hi) in enumerate(config.profiles):
         shapes = {}
         for meta in dynamic:
-            row = tuple(int(d) for d in meta.row_shape if d is not None)
-            shapes[meta.name] = ((lo, *row), (opt, *row), (hi, *row))
+            # A dynamic dim beyond the batch is a token width: this profile's range of them.
+            width = config.lengths[index] if config.lengths else (0, 0, 0)
+            low, best, high = ([w if d is None else int(d) for d in meta.row_shape]
+                               for w in width)
+            shapes[meta.name] = ((lo, *low), (opt, *best), (hi, *high))
         out.append(shapes)
     return out if dynamic else []
 
@@ -349,28 +370,14 @@ def local_gpu_facts(device: int = 0) -> GpuFacts:
 
 
 def external_data_locations(model: bytes, source: str = "model") -> list[str]:
-    """Relative paths of the files an ONNX model keeps its external weights in (sorted, unique)."""
-    import onnx
+    """Relative paths of the files an ONNX model keeps external tensors in (sorted, unique).
 
-    try:
-        proto = onnx.load_model_from_string(model)
-    except Exception as exc:
-        raise SpecError(f"{source} is not an ONNX model ({exc}); pass a .onnx file") from exc
-    from workers.onnx_precision import iter_graphs
+    Every reference counts (initializers, Constant values and other tensor attributes,
+    subgraphs, functions): the ONNX parser resolves them all. See `workers.external_data`.
+    """
+    from workers.external_data import checked_locations
 
-    found: set[str] = set()
-    for graph in iter_graphs(proto.graph):
-        for tensor in graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                entries = {e.key: e.value for e in tensor.external_data}
-                location = entries.get("location", "")
-                if (not location or os.path.isabs(location)
-                        or ".." in location.replace("\\", "/").split("/")):
-                    raise SpecError(f"{source} names external weights at {location!r} for "
-                                    f"'{tensor.name}'; locations must be relative paths next to "
-                                    "the model")
-                found.add(location)
-    return sorted(found)
+    return checked_locations(model, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,6 +451,10 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
     SpecError for what the user must change (unsupported nodes, shapes, precision),
     BackendError for what went wrong on the node.
     """
+    # onnx_precision imports onnx, which takes a second: only a build needs it (the driver
+    # imports this module for BuildConfig, on its way to starting).
+    from workers.onnx_precision import converter_version, model_types
+
     info = describe_onnx(model, source=source)
     shapes = profile_shapes(info.inputs, config, source)
     types = model_types(model, source)
@@ -524,6 +535,8 @@ def _parse(trt_module: Any, builder: trt.Builder, trt_logger: Any, model: bytes,
         data = model
         if precision.convert_to:
             import onnx
+
+            from workers.onnx_precision import convert_float
 
             proto = onnx.load(path) if path else onnx.load_model_from_string(model)
             data = convert_float(proto, precision.convert_to, source)

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -23,12 +23,18 @@ from workers.convert import check_feed, column_to_tensor
 from workers.errors import DataError, SpecError
 from workers.functions import is_function_target, load_function
 from workers.tensors import TensorMeta
+from workers.text import TOKEN_COUNTS
+
+if TYPE_CHECKING:
+    from workers.gpuimages import GpuImages
 
 Batch = dict[str, np.ndarray]
 NULL_POLICIES = ("fail", "fill")
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_MODES = ("RGB", "L")
 BAD_IMAGE_POLICIES = ("fail", "skip")
+#: Where images decode: `cpu`, `gpu` (nvImageCodec, GPU actors), or `auto` (gpu where it works).
+IMAGE_DECODES = ("auto", "cpu", "gpu")
 PADDINGS = ("longest", "max_length")
 DEFAULT_MAX_LENGTH = 512  # BERT's position table; a model with a fixed length uses its own
 
@@ -202,6 +208,11 @@ class TextPrep(_Spec):
     sequence length when the model fixes it. `attention_mask` and `token_type_ids` are fed only
     when the model has inputs of those names. `tokenizer_json` is the file's text, read by the
     driver so actors never need the file.
+
+    Unset, `max_length` is the tokenizer's own limit (`tokenizer_limit`: its truncation setting,
+    or `model_max_length` from the `tokenizer_config.json` beside it), capped at the model's
+    (its fixed sequence length, or `model_positions`: the rows of its position embedding). A
+    `max_length` above the model's limit is an error: positions past it have no embedding.
     """
 
     kind: ClassVar[str] = "text"
@@ -215,6 +226,10 @@ class TextPrep(_Spec):
     attention_mask: str | None = "attention_mask"
     token_type_ids: str | None = "token_type_ids"
     tokenizer_json: str = field(default="", repr=False, compare=False)
+    #: Filled by the driver before `resolve` (never set by the user): the tokenizer's limit and
+    #: the model's position-embedding size, each with where it comes from.
+    tokenizer_limit: tuple[int, str] | None = field(default=None, repr=False, compare=False)
+    model_positions: tuple[int, str] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
@@ -261,15 +276,38 @@ class TextPrep(_Spec):
             raise SpecError(f"the model's token inputs have different sequence lengths {sorted(fixed)}"
                             "; they must agree")
         length = fixed.pop() if fixed else None
-        max_length = self.max_length or length or DEFAULT_MAX_LENGTH
-        if length is not None and max_length > length:
-            raise SpecError(f"text max_length {max_length} is longer than the model's sequence "
-                            f"length {length} (input '{self.input_ids}' is "
-                            f"{metas[self.input_ids].describe()}); set max_length <= {length}")
+        limit = self.model_limit(length, metas[self.input_ids])
+        if self.max_length is not None:
+            if limit is not None and self.max_length > limit[0]:
+                raise SpecError(f"text max_length {self.max_length} (--max-length) is above the "
+                                f"model's limit of {limit[0]} tokens ({limit[1]}); set "
+                                f"--max-length {limit[0]} or less")
+            max_length = self.max_length
+        else:
+            known = [v for v in (self.tokenizer_limit, limit) if v is not None]
+            max_length = min(v[0] for v in known) if known else DEFAULT_MAX_LENGTH
         resolved = replace(self, max_length=max_length, attention_mask=optional["attention_mask"],
                            token_type_ids=optional["token_type_ids"])
         resolved.check_schema(schema, metas, source)
         return resolved
+
+    def token_width(self, metas: Mapping[str, TensorMeta]) -> int | None:
+        """The widest batch this (resolved) spec makes when the width follows the rows; None
+        when every batch has one width (the model fixes it, or padding: max_length)."""
+        if self.padding == "max_length" or _fixed(metas[self.input_ids], 1) is not None:
+            return None
+        return self.max_length or DEFAULT_MAX_LENGTH
+
+    def model_limit(self, length: int | None, ids: TensorMeta) -> tuple[int, str] | None:
+        """The most tokens the model takes, and why: its fixed length, else its position table."""
+        if length is not None:
+            return length, f"input '{ids.name}' is {ids.describe()}"
+        return self.model_positions
+
+    def limits_text(self) -> str:
+        """The resolved `max_length` and the limits it was chosen from, for the job's log."""
+        known = [f"{v[0]} ({v[1]})" for v in (self.tokenizer_limit, self.model_positions) if v]
+        return f"max_length {self.max_length}" + (f"; limits: {', '.join(known)}" if known else "")
 
     def check_schema(self, schema: pa.Schema, metas: Mapping[str, TensorMeta], source: str
                      ) -> None:
@@ -287,6 +325,9 @@ class TextPrep(_Spec):
     def to_json(self) -> dict[str, Any]:
         out = super().to_json()
         text = out.pop("tokenizer_json")
+        # Derived from the tokenizer and the model, both already in the job's identity.
+        out.pop("tokenizer_limit")
+        out.pop("model_positions")
         out["tokenizer_sha256"] = hashlib.sha256(text.encode()).hexdigest() if text else None
         return out
 
@@ -300,6 +341,13 @@ class ImagePrep(_Spec):
     normalized by `mean`/`std` per channel, laid out NCHW or NHWC in the input's dtype. Unset
     fields come from the model's input shape. `on_error="skip"` drops a row whose image does
     not decode (recorded in the manifest) instead of failing the shard.
+
+    `draft`: a JPEG larger than needed decodes at a reduced scale (libjpeg's DCT scaling, the
+    largest reduction that keeps the resized size), then resizes the rest of the way.
+    `max_pixels`: images with more pixels are bad rows, never decoded (default
+    `workers.images.default_max_pixels(resize)`). `decode`: `cpu`, `gpu` (nvImageCodec on the
+    actor's GPU, straight into the device batch), or `auto` (gpu where nvImageCodec imports
+    and decodes on the actor's GPU, else cpu).
     """
 
     kind: ClassVar[str] = "image"
@@ -312,7 +360,9 @@ class ImagePrep(_Spec):
     layout: str = "auto"
     mode: str | None = None
     on_error: str = "fail"
-    draft: bool = False
+    draft: bool = True
+    max_pixels: int | None = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
@@ -337,6 +387,11 @@ class ImagePrep(_Spec):
         if self.mode is not None:
             _choice("image mode", self.mode, IMAGE_MODES)
         _choice("image on_error", self.on_error, BAD_IMAGE_POLICIES)
+        _choice("image decode", self.decode, IMAGE_DECODES)
+        if self.max_pixels is not None:
+            _positive_int("image max_pixels", self.max_pixels)
+        if not isinstance(self.draft, bool):
+            raise SpecError(f"image draft must be true or false, got {self.draft!r}")
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -400,8 +455,11 @@ class ImagePrep(_Spec):
         if meta.dtype.kind in "iub" and (self.mean or self.std):
             raise SpecError(f"input '{meta.name}' wants {meta.describe()}: raw integer pixels, "
                             "which cannot be normalized; drop mean and std")
+        from workers.images import default_max_pixels
+
         resolved = replace(self, input=meta.name, size=size, resize=resize, mean=tuple(mean),
-                           std=tuple(std), layout=layout, mode=mode)
+                           std=tuple(std), layout=layout, mode=mode,
+                           max_pixels=self.max_pixels or default_max_pixels(resize))
         resolved.check_schema(schema, metas, source)
         return resolved
 
@@ -526,14 +584,25 @@ class Preprocessor:
     """
 
     def __init__(self, specs: Sequence[PrepSpec], metas: Mapping[str, TensorMeta],
-                 threads: int = 1) -> None:
+                 threads: int = 1, images: GpuImages | None = None) -> None:
+        """`images`: the actor's GPU image decoding; inputs it decodes become device fills."""
+        from workers.images import PillowProcesses
+
         self.specs = tuple(specs)
         self.metas = dict(metas)
         self.threads = max(1, threads)
+        self.images = images
         #: True when an input is much larger than its column (decoded images, token arrays).
         self.expands = any(isinstance(s, ImagePrep | TextPrep) for s in self.specs)
+        #: Token inputs whose width follows the rows (text of any length), and the value each
+        #: is padded with; their feeds come with the rows' token counts (`text.TOKEN_COUNTS`).
+        self.token_pads: dict[str, int] = {}
         self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
                                        if self.expands and self.threads > 1 else None)
+        # Formats Pillow decodes (not JPEG) go to processes: it holds the GIL while decoding.
+        self._processes = (PillowProcesses(self.threads)
+                           if self._pool is not None and any(isinstance(s, ImagePrep)
+                                                             for s in self.specs) else None)
         self._steps: list[Step] = [self._build(spec) for spec in self.specs]
 
     def _build(self, spec: PrepSpec) -> Step:
@@ -574,15 +643,18 @@ class Preprocessor:
 
         metas = {n: self._meta(n) for n in spec.inputs}
         text = spec.tokenizer_json or read_bytes(spec.tokenizer).decode()
-        length = _fixed(metas[spec.input_ids], 1)
-        if spec.padding == "max_length":
-            length = spec.max_length
+        dynamic = spec.token_width(metas) is not None
+        length = None if dynamic else _fixed(metas[spec.input_ids], 1) or spec.max_length
         encoder = TextEncoder(text, f"'{spec.tokenizer}'", spec.max_length or DEFAULT_MAX_LENGTH,
                               spec.truncation, length)
         names = {"ids": spec.input_ids, "attention_mask": spec.attention_mask,
                  "type_ids": spec.token_type_ids}
         keys = tuple(k for k, n in names.items() if n is not None)
-        pool, threads = self._pool, self.threads
+        pads = encoder.pads
+        if dynamic:
+            # Rows of any length: the batcher may sort them and cut each batch at its own width.
+            self.token_pads.update({n: pads[k] for k, n in names.items() if n is not None})
+        dtype = metas[spec.input_ids].dtype
 
         def run(table: pa.Table, offset: int) -> tuple[Batch, dict[int, tuple[str, str]]]:
             column = table.column(spec.column)
@@ -594,51 +666,62 @@ class Preprocessor:
                                     "fill or filter them, or set nulls: fill (--nulls fill) to "
                                     "tokenize them as empty strings")
                 column = pc.fill_null(column, "")
-            texts = column.to_pylist()
-            if pool is None or len(texts) < 2 * threads:
-                encoded = encoder.encode(texts, spec.column, offset, keys)
-            else:
-                encoded = self._encode_parallel(encoder, texts, spec.column, offset, keys)
-            return {n: v.astype(metas[n].dtype, copy=False)
-                    for k, v in encoded.items() if (n := names[k]) is not None}, {}
+            ragged = self._encode(encoder, column.to_pylist(), spec.column, offset, keys)
+            feeds = {names[k]: v for k, v in ragged.padded(encoder.width(ragged.lengths), pads,
+                                                           dtype).items()}
+            out = {n: v.astype(metas[n].dtype, copy=False) for n, v in feeds.items()
+                   if n is not None}
+            if dynamic:
+                out[TOKEN_COUNTS] = ragged.lengths
+            return out, {}
         return run
 
-    def _encode_parallel(self, encoder: Any, texts: list[str], column: str, offset: int,
-                         keys: tuple[str, ...]) -> Batch:
-        """Encode chunks on the pool, then pad every chunk to the batch's longest row."""
-        assert self._pool is not None
-        step = -(-len(texts) // self.threads)
-        futures = [self._pool.submit(encoder.encode, texts[lo:lo + step], column, offset + lo,
-                                     keys)
+    def _encode(self, encoder: Any, texts: list[str], column: str, offset: int,
+                keys: tuple[str, ...]) -> Any:
+        """Rows tokenized unpadded; in chunks on the pool, so one chunk's conversion to arrays
+        (which holds the GIL) overlaps the next chunk's tokenization (which does not)."""
+        from workers.text import Ragged
+
+        step = max(64, -(-len(texts) // self.threads))
+        if self._pool is None or len(texts) <= step:
+            return encoder.encode_ragged(texts, column, offset, keys)
+        futures = [self._pool.submit(encoder.encode_ragged, texts[lo:lo + step], column,
+                                     offset + lo, keys)
                    for lo in range(0, len(texts), step)]
-        chunks = [f.result() for f in futures]
-        width = max(c["ids"].shape[1] for c in chunks)
-        out: Batch = {}
-        for key in keys:
-            pad = encoder.pad_id if key == "ids" else 0
-            out[key] = np.concatenate([np.pad(c[key], ((0, 0), (0, width - c[key].shape[1])),
-                                              constant_values=pad) for c in chunks])
-        return out
+        return Ragged.concat([f.result() for f in futures])
 
     def _image(self, spec: ImagePrep) -> Step:
-        from workers.images import ImageDecoder
+        from workers.images import PATH_COLUMN, ImageDecoder
 
         meta = self._meta(spec.input)
         if spec.size is None or spec.resize is None or spec.mode is None or spec.layout == "auto":
             raise SpecError(f"image preprocessor for column '{spec.column}' is not resolved "
                             "against the model; resolve it first")
+        on_gpu = self.images is not None and meta.name in self.images.inputs
+        # On the GPU path the CPU decodes only the rows the GPU cannot, to raw pixels that the
+        # GPU normalizes with the rest.
         decoder = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, self._pool,
-                               self.threads, mean=spec.mean, std=spec.std, layout=spec.layout,
-                               dtype=meta.dtype)
+                               self.threads, mean=None if on_gpu else spec.mean,
+                               std=None if on_gpu else spec.std,
+                               layout="NHWC" if on_gpu else spec.layout,
+                               dtype=np.dtype(np.uint8) if on_gpu else meta.dtype,
+                               max_pixels=spec.max_pixels, processes=self._processes)
+        images = self.images
 
         def run(table: pa.Table, offset: int) -> tuple[Batch, dict[int, tuple[str, str]]]:
             values = table.column(spec.column).to_pylist()
-            pixels, bad = decoder.decode(values)
+            if images is not None and on_gpu:
+                pixels, bad = images.decode(meta.name, values, decoder)
+            else:
+                pixels, bad = decoder.decode(values)
             if bad and spec.on_error == "fail":
                 row, reason = next(iter(sorted(bad.items())))
-                raise DataError(f"image column '{spec.column}' row {offset + row} of the shard: "
-                                f"{reason}; {len(bad)} bad image(s) in this batch; set on_error: "
-                                "skip (--on-bad-image skip) to drop bad rows and record them")
+                where = (f" ('{table.column(PATH_COLUMN)[row].as_py()}')"
+                         if PATH_COLUMN in table.column_names else "")
+                raise DataError(f"image column '{spec.column}' row {offset + row} of the shard"
+                                f"{where}: {reason}; {len(bad)} bad image(s) in this batch; set "
+                                "on_error: skip (--on-bad-image skip) to drop bad rows and "
+                                "record them")
             failed = {row: (spec.column, reason) for row, reason in bad.items()}
             return {meta.name: pixels}, failed
         return run
@@ -670,6 +753,8 @@ class Preprocessor:
         failed: dict[int, tuple[str, str]] = {}
         for step in self._steps:
             fed, bad = step(table, offset)
+            if TOKEN_COUNTS in feeds and TOKEN_COUNTS in fed:  # two text columns: the longer
+                fed[TOKEN_COUNTS] = np.maximum(feeds[TOKEN_COUNTS], fed[TOKEN_COUNTS])
             feeds.update(fed)
             for row, why in bad.items():
                 failed.setdefault(row, why)
@@ -681,6 +766,8 @@ class Preprocessor:
         return prepared
 
     def close(self) -> None:
+        if self._processes is not None:
+            self._processes.close()
         if self._pool is not None:
             self._pool.shutdown()
 

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workers.errors import DataError, StorageError
-from workers.reader import ShardFile
+from workers.reader import ShardFile, check_decoded, check_row_group, read_group
 from workers.storage import is_local
-from workers.types import Shard
+from workers.types import DEFAULT_MAX_ROW_GROUP_BYTES, Shard
 
 T = TypeVar("T")
 Batch = dict[str, np.ndarray]
@@ -99,17 +99,20 @@ class RowGroupReader:
     convert_seconds)` per row group, in order; an error in any row group is raised where that
     row group would have been yielded. `window` (default `threads + ahead`) caps the row groups
     read but not yet consumed. With `pool` (shared by an actor's shards) the reads run there at
-    `priority`; without, on threads of the reader's own.
+    `priority`; without, on threads of the reader's own. A row group that would decode past
+    `max_row_group_bytes` is a DataError raised in its place, before it is read.
     """
 
     def __init__(self, shard: Shard, columns: list[str], convert: Callable[[pa.Table], Piece],
                  threads: int = 4, ahead: int = 2,
                  storage_options: Mapping[str, Any] | None = None,
                  window: int | None = None, pool: ReadPool | None = None,
-                 priority: int = 0) -> None:
+                 priority: int = 0,
+                 max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES) -> None:
         if threads < 1:
             raise ValueError(f"RowGroupReader needs at least one thread, got {threads}")
         self._priority = priority
+        self.max_row_group_bytes = max_row_group_bytes
         self.shard = shard
         self.columns = columns
         self._convert = convert
@@ -156,26 +159,30 @@ class RowGroupReader:
         bytes object under the GIL; on the GPU path that was a fifth of the reading time.
         """
         parquet: pq.ParquetFile | None = getattr(self._local, "native", None)
+        check_row_group(self.shard.url, self._metadata, index, self.columns,
+                        self.max_row_group_bytes)
         try:
             if parquet is None:
                 parquet = pq.ParquetFile(self._path, metadata=self._metadata)
                 with self._lock:
                     self._files.append(parquet)
                 self._local.native = parquet
-            return parquet.read_row_group(index, columns=self.columns, use_threads=False)
+            table = read_group(parquet, index, self.columns)
         except FileNotFoundError as exc:
             raise StorageError(f"cannot read row group {index} of '{self.shard.url}': "
                                f"not found ({exc})") from exc
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise DataError(f"'{self.shard.url}' has a corrupt row group {index} ({exc}); "
                             "replace or remove the file") from exc
+        check_decoded(self.shard.url, index, table, self.columns, self.max_row_group_bytes)
+        return table
 
     def _read(self, index: int) -> Converted:
         t0 = time.perf_counter()
         if self._path is not None:
             table = self._read_local(index)
         else:
-            table = self._file().read_row_group(index, self.columns)
+            table = self._file().read_row_group(index, self.columns, self.max_row_group_bytes)
         t1 = time.perf_counter()
         feeds, kept = self._convert(table)
         return feeds, kept, t1 - t0, time.perf_counter() - t1
@@ -215,28 +222,3 @@ class RowGroupReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def exact_batches(pieces: Iterator[Piece], batch_size: int) -> Iterator[list[Piece]]:
-    """Regroup row groups into batches of exactly `batch_size` rows (the last may be shorter).
-
-    A batch is a list of pieces (views, no copies) that together hold its rows, in order; a
-    batch that spans a row-group boundary has more than one.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batch: list[Piece] = []
-    have = 0
-    for feeds, kept in pieces:
-        rows, start = kept.num_rows, 0
-        while start < rows:
-            take = min(batch_size - have, rows - start)
-            batch.append(({name: array[start:start + take] for name, array in feeds.items()},
-                          kept.slice(start, take)))
-            have += take
-            start += take
-            if have == batch_size:
-                yield batch
-                batch, have = [], 0
-    if batch:
-        yield batch

@@ -22,6 +22,7 @@ from workers.errors import (
     StorageError,
     TransientStorageError,
 )
+from workers.redact import redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def retrying(action: str, call: Callable[[], T], policy: RetryPolicy = DEFAULT_R
                     f"{time.monotonic() - started:.1f}s (the storage is unavailable or "
                     "throttling); rerun the job to resume") from exc
             wait = policy.wait(attempt)
-            log.warning("%s: %s; retry %d/%d in %.2fs", action, _describe(exc), attempt,
+            log.warning("%s: %s; retry %d/%d in %.2fs", redact(action), redact(_describe(exc)), attempt,
                         policy.attempts - 1, wait)
             time.sleep(wait)  # backoff, not synchronization: give the store time to recover
     raise AssertionError("unreachable")  # the loop returns or raises
@@ -216,13 +217,26 @@ def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None,
     return data
 
 
+def local_temp_name(name: str) -> str:
+    """The temporary name `write_bytes_atomic` and `create_exclusive` write `name` under."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def is_local_temp_of(name: str, candidate: str) -> bool:
+    """True when `candidate` is a temporary file of `name` (see `local_temp_name`)."""
+    prefix, suffix = f".{name}.", ".tmp"
+    middle = candidate[len(prefix):-len(suffix)]
+    return (candidate.startswith(prefix) and candidate.endswith(suffix) and len(middle) == 32
+            and all(c in "0123456789abcdef" for c in middle))
+
+
 @contextlib.contextmanager
 def _local_temp(path: str, data: bytes) -> Iterator[str]:
     """`data` in a synced temporary file beside `path` (so a rename or link into place is
     atomic); the temporary name is removed on the way out, whatever happened."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    tmp = os.path.join(parent, local_temp_name(os.path.basename(path)))
     try:
         with open(tmp, "wb") as f:
             f.write(data)

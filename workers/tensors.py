@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +20,9 @@ class TensorMeta:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...]
+    #: The ONNX graph's name of each dimension (`dim_param`, e.g. "sequence"), None where it
+    #: has none; tensors sharing a name have that dimension's size in common.
+    dim_names: tuple[str | None, ...] = field(default=(), compare=False)
 
     @property
     def row_shape(self) -> tuple[Dim, ...]:
@@ -41,6 +45,31 @@ class TensorMeta:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
 
 
+def resolve_shape(meta: TensorMeta, inputs: Sequence[TensorMeta],
+                  shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """`meta`'s shape when the inputs have `shapes`, or None when a dynamic dim is not one of
+    theirs: fixed dims as they are, the first (batch) dim the inputs', named dims the size of
+    an input dim of the same name."""
+    sizes: dict[str, int] = {}
+    for other in inputs:
+        for name, size in zip(other.dim_names, shapes.get(other.name, ()), strict=False):
+            if name is not None:
+                sizes.setdefault(name, size)
+    rows = next(iter(shapes.values()))[0] if shapes else None
+    out: list[int] = []
+    for axis, dim in enumerate(meta.shape):
+        name = meta.dim_names[axis] if axis < len(meta.dim_names) else None
+        if dim is not None:
+            out.append(dim)
+        elif name is not None and name in sizes:
+            out.append(sizes[name])
+        elif axis == 0 and rows is not None:
+            out.append(rows)
+        else:
+            return None
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What `onnx` says about a model: metadata and graph inputs/outputs."""
@@ -50,6 +79,32 @@ class ModelInfo:
     producer: str
     inputs: tuple[TensorMeta, ...]
     outputs: tuple[TensorMeta, ...]
+    #: The position-embedding table's rows and name, when the model has one it can be told by:
+    #: the most tokens one row can have.
+    positions: tuple[int, str] | None = None
+
+
+def position_table(graph: object) -> tuple[int, str] | None:
+    """(rows, name) of the graph's position-embedding table, or None if it has none it can tell.
+
+    A table is a 2-D initializer that a Gather reads with indices that are not a graph input
+    (word and token-type tables are gathered by input ids); one whose name says "pos" wins.
+    """
+    inputs = {v.name for v in graph.input}  # type: ignore[attr-defined]
+    tables = {init.name: tuple(init.dims) for init in graph.initializer  # type: ignore[attr-defined]
+              if len(init.dims) == 2}
+    found: dict[str, int] = {}
+    for node in graph.node:  # type: ignore[attr-defined]
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables \
+                and node.input[1] not in inputs:
+            found[node.input[0]] = int(tables[node.input[0]][0])
+    named = [n for n in found if "pos" in n.lower()]
+    if len(named) == 1:
+        return found[named[0]], f"its position embedding '{named[0]}' has {found[named[0]]} rows"
+    if len(found) == 1:
+        name, rows = next(iter(found.items()))
+        return rows, f"its position embedding '{name}' has {rows} rows"
+    return None
 
 
 def _onnx_dtype(elem_type: int, where: str) -> np.dtype:
@@ -76,10 +131,12 @@ def _value_info_meta(value_info: object, kind: str) -> TensorMeta:
     tensor = ttype.tensor_type
     dtype = _onnx_dtype(tensor.elem_type, f"model {kind} '{name}'")
     dims: list[Dim] = []
+    names: list[str | None] = []
     if tensor.HasField("shape"):
         for d in tensor.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None)
-    return TensorMeta(name=name, dtype=dtype, shape=tuple(dims))
+            names.append(d.dim_param or None)
+    return TensorMeta(name=name, dtype=dtype, shape=tuple(dims), dim_names=tuple(names))
 
 
 def describe_onnx(model_bytes: bytes, source: str = "model") -> ModelInfo:
@@ -113,4 +170,5 @@ def describe_onnx(model_bytes: bytes, source: str = "model") -> ModelInfo:
         producer=f"{model.producer_name} {model.producer_version}".strip(),
         inputs=inputs,
         outputs=outputs,
+        positions=position_table(graph),
     )

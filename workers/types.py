@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from workers.postprocess import PostSpec
     from workers.preprocess import PrepSpec
 
+#: What one row group may decode to, by default (`--max-row-group-bytes`): a reader thread holds
+#: one decoded row group (and a GPU actor `--readers` plus those read ahead), so this bounds an
+#: actor's memory whatever a file's few bytes claim. Row groups of 384 RGB 224x224 float32
+#: images are 231 MB.
+DEFAULT_MAX_ROW_GROUP_BYTES = 512 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class FileRef:
@@ -93,6 +99,12 @@ class WorkerConfig:
     #: GPU path: batches executing at once (`workers.pipeline.SlotPool`); the rest of the
     #: `slots` wait with their inputs copied in.
     concurrent_batches: int = 2
+    #: What one row group may decode to (`workers.reader.row_group_bytes`); larger ones fail.
+    max_row_group_bytes: int = DEFAULT_MAX_ROW_GROUP_BYTES
+    #: Text: most padded tokens (rows x width) a batch holds (None: `batching.TOKENS_PER_ROW`
+    #: per row of `batch_size`), and rows sorted by length together (None: see `batching`).
+    max_batch_tokens: int | None = None
+    sort_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -171,3 +183,7 @@ class ShardResult:
     rows_failed: int = 0
     #: The first of those rows: shard row, kept columns' values, column and reason.
     row_failures: list[dict[str, Any]] = field(default_factory=list)
+    #: Wall-clock seconds (`time.time()`) when the actor started the shard and committed its
+    #: part: the job's rows/s between its first shard and its last commit come from these.
+    started_at: float = 0.0
+    committed_at: float = 0.0

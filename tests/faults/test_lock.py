@@ -101,7 +101,7 @@ def test_stale_lock_is_taken_over_and_the_old_owner_finds_out(tmp_path: Path) ->
         new.acquire()
         assert new.took_over is not None
         assert new.took_over[0].owner == old.me.owner
-        assert new.took_over[1] == "no heartbeat for 61s (its timeout is 60s)"
+        assert new.took_over[1] == "no heartbeat for 61s (this job's lock timeout is 60s)"
         assert new.to_json()["took_over"]["reason"].startswith("no heartbeat")
         with pytest.raises(LostLockError, match=r"this job lost its lock on output '.*out': it is "
                            rf"now held by job {new.me.owner[:12]}"):
@@ -140,7 +140,7 @@ def test_fresh_lock_of_another_host_is_kept_unless_takeover(tmp_path: Path) -> N
 def test_unreadable_lock_counts_as_held(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / LOCK_FILE).write_text("{not json")
-    with pytest.raises(OutputConflictError, match="is locked by another job: job unknown"):
+    with pytest.raises(OutputConflictError, match=r"_lock.json' is malformed \(not a JSON object\)"):
         OutputLock(str(tmp_path / "out"), timeout=60).acquire()
     lock = OutputLock(str(tmp_path / "out"), timeout=60)
     lock.acquire(takeover=True)

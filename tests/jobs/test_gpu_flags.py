@@ -13,7 +13,7 @@ BASE = ["--model", "m.onnx", "--input", "in/", "--output", "out/"]
 
 def test_defaults_and_flags() -> None:
     spec = spec_from_args(BASE)
-    assert (spec.slots, spec.concurrent_batches, spec.readers) == (3, 2, 4)
+    assert (spec.slots, spec.concurrent_batches, spec.readers) == (3, 2, None)  # jobs.resources
     spec = spec_from_args([*BASE, "--slots", "3", "--concurrent-batches", "1", "--readers", "12"])
     assert (spec.slots, spec.concurrent_batches, spec.readers) == (3, 1, 12)
 

@@ -231,7 +231,9 @@ def test_a_gpu_without_a_plan_stops_the_pool_with_the_reason(ray_cluster: None, 
 
 @pytest.mark.ray
 def test_share_plans_puts_each_cached_plan_once(ray_cluster: None, tmp_path: Path,
-                                                dataset: Path) -> None:
+                                                dataset: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default cache's home
     source = two_input_model(seed=30)
     path = tmp_path / "model.onnx"
     path.write_bytes(source)
@@ -239,7 +241,7 @@ def test_share_plans_puts_each_cached_plan_once(ray_cluster: None, tmp_path: Pat
     nodes = [node("a", (8, 6)), node("b", (9, 0)), node("c", (9, 0))]
     # What a build on each target stored in the cache (here: ONNX models ORT can run).
     stored = {"sm_86-gpu-86": two_input_model(seed=31), "sm_90-gpu-90": two_input_model(seed=32)}
-    cache = PlanCache(default_cache_uri(spec.output))
+    cache = PlanCache(default_cache_uri())
     for target, data in stored.items():
         cache.commit(PlanKey(digest(source), (), "10.13.0.35", 12, target, spec.build_config()),
                      data)
@@ -283,9 +285,13 @@ def test_foreign_and_stale_plans_are_not_used(ray_cluster: None, tmp_path: Path,
     """A cached plan of another GPU model, or of an older conversion, is a miss."""
     path = tmp_path / "model.onnx"
     path.write_bytes(two_input_model())
-    spec = job_spec(tmp_path, dataset, path, version_compatible=True)
+    # Without the lean runtime inside, an unsigned cached plan needs no host code, so it may
+    # be used (see test_plan_trust for the rules).
+    plans = str(tmp_path / "plans")
+    spec = job_spec(tmp_path, dataset, path, version_compatible=True, exclude_lean_runtime=True,
+                    plan_cache=plans)
     job = prepare(spec)
-    cache = PlanCache(default_cache_uri(spec.output))
+    cache = PlanCache(plans)
     a10 = node("a", (8, 6), gpu="NVIDIA A10", can_build=False, module="tensorrt_lean")
     a40 = node("b", (8, 6), gpu="NVIDIA A40", can_build=False, module="tensorrt_lean")
     cache.commit(PlanKey(digest(job.model_bytes), (), "10.13.0.35", 12, "sm_86-nvidia-a10",
@@ -296,7 +302,8 @@ def test_foreign_and_stale_plans_are_not_used(ray_cluster: None, tmp_path: Path,
         share_plans(job.model_bytes, job.model, spec.model, spec, [a40])
     # TensorRT 11 converts fp16 models before parsing: a plan keyed by another converter
     # version (here: none) is not this one.
-    fp16 = job_spec(tmp_path, dataset, path, version_compatible=True, precision="fp16")
+    fp16 = job_spec(tmp_path, dataset, path, version_compatible=True, exclude_lean_runtime=True,
+                    plan_cache=plans, precision="fp16")
     trt11 = node("c", (9, 0), tensorrt="11.4.0.106", can_build=False, module="tensorrt_lean",
                  gpu="NVIDIA H100")
     cache.commit(PlanKey(digest(job.model_bytes), (), "11.4.0.106", 12, "sm_90-nvidia-h100",

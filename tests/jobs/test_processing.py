@@ -148,7 +148,7 @@ def test_an_input_with_a_column_of_its_name_is_left_to_that_column() -> None:
     assert done.preprocess == (TensorPrep(column="meta", input="meta"),
                                ImagePrep(column="jpeg", input="image", size=(8, 8), resize=8,
                                          mean=(0.0,) * 3, std=(1.0,) * 3, layout="NCHW",
-                                         mode="RGB"))
+                                         mode="RGB", max_pixels=(32 * 8) ** 2))
     assert done.output_columns == ("logits",)
     assert not done.is_default
     pixels = pa.schema([("a", pa.float64()), ("b", pa.int32()),

@@ -85,3 +85,56 @@ def test_directory_without_files(tmp_path: Path) -> None:
     (tmp_path / "_SUCCESS").write_text("")
     with pytest.raises(SpecError, match="holds no files; check --input"):
         list_input(str(tmp_path))
+
+
+def test_balanced_shards_give_every_worker_several(tmp_path: Path) -> None:
+    from jobs.shards import SHARDS_PER_WORKER, balanced_rows, balanced_shards
+
+    # The issue's case: 3 files on 2 workers, row groups of 250.
+    write_dataset(str(tmp_path), files=3, rows_per_file=1000, row_group_rows=250)
+    files = [f for f in _files(str(tmp_path)) if isinstance(f, InputFile)]
+    assert balanced_rows(files, 2) == 3000 // (SHARDS_PER_WORKER * 2)
+    shards, big = balanced_shards(files, 2)
+    assert len(shards) >= SHARDS_PER_WORKER * 2 and not big
+    assert all(s.rows <= 375 for s in shards) and sum(s.rows for s in shards) == 3000
+    # One worker: shards of up to 750 rows, three row groups at most each.
+    one, _ = balanced_shards(files, 1)
+    assert [s.rows for s in one] == [750, 250] * 3
+    # Shard ids depend only on the row groups they cover: a rerun gives the same shards.
+    assert [s.id for s in balanced_shards(files, 2)[0]] == [s.id for s in shards]
+
+
+def test_a_file_of_one_huge_row_group_stays_one_shard_and_is_named(tmp_path: Path) -> None:
+    from jobs.shards import balanced_shards
+
+    write_dataset(str(tmp_path), files=2, rows_per_file=800, row_group_rows=800)
+    files = [f for f in _files(str(tmp_path)) if isinstance(f, InputFile)]
+    shards, big = balanced_shards(files, 2)
+    assert [s.rows for s in shards] == [800, 800]
+    assert sorted(rows for _, rows in big) == [800, 800]
+    assert all(url.endswith(".parquet") for url, _ in big)
+
+
+def test_the_job_says_when_row_groups_keep_workers_idle(tmp_path: Path) -> None:
+    from jobs.driver import PreparedJob, balance, shard_note
+    from jobs.spec import JobSpec
+
+    write_dataset(str(tmp_path), files=3, rows_per_file=900, row_group_rows=900)
+    files = [f for f in _files(str(tmp_path)) if isinstance(f, InputFile)]
+    spec = JobSpec(model="m", input=str(tmp_path), output=str(tmp_path / "out"))
+    job = PreparedJob(spec=spec, model_bytes=b"", model=None, model_sha256="0",  # type: ignore[arg-type]
+                      files=files, bad_files=[], shards=cut_shards(files, 100_000), bindings=())
+    balanced = balance(job, 2, None)
+    assert balanced.shard_target == 2700 // 8 and len(balanced.shards) == 3
+    note = shard_note(balanced, 2)
+    assert note.startswith("3 file(s) have row groups larger than the 337-row shards that would "
+                           "keep 2 worker(s) busy (the largest: 900 rows in '")
+    assert note.endswith("a row group is one shard at least, so its rows run on one worker: "
+                         "write such files with smaller row groups")
+    # A rerun of the same job keeps the cut its first run recorded, whatever the workers.
+    again = balance(job, 8, {"job": job.identity["fingerprint"], "rows_per_shard": 337})
+    assert again.shard_target == 337
+    # rows_per_shard set: shards as the spec says, no note.
+    fixed = balance(PreparedJob(**{**job.__dict__, "spec": JobSpec(
+        model="m", input="i", output="o", rows_per_shard=50)}), 2, None)
+    assert fixed.shard_target is None and shard_note(fixed, 2) == ""

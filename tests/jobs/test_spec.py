@@ -37,7 +37,10 @@ def test_yaml_config_and_flags_override(tmp_path: Path) -> None:
 def test_defaults() -> None:
     spec = spec_from_args(BASE)
     assert spec.backend == "auto" and spec.workers is None and spec.batch_size == 256
-    assert spec.rows_per_shard == 100_000 and spec.max_failed_shards == 0 and not spec.overwrite
+    # None: resolved once the workers are known (shards balanced over them, CPUs per GPU).
+    assert spec.rows_per_shard is None and spec.cpus_per_worker is None
+    assert spec.max_failed_shards == 0 and not spec.overwrite
+    assert spec.max_batch_tokens is None and spec.sort_window is None
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -16,7 +16,8 @@ from workers import cuda
 from workers.backends.base import BackendConfig
 from workers.backends.onnxruntime import OnnxRuntimeBackend, cuda_provider_available
 from workers.errors import BackendError
-from workers.pipeline import SlotPool, process_shard
+from workers.pipeline import process_shard
+from workers.slots import SlotPool
 
 rt = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed")
 
@@ -235,3 +236,44 @@ def test_ort_cuda_pipeline_matches_cpu(model: bytes, tmp_path: Path, concurrent:
     if concurrent == 1:  # executions one after another: they end in submission order
         ends = [t[4] for t in trace]
         assert ends == sorted(ends)
+
+
+@pytest.mark.gpu
+@needs_ort_cuda
+def test_ort_cuda_text_runs_each_batch_at_its_own_shape(tmp_path: Path) -> None:
+    """Sorted text batches on ONNX Runtime's CUDA slots (IOBinding on views of the slots'
+    buffers, one shape per batch) give the CPU's embeddings, in input order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from examples.reviews import encoder_model, make_tokenizer, review_texts
+    from tests.workers.test_pipeline import text_config, text_rows, whole_file_shard
+    from workers.batching import token_budget
+
+    tokenizer = make_tokenizer(review_texts(600, seed=2), vocab_size=500)
+    model_bytes = encoder_model(tokenizer.get_vocab_size(), hidden=32, heads=4, layers=2,
+                                ffn=64, max_positions=64, seed=6).SerializeToString()
+    source = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"uid": np.arange(300), "review": text_rows(300)}), source,
+                   row_group_size=70)
+    shard = whole_file_shard(str(source))
+    with OnnxRuntimeBackend(model_bytes, BackendConfig(device="cpu")) as cpu:
+        want = pq.read_table(process_shard(
+            shard, text_config(tmp_path / "cpu", tokenizer.to_str()), cpu).part_url)
+    config = text_config(tmp_path / "gpu", tokenizer.to_str(), slots=3, sort_window=128)
+    with OnnxRuntimeBackend(model_bytes, BackendConfig(device="cuda")) as gpu:
+        budget = token_budget(config, gpu.inputs)
+        assert gpu.uses_slots and SlotPool.fits(gpu, budget)
+        with SlotPool.for_job(gpu, config, budget) as pool:
+            assert pool.shapes is not None
+            pool.warm_up()
+            pool.trace = []
+            result = process_shard(shard, config, gpu, slots=pool)
+            batches = len(pool.trace)
+    got = pq.read_table(result.part_url)
+    assert got.column("uid").equals(want.column("uid"))
+    a = np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
+    b = np.stack(want.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.abs(a - b).max() < 1e-3
+    assert batches == result.batches > 300 // 16
+    assert result.times.gpu_busy > 0

@@ -3,7 +3,9 @@
 `ThreadSlotBackend` runs real ONNX Runtime (CPU) inference behind the `DeviceSlot` interface:
 each slot owns preallocated host input and output buffers and runs its batch on its own thread,
 so batches finish out of order and the pipeline's in-order collection, buffer reuse and partial
-last batch are exercised with real numbers, without a GPU.
+last batch are exercised with real numbers, without a GPU. Opened with `shapes` (text models),
+a slot's input buffers are flat and sized for the largest of them, and every batch runs at the
+shape it was submitted with, as the GPU slots do.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.models import two_input_model, write_dataset
-from workers.backends.base import BackendConfig, Batch, DeviceSlot
+from workers.backends.base import BackendConfig, Batch, DeviceSlot, Shapes
 from workers.backends.onnxruntime import OnnxRuntimeBackend
 from workers.errors import BackendError, DataError
-from workers.pipeline import BusyTime, SlotPool, busy_seconds, process_shard
+from workers.gputime import BusyTime, busy_seconds
+from workers.pipeline import process_shard
+from workers.slots import SlotPool
 from workers.storage import file_version, filesystem
 from workers.types import Shard, StageTimes, WorkerConfig
 
@@ -39,37 +43,60 @@ def whole_file_shard(path: str) -> Shard:
 class ThreadSlot(DeviceSlot):
     """A slot whose batch runs on its own thread; finishes in whatever order the threads do."""
 
-    def __init__(self, backend: ThreadSlotBackend, max_rows: int) -> None:
+    def __init__(self, backend: ThreadSlotBackend, max_rows: int,
+                 shapes: list[Shapes] | None = None) -> None:
         self.backend = backend
         self.max_rows = max_rows
-        self.host_inputs = {m.name: np.full((max_rows, *m.row_shape), np.nan, m.dtype)
-                            for m in backend.inputs}
-        self.host_outputs = {m.name: np.full((max_rows, *m.row_shape), np.nan, m.dtype)
-                             for m in backend.outputs}
+        self.opened_for = shapes
+        # Garbage in unused buffer space, so a batch that read past its own rows would show.
+        if shapes is None:
+            self.host_inputs = {m.name: np.full((max_rows, *m.row_shape), _junk(m.dtype),
+                                                m.dtype) for m in backend.inputs}
+        else:
+            self.host_inputs = {m.name: np.full(max(int(np.prod(s[m.name])) for s in shapes),
+                                                _junk(m.dtype), m.dtype) for m in backend.inputs}
+        self.host_outputs: dict[str, np.ndarray] = (
+            {m.name: np.full((max_rows, *m.row_shape), np.nan, m.dtype) for m in backend.outputs}
+            if shapes is None else {})
         self._future: Future[int] | None = None
         self.submitted: list[int] = []
+        self.filled: list[frozenset[str]] = []
+        #: The shapes each batch was submitted with (None: the slot's fixed shape).
+        self.shapes: list[Shapes | None] = []
         self.closed = False
 
-    def _run(self, rows: int, future: Future[int]) -> None:
+    def _run(self, rows: int, shapes: Shapes | None, future: Future[int]) -> None:
         try:
-            feeds = {name: host[:rows].copy() for name, host in self.host_inputs.items()}
+            feeds = ({name: host[:rows].copy() for name, host in self.host_inputs.items()}
+                     if shapes is None else
+                     {name: self.input_view(name, shape).copy() for name, shape in shapes.items()})
             outputs = OnnxRuntimeBackend._infer(self.backend, feeds)
-            for name, value in outputs.items():
-                self.host_outputs[name][:rows] = value
+            if shapes is None:
+                for name, value in outputs.items():
+                    self.host_outputs[name][:rows] = value
+            else:
+                self.host_outputs = outputs
             future.set_result(rows)
         except BaseException as exc:
             future.set_exception(exc)
 
-    def submit(self, rows: int, after: object = None) -> None:
+    def submit(self, rows: int, after: object = None, shapes: Shapes | None = None) -> None:
         assert self._future is None, "submit before the previous batch was collected"
         assert 0 < rows <= self.max_rows
+        assert (shapes is None) == (self.opened_for is None), "a batch of the wrong kind"
+        if shapes is not None:
+            assert all(shape[0] == rows for shape in shapes.values())
         if self.backend.fail_at is not None and self.backend.submits == self.backend.fail_at:
             raise BackendError("injected failure")
         self.backend.submits += 1
         self.backend.submitters.append(threading.current_thread().name)
+        # A device fill (tests/workers/test_preprocess.py's CpuFill) wrote these into the host
+        # buffers this fake slot computes from; a real slot skips their copies.
+        self.filled.append(self._take_filled())
         self.submitted.append(rows)
+        self.shapes.append(dict(shapes) if shapes is not None else None)
         future: Future[int] = Future()
-        threading.Thread(target=self._run, args=(rows, future)).start()
+        threading.Thread(target=self._run, args=(rows, shapes, future)).start()
         self._future = future
 
     def wait(self) -> Batch:
@@ -99,13 +126,17 @@ class ThreadSlotBackend(OnnxRuntimeBackend):
     def uses_slots(self) -> bool:
         return True
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
-        slot = ThreadSlot(self, max_rows)
+    def open_slot(self, max_rows: int, shapes: list[Shapes] | None = None) -> DeviceSlot:
+        slot = ThreadSlot(self, max_rows, shapes)
         self.opened.append(slot)
         return slot
 
     def _infer(self, batch: Batch) -> Batch:
         raise AssertionError("the slot path must not call infer()")
+
+
+def _junk(dtype: np.dtype) -> object:
+    return np.nan if dtype.kind == "f" else np.iinfo(dtype).max
 
 
 @pytest.fixture(scope="module")
@@ -233,13 +264,13 @@ class HeldSlot(ThreadSlot):
 
     backend: HoldBackend
 
-    def submit(self, rows: int, after: object = None) -> None:
+    def submit(self, rows: int, after: object = None, shapes: Shapes | None = None) -> None:
         self.number = self.backend.submits
-        super().submit(rows, after)
+        super().submit(rows, after, shapes)
 
-    def _run(self, rows: int, future: Future[int]) -> None:
+    def _run(self, rows: int, shapes: Shapes | None, future: Future[int]) -> None:
         self.backend.gates[self.number].wait(10)
-        super()._run(rows, future)
+        super()._run(rows, shapes, future)
 
 
 class HoldBackend(ThreadSlotBackend):
@@ -247,7 +278,7 @@ class HoldBackend(ThreadSlotBackend):
         super().__init__(model)
         self.gates = [threading.Event() for _ in range(64)]
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
+    def open_slot(self, max_rows: int, shapes: list[Shapes] | None = None) -> DeviceSlot:
         slot = HeldSlot(self, max_rows)
         self.opened.append(slot)
         return slot
@@ -359,7 +390,7 @@ class GateSlot(DeviceSlot):
     def executed(self) -> str:
         return self.name  # stands for the slot's "executed" event
 
-    def submit(self, rows: int, after: object = None) -> None:
+    def submit(self, rows: int, after: object = None, shapes: Shapes | None = None) -> None:
         self.log.append((self.name, None if after is None else str(after)))
 
     def wait(self) -> Batch:
@@ -375,7 +406,7 @@ class GateBackend(ThreadSlotBackend):
         self.log: list[tuple[str, str | None]] = []
         self.gates: list[GateSlot] = []
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
+    def open_slot(self, max_rows: int, shapes: list[Shapes] | None = None) -> DeviceSlot:
         self.gates.append(GateSlot(f"s{len(self.gates)}", self.log))
         return self.gates[-1]
 
@@ -498,7 +529,7 @@ class ProtocolSlot(DeviceSlot):
         self.host_inputs = {}
         self.timer = _Timer()
 
-    def submit(self, rows: int, after: object = None) -> None:
+    def submit(self, rows: int, after: object = None, shapes: Shapes | None = None) -> None:
         self._check_submit(rows)
         self._rows = rows
 
@@ -526,3 +557,105 @@ def test_device_slot_protocol_messages() -> None:
     assert len(slot.wait()["rows"]) == 5 and slot.timer.done.waits == 1
     slot.submit(8)  # collected: the slot takes the next batch
     assert len(slot.wait()["rows"]) == 8
+
+
+# --- text: sorted batches at their own shapes -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_job() -> tuple[str, bytes]:
+    """A WordPiece tokenizer and a small encoder whose token axis is dynamic ("sequence")."""
+    from examples.reviews import encoder_model, make_tokenizer, review_texts
+
+    tokenizer = make_tokenizer(review_texts(600, seed=2), vocab_size=500)
+    model = encoder_model(tokenizer.get_vocab_size(), hidden=16, heads=2, layers=1, ffn=32,
+                          max_positions=64, seed=6)
+    return tokenizer.to_str(), model.SerializeToString()
+
+
+def text_rows(count: int) -> list[str]:
+    from examples.reviews import review_texts
+
+    texts = review_texts(count, seed=21)
+    texts[3] = ""  # [CLS] [SEP] only
+    texts[10] = " ".join(texts[:40])  # far over max_length: truncated
+    texts[11] = "Grüße aus Köln — 東京の天気は晴れ 😀, naïve café crème brûlée"
+    texts[50] = ""
+    return texts
+
+
+def text_config(out: Path, tokenizer_json: str, **kwargs: object) -> WorkerConfig:
+    from workers.postprocess import EmbeddingPost
+    from workers.preprocess import TextPrep
+
+    spec = TextPrep(column="review", tokenizer="t.json", tokenizer_json=tokenizer_json,
+                    max_length=48, nulls="fill")
+    return WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
+                        output_url=str(out), bindings=(), keep=("uid",), batch_size=16,
+                        preprocess=(spec,), max_batch_tokens=160,
+                        postprocess=(EmbeddingPost(output="last_hidden_state"),),
+                        **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", ["sync", "slots"])
+def test_text_runs_sorted_at_its_own_shapes_and_comes_back_in_input_order(
+        path: str, text_job: tuple[str, bytes], tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    tokenizer_json, model_bytes = text_job
+    texts = text_rows(230)
+    texts[77] = None  # type: ignore[call-overload]  # a null, filled with ""
+    source = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"uid": np.arange(230) * 3, "review": texts}), source,
+                   row_group_size=60)
+    shard = whole_file_shard(str(source))
+
+    def run(out: str, path: str, **kwargs: object) -> tuple[pq.ParquetFile, object]:
+        backend = (ThreadSlotBackend(model_bytes) if path == "slots"
+                   else OnnxRuntimeBackend(model_bytes, BackendConfig(device="cpu")))
+        with backend:
+            result = process_shard(shard, text_config(tmp_path / out, tokenizer_json, **kwargs),
+                                   backend)
+        return pq.read_table(result.part_url), backend
+
+    # Windows of 100 rows (three here), batches of at most 16 rows and 160 padded tokens.
+    part, backend = run("sorted", path, sort_window=100)
+    # The unsorted run: windows of one batch, the batches of input order.
+    plain, _ = run("plain", "sync", sort_window=16)
+    assert part.column_names == ["uid", "embedding"]
+    np.testing.assert_array_equal(part.column("uid").to_numpy(), np.arange(230) * 3)
+    got = np.stack(part.column("embedding").to_numpy(zero_copy_only=False))
+    want = np.stack(plain.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if path == "slots":
+        assert isinstance(backend, ThreadSlotBackend)
+        # Slots sized for the largest batches; every batch submitted at its own shape.
+        shapes = [s for slot in backend.opened for s in slot.shapes if s is not None]
+        assert sum(s["input_ids"][0] for s in shapes) == 230
+        widths = {s["input_ids"][1] for s in shapes}
+        assert len(widths) > 2 and max(widths) == 48 and all(w % 8 == 0 for w in widths)
+        for s in shapes:
+            rows, width = s["input_ids"]
+            assert s["attention_mask"] == s["token_type_ids"] == (rows, width)
+            assert rows <= 16 and (rows * width <= 160 or rows == 1)
+        assert all(slot.opened_for is not None for slot in backend.opened)
+
+
+def test_text_on_slots_warms_up_at_the_largest_batches(text_job: tuple[str, bytes],
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.actor
+
+    tokenizer_json, model_bytes = text_job
+    backend = ThreadSlotBackend(model_bytes)
+    monkeypatch.setattr(workers.actor, "create_backend", lambda *args: backend)
+    worker = workers.actor.ShardWorker(text_config(tmp_path, tokenizer_json, slots=2), model_bytes)
+    try:
+        worker.load()
+        # The widest batch (3 rows of 48 tokens) and the one of the most tokens (4 x 40; of
+        # equal ones, the widest).
+        for slot in backend.opened:
+            assert [s["input_ids"] for s in slot.shapes if s] == [(3, 48), (4, 40)]
+            assert len(slot.host_inputs["input_ids"]) == 160  # the most tokens any batch has
+    finally:
+        worker.close()

@@ -132,6 +132,40 @@ def test_dynamic_dims_beyond_the_batch_are_refused() -> None:
         profile_shapes([meta("x", None, 3, None, None)], BuildConfig())
 
 
+def test_token_widths_take_a_range_per_profile() -> None:
+    config = BuildConfig(profiles=((1, 256, 256), (1, 128, 256)), lengths=((1, 24, 32),
+                                                                          (33, 64, 128)))
+    ids = TensorMeta("input_ids", np.dtype(np.int64), (None, None))
+    assert profile_shapes([ids], config) == [
+        {"input_ids": ((1, 1), (256, 24), (256, 32))},
+        {"input_ids": ((1, 33), (128, 64), (256, 128))}]
+    assert config.to_json()["lengths"] == [[1, 24, 32], [33, 64, 128]]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"profiles": ((1, 8, 8),), "lengths": ((1, 8, 8), (9, 9, 9))},
+     "2 token-length profile(s) for 1 batch profile(s); give one of each per optimization"),
+    ({"profiles": ((1, 8, 8),), "lengths": ((9, 8, 8),)},
+     "optimization profile (9, 8, 8) must be three token widths min <= opt <= max"),
+])
+def test_token_width_profiles_are_checked(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(SpecError, match=escaped(match)):
+        BuildConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pick_profile_prefers_the_current_one_and_says_when_none_holds() -> None:
+    from workers.backends.tensorrt import pick_profile
+
+    ranges = [{"ids": ((1, 1), (256, 32))}, {"ids": ((1, 33), (256, 128))}]
+    assert pick_profile(ranges, {"ids": (200, 24)}) == 0
+    assert pick_profile(ranges, {"ids": (10, 100)}) == 1
+    assert pick_profile(ranges, {"ids": (10, 20)}, prefer=1) == 0
+    overlapping = [{"ids": ((1, 1), (256, 64))}, {"ids": ((1, 1), (256, 128))}]
+    assert pick_profile(overlapping, {"ids": (10, 20)}, prefer=1) == 1  # no needless switch
+    assert pick_profile(ranges, {"ids": (300, 20)}) is None
+    assert pick_profile([], {"ids": (1, 1)}) is None
+
+
 # Precision -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(("precision", "api", "types", "strongly", "flags", "convert"), [
     ("fp32", TRT10, FP32, False, (), None),       # classic FP32 build
@@ -245,7 +279,7 @@ def test_external_data_outside_the_model_directory_is_refused() -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
                               [weights])
     data = helper.make_model(graph).SerializeToString()
-    with pytest.raises(SpecError, match=escaped("model names external weights at "
-                                                "'../secrets.bin' for 'w'; locations must be "
-                                                "relative paths next to the model")):
+    with pytest.raises(SpecError, match=escaped("model keeps tensor 'w' (initializer 'w') in "
+                                                "the external file '../secrets.bin', which "
+                                                "leaves the model's directory")):
         external_data_locations(data)

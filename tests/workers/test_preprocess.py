@@ -25,7 +25,7 @@ from workers.preprocess import (
     stack_features,
 )
 from workers.tensors import TensorMeta
-from workers.text import TextEncoder
+from workers.text import TOKEN_COUNTS, TextEncoder, tokenizer_limit
 
 
 def meta(name: str, dtype: Any, *shape: int | None) -> TensorMeta:
@@ -213,13 +213,17 @@ def resolved_text(tokenizer_json: str, model: dict[str, TensorMeta], **kwargs: A
 @pytest.mark.parametrize("threads", [1, 3])
 def test_text_preprocessor_feeds_the_models_token_inputs(tokenizer_json: str, threads: int
                                                          ) -> None:
-    texts = review_sample(64, seed=10)
+    # 300 rows: with 3 threads, tokenized in chunks on the pool and joined.
+    texts = review_sample(300, seed=10)
+    texts[150] = "Ünïcödé façade — naïve café 😀 " * 3
     model = text_model(dtype=np.int32)
     spec = resolved_text(tokenizer_json, model, max_length=24)
     with Preprocessor([spec], model, threads=threads) as prep:
         feeds = prep(pa.table({"review": texts})).feeds
+        assert prep.token_pads == {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0}
     want = reference_encoding(tokenizer_json, texts, 24)
-    assert sorted(feeds) == ["attention_mask", "input_ids", "token_type_ids"]
+    assert sorted(feeds) == [TOKEN_COUNTS, "attention_mask", "input_ids", "token_type_ids"]
+    np.testing.assert_array_equal(feeds[TOKEN_COUNTS], want["attention_mask"].sum(axis=1))
     assert feeds["input_ids"].dtype == np.int32
     np.testing.assert_array_equal(feeds["input_ids"], want["ids"])
     np.testing.assert_array_equal(feeds["attention_mask"], want["attention_mask"])
@@ -231,7 +235,52 @@ def test_text_resolve_fills_defaults_from_the_model(tokenizer_json: str) -> None
     assert (spec.max_length, spec.attention_mask, spec.token_type_ids) == (48, "attention_mask",
                                                                            None)
     assert spec.inputs == ("input_ids", "attention_mask")
+    assert spec.token_width(text_model(length=48, types=False)) is None  # one width: the model's
     assert resolved_text(tokenizer_json, text_model()).max_length == 512
+    assert resolved_text(tokenizer_json, text_model()).token_width(text_model()) == 512
+    assert resolved_text(tokenizer_json, text_model(), padding="max_length",
+                         max_length=32).token_width(text_model()) is None
+
+
+def test_text_limit_comes_from_the_tokenizer_and_the_model(tokenizer_json: str) -> None:
+    positions = (384, "its position embedding 'pos_emb' has 384 rows")
+    model = text_model()
+    # The tokenizer's own truncation setting, below the model's limit, is the default.
+    truncating = tokenizer_limit('{"truncation": {"max_length": 128, "strategy": "LongestFirst"}}')
+    assert truncating == (128, "tokenizer.json truncation max_length")
+    spec = resolved_text(tokenizer_json, model, tokenizer_limit=truncating,
+                         model_positions=positions)
+    assert spec.max_length == 128
+    assert spec.limits_text() == ("max_length 128; limits: 128 (tokenizer.json truncation "
+                                  "max_length), 384 (its position embedding 'pos_emb' has 384 "
+                                  "rows)")
+    # A tokenizer config's model_max_length, capped at the model's position table.
+    config = tokenizer_limit(tokenizer_json, '{"model_max_length": 512}')
+    assert config == (512, "tokenizer_config.json model_max_length")
+    assert resolved_text(tokenizer_json, model, tokenizer_limit=config,
+                         model_positions=positions).max_length == 384
+    # "No limit" sentinels and tokenizers without truncation say nothing.
+    assert tokenizer_limit(tokenizer_json, '{"model_max_length": 1000000000000000019884624838656}'
+                           ) is None
+    assert tokenizer_limit(tokenizer_json) is None
+    # A max_length within the model's limit may exceed the tokenizer's.
+    assert resolved_text(tokenizer_json, model, tokenizer_limit=truncating,
+                         model_positions=positions, max_length=256).max_length == 256
+
+
+@pytest.mark.parametrize("model,positions,match", [
+    (text_model(), (384, "its position embedding 'pos_emb' has 384 rows"),
+     r"text max_length 600 \(--max-length\) is above the model's limit of 384 tokens \(its "
+     r"position embedding 'pos_emb' has 384 rows\); set --max-length 384 or less"),
+    (text_model(length=64), None,
+     r"text max_length 600 \(--max-length\) is above the model's limit of 64 tokens \(input "
+     r"'input_ids' is int64 \[N,64\]\); set --max-length 64 or less"),
+])
+def test_a_max_length_above_the_models_limit_names_both(
+        tokenizer_json: str, model: dict[str, TensorMeta], positions: tuple[int, str] | None,
+        match: str) -> None:
+    with pytest.raises(SpecError, match=match):
+        resolved_text(tokenizer_json, model, max_length=600, model_positions=positions)
 
 
 def test_text_nulls(tokenizer_json: str) -> None:
@@ -254,7 +303,7 @@ def test_text_nulls(tokenizer_json: str) -> None:
     (text_model(), {"attention_mask": "mask"}, TEXT_SCHEMA,
      r"feeds attention_mask to input 'mask', but the model's inputs are"),
     (text_model(length=16), {"max_length": 32}, TEXT_SCHEMA,
-     r"max_length 32 is longer than the model's sequence length 16"),
+     r"max_length 32 \(--max-length\) is above the model's limit of 16 tokens"),
     (text_model(dtype=np.float32), {}, TEXT_SCHEMA,
      r"feeds int \[N, L\] token arrays, but input 'input_ids' of the model wants float32"),
     (text_model(), {}, pa.schema([("review", pa.binary())]),
@@ -346,7 +395,8 @@ def test_image_preprocessor_matches_pil(layout: str, shape: tuple[Any, ...], thr
                                         ) -> None:
     images = sample_images(seed=3)
     model = metas(meta("pixels", np.float32, *shape))
-    spec = resolved_image(model, mean=MEAN, std=STD, resize=28)
+    # draft off: a full decode, as the reference does (draft's DCT scaling is tested below)
+    spec = resolved_image(model, mean=MEAN, std=STD, resize=28, draft=False)
     assert (spec.layout, spec.size, spec.mode) == (layout, (24, 20), "RGB")
     with Preprocessor([spec], model, threads=threads) as prep:
         got = prep(pa.table({"jpeg": pa.array(images, pa.binary())})).feeds["pixels"]
@@ -360,7 +410,7 @@ def test_image_preprocessor_matches_pil(layout: str, shape: tuple[Any, ...], thr
 def test_image_defaults_come_from_the_model_and_gray_models_get_l() -> None:
     images = sample_images(seed=4)
     model = metas(meta("x", np.float16, None, 1, 16, 16))
-    spec = resolved_image(model)
+    spec = resolved_image(model, draft=False)
     assert (spec.size, spec.resize, spec.mode, spec.mean, spec.std) == (
         (16, 16), 16, "L", (0.0,), (1.0,))
     with Preprocessor([spec], model) as prep:
@@ -373,7 +423,7 @@ def test_image_defaults_come_from_the_model_and_gray_models_get_l() -> None:
 def test_image_uint8_models_get_raw_pixels() -> None:
     images = sample_images(seed=5)
     model = metas(meta("x", np.uint8, None, 12, 12, 3))
-    with Preprocessor([resolved_image(model)], model) as prep:
+    with Preprocessor([resolved_image(model, draft=False)], model) as prep:
         got = prep(pa.table({"jpeg": pa.array(images, pa.binary())})).feeds["x"]
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, np.stack([pil_pixels(d, (12, 12), 12) for d in images]))
@@ -407,7 +457,7 @@ def test_corrupt_images_are_dropped_and_reported_with_skip() -> None:
     table = pa.table({"jpeg": pa.array(bad_images(), pa.binary()),
                       "m": pa.array(np.arange(12, dtype=np.float32).reshape(6, 2).tolist(),
                                     pa.list_(pa.float32(), 2))})
-    specs: list[PrepSpec] = [resolved_image(metas(model["x"]), on_error="skip"),
+    specs: list[PrepSpec] = [resolved_image(metas(model["x"]), on_error="skip", draft=False),
                              TensorPrep(column="m", input="meta")]
     with Preprocessor(specs, model) as prep:
         prepared = prep(table)
@@ -572,17 +622,62 @@ def test_a_preprocessor_without_an_input_needs_exactly_one_left() -> None:
 # --- through the shard pipeline, on both paths --------------------------------------------------
 
 
+class CpuFill:
+    """`GpuImages`' interface without a GPU: every row decodes on the CPU (its fallback path), and
+    the fill writes the slot's host buffer as the fit kernel writes the device's (the fake slots
+    compute from their host buffers). So the object-array feeds, their batching, bad rows and the
+    slots' device-fill hook run in CI."""
+
+    def __init__(self, specs: Any, model: dict[str, TensorMeta]) -> None:
+        from workers.gpuimages import fit_targets
+
+        self.targets = fit_targets(specs, model)
+        self.inputs = frozenset(self.targets)
+        self.filled_rows = 0
+
+    def decode(self, name: str, values: list[bytes | None], cpu: ImageDecoder
+               ) -> tuple[np.ndarray, dict[int, str]]:
+        assert cpu.dtype == np.uint8 and cpu.layout == "NHWC", "the CPU's part must be raw pixels"
+        pixels, bad = cpu.decode(values)
+        out = np.empty(len(values), dtype=object)
+        for i in range(len(values)):
+            out[i] = None if i in bad else pixels[i]
+        return out, bad
+
+    def fill(self, slot: Any, name: str, parts: Any, rows: int) -> None:
+        t = self.targets[name]
+        put = ImageDecoder(t.mode, t.size, t.resize, mean=t.mean, std=t.std, layout=t.layout,
+                           dtype=t.dtype).put
+        host, row = slot.host_inputs[name], 0
+        for part in parts:
+            for pixels in part:
+                put(pixels, host[row])
+                row += 1
+        assert row == rows
+        host[rows:] = 0
+        self.filled_rows += rows
+        slot.filled_inputs = slot.filled_inputs | {name}
+
+
 def run_shard(backend_name: str, model_bytes: bytes, shard: Any, config: Any) -> Any:
-    """process_shard on the CPU path (ONNX Runtime) or the K-slots path (thread slots)."""
+    """process_shard on the CPU path (ONNX Runtime), the K-slots path (thread slots), or that
+    with the image inputs as device fills (`CpuFill`)."""
     from tests.workers.test_pipeline import ThreadSlotBackend
     from workers.backends.base import BackendConfig
     from workers.backends.onnxruntime import OnnxRuntimeBackend
     from workers.pipeline import process_shard
 
-    backend = (ThreadSlotBackend(model_bytes) if backend_name == "slots"
+    backend = (ThreadSlotBackend(model_bytes) if backend_name in ("slots", "device-fill")
                else OnnxRuntimeBackend(model_bytes, BackendConfig(device="cpu")))
     with backend:
-        return process_shard(shard, config, backend)
+        images = (CpuFill(config.preprocess, {m.name: m for m in backend.inputs})
+                  if backend_name == "device-fill" else None)
+        result = process_shard(shard, config, backend, images=images)  # type: ignore[arg-type]
+        if images is not None:
+            assert images.filled_rows == result.rows
+            filled = [f for slot in backend.opened for f in slot.filled]
+            assert filled and all(f == images.inputs for f in filled)
+        return result
 
 
 def parquet_shard(path: str) -> Any:
@@ -591,7 +686,7 @@ def parquet_shard(path: str) -> Any:
     return whole_file_shard(path)
 
 
-@pytest.mark.parametrize("path", ["sync", "slots"])
+@pytest.mark.parametrize("path", ["sync", "slots", "device-fill"])
 def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -612,7 +707,8 @@ def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) 
     pq.write_table(pa.table({"uid": uid, "jpeg": pa.array(images, pa.binary()), "a": a, "b": b}),
                    tmp_path / "in.parquet", row_group_size=30)
     model = metas(meta("image", np.float32, None, 3, 8, 8), meta("meta", np.float32, None, 2))
-    specs = (resolved_image(metas(model["image"]), on_error="skip", mean=MEAN, std=STD),
+    specs = (resolved_image(metas(model["image"]), on_error="skip", mean=MEAN, std=STD,
+                            draft=False),
              FeaturesPrep(columns=("a", "b"), input="meta"))
     config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
                           output_url=str(tmp_path / "out"), bindings=(), keep=("uid",),
@@ -637,7 +733,7 @@ def test_pipeline_skips_bad_images_and_postprocesses(path: str, tmp_path: Path) 
     np.testing.assert_array_equal(part.column("label").to_numpy(), logits.argmax(axis=1))
 
 
-@pytest.mark.parametrize("path", ["sync", "slots"])
+@pytest.mark.parametrize("path", ["sync", "slots", "device-fill"])
 def test_pipeline_reads_an_image_directory(path: str, tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.workers.test_pipeline import whole_file_shard
+from workers.batching import exact_batches
 from workers.errors import DataError
-from workers.rowgroups import Piece, ReadPool, RowGroupReader, exact_batches
+from workers.rowgroups import Piece, ReadPool, RowGroupReader
 from workers.storage import file_version, filesystem
 from workers.types import Shard
 

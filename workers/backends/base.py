@@ -6,7 +6,9 @@ backend implements only the hooks `_load`, `_infer` and `_close`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal
@@ -18,6 +20,8 @@ from workers.tensors import TensorMeta
 
 Batch = dict[str, np.ndarray]
 Device = Literal["auto", "cpu", "cuda"]
+#: Every input's shape in one batch (batches whose inputs' widths vary, as text's do).
+Shapes = Mapping[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,8 @@ class BackendConfig:
     precision: str = "fp32"
     device_id: int = 0
     #: TensorRT: let the runtime load plans that carry host code (version-compatible plans with
-    #: the lean runtime inside). Set only for plans this job built (they come from its cache).
+    #: the lean runtime inside), which then runs in the worker. Set only for plans the driver
+    #: trusts: built by this run, or signed with the job's plan key (jobs/plan_share.py).
     engine_host_code_allowed: bool = False
     #: `--plugins`: (uri, sha256) of each plugin library (TensorRT) or custom-op library (ONNX
     #: Runtime), loaded before the plan or model (workers/plugins.py), and the storage options
@@ -57,10 +62,23 @@ class DeviceSlot(ABC):
     next `submit`. Buffers are sized once for `max_rows`. `submit(rows, after=event)` makes the
     execution (not the copy-in) wait on the GPU for `event`, another slot's `executed`: that is
     how `SlotPool` bounds how many batches execute at once.
+
+    Device fills: a caller that writes an input straight into the slot's device buffer
+    (`device_input(name)`, on the slot's `stream`, before `submit`) names it in
+    `filled_inputs`; `submit` then skips that input's host copy, and clears the set.
+
+    Slots opened with `shapes` (the largest batches they must hold) run each batch at its own
+    shape: fill `input_view(name, shape)`, a view of the first elements of the pinned buffer,
+    and `submit(rows, shapes=...)`; outputs come back at the shapes that batch makes.
     """
 
     max_rows: int
     host_inputs: dict[str, np.ndarray]
+    #: The slot's CUDA stream (`workers.cuda.Stream`): a device fill enqueues its work on it.
+    stream: Any = None
+    #: Inputs whose device buffer a device fill wrote for the next `submit` (which skips their
+    #: host copies and resets this to empty).
+    filled_inputs: frozenset[str] = frozenset()
     #: Optional `workers.cuda.SlotTimer` whose events mark the last batch's stages; the
     #: pipeline reads it for the GPU busy fraction. None: the slot does not time itself.
     timer: Any = None
@@ -68,11 +86,22 @@ class DeviceSlot(ABC):
     _rows: int | None = None
 
     @abstractmethod
-    def submit(self, rows: int, after: Any = None) -> None:
+    def submit(self, rows: int, after: Any = None, shapes: Shapes | None = None) -> None:
         """Enqueue copy-in, execution and copy-out of the first `rows` rows on the slot's stream.
 
-        `after`: a `workers.cuda.Event` the execution waits for (None: no wait).
+        `after`: a `workers.cuda.Event` the execution waits for (None: no wait). `shapes`: each
+        input's shape in this batch (None: `rows` rows of the inputs' fixed row shapes).
         """
+
+    def input_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The pinned buffer of input `name` as one batch of `shape` (its first elements)."""
+        flat = self.host_inputs[name].reshape(-1)
+        size = math.prod(shape)
+        if size > flat.size:
+            raise BackendError(f"a batch of shape {list(shape)} for input '{name}' does not fit "
+                               f"its device slot ({flat.size} elements); keep batches within "
+                               "the token budget the slots were opened for")
+        return flat[:size].reshape(shape)
 
     def _check_submit(self, rows: int) -> None:
         """Refuse a batch that does not fit, or a submit before the last batch was collected."""
@@ -90,6 +119,15 @@ class DeviceSlot(ABC):
         self.timer.done.synchronize()
         self._rows = None
         return rows
+
+    def _take_filled(self) -> frozenset[str]:
+        """The inputs filled on the device for this submit; resets them for the next one."""
+        filled, self.filled_inputs = self.filled_inputs, frozenset()
+        return filled
+
+    def device_input(self, name: str) -> int:
+        """The device address of input `name`'s buffer (`max_rows` rows), for a device fill."""
+        raise BackendError(f"this device slot has no device buffer for input '{name}' to fill")
 
     @property
     def executed(self) -> Any:
@@ -200,8 +238,12 @@ class Backend(ABC):
         """True when this loaded backend should run through `open_slot` (on a GPU stream)."""
         return self.supports_slots
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
-        """A new in-flight slot for batches of up to `max_rows` rows (GPU backends only)."""
+    def open_slot(self, max_rows: int, shapes: Sequence[Shapes] | None = None) -> DeviceSlot:
+        """A new in-flight slot for batches of up to `max_rows` rows (GPU backends only).
+
+        `shapes`: the largest batches (each input's shape) the slot must hold, for models whose
+        inputs' widths vary; None: `max_rows` rows of fixed row shapes.
+        """
         raise BackendError(f"{self.name} backend runs synchronously; it has no device slots")
 
     def _require_loaded(self) -> None:

@@ -9,17 +9,19 @@ model's own Q/DQ nodes, which ONNX Runtime runs as they are.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot
+from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot, Shapes
 from workers.errors import BackendError, MissingDependencyError, SpecError
+from workers.external_data import refuse_without_directory
 from workers.plugins import local_plugin_files
-from workers.tensors import TensorMeta, describe_onnx
+from workers.tensors import TensorMeta, describe_onnx, resolve_shape
 
 
 def import_onnxruntime() -> Any:
@@ -76,10 +78,17 @@ class OnnxRuntimeBackend(Backend):
     _session_model: bytes
 
     def __init__(self, model: bytes, config: BackendConfig | None = None,
-                 cuda_options: Mapping[str, str] | None = None) -> None:
-        """`cuda_options`: extra CUDA provider options (e.g. `{"use_tf32": "0"}`), for every session."""
+                 cuda_options: Mapping[str, str] | None = None,
+                 external_data: Mapping[str, bytes] | None = None) -> None:
+        """`cuda_options`: extra CUDA provider options (e.g. `{"use_tf32": "0"}`), for every session.
+
+        `external_data`: the bytes of each external file the model names, by its location, as
+        the driver read them beside the model; a model that names any other is refused (see
+        `workers.external_data`), so ONNX Runtime never opens a file itself.
+        """
         super().__init__(model, config)
         self.cuda_options = dict(cuda_options or {})
+        self.external_data = dict(external_data or {})
 
     def _providers(self) -> list[Any]:
         device = self.config.device
@@ -99,6 +108,7 @@ class OnnxRuntimeBackend(Backend):
     def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
+        refuse_without_directory(self._model, "model", self.external_data)
         providers = self._providers()
         # --plugins: custom-op libraries, fetched once per backend (workers/plugins.py).
         self._plugin_dir = tempfile.TemporaryDirectory(prefix="ort-custom-ops-")
@@ -122,13 +132,24 @@ class OnnxRuntimeBackend(Backend):
         types = model_types(self._model)
         check_precision(precision, device, types)
         if precision in ("fp16", "bf16") and not types.computes_in(precision):
+            if self.external_data:
+                raise SpecError(f"--precision {precision} on ONNX Runtime converts the model, "
+                                "and this one keeps its weights in external files, which the "
+                                "conversion does not read; save the model with its weights "
+                                "inline (onnx.save(model, path, save_as_external_data=False), "
+                                "under 2 GiB), or pass --precision fp32")
             return convert_float(self._model, precision)
         return self._model
 
-    def _new_session(self, providers: list[Any]) -> Any:
+    def _new_session(self, providers: list[Any], threads: int | None = None) -> Any:
         ort = import_onnxruntime()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.config.threads
+        # On the GPU the CPU threads only run shape ops, and idle ones spin: they would take
+        # the cores the actor's tokenizing and decoding threads need.
+        on_gpu = any("CUDAExecutionProvider" in str(p) for p in providers)
+        if threads is None:
+            threads = 1 if on_gpu else self.config.threads
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         for path in self._plugin_files:
@@ -137,6 +158,13 @@ class OnnxRuntimeBackend(Backend):
             except Exception as exc:  # ORT raises its own Fail for a library it cannot load
                 raise BackendError(f"ONNX Runtime could not load custom-op library '{path}' "
                                    f"({exc}); check --plugins") from exc
+        if self.external_data:
+            # ONNX Runtime takes these instead of opening the files, and refuses a model that
+            # names any file not among them.
+            names = sorted(self.external_data)
+            options.add_external_initializers_from_files_in_memory(
+                names, [self.external_data[n] for n in names],
+                [len(self.external_data[n]) for n in names])
         try:
             return ort.InferenceSession(self._session_model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
@@ -144,17 +172,20 @@ class OnnxRuntimeBackend(Backend):
 
     @property
     def uses_slots(self) -> bool:
-        """On the CUDA provider with fixed row shapes: batches run on slots' streams."""
-        return (self.is_loaded and self.device == "cuda"
-                and all(m.row_size is not None for m in (*self.inputs, *self.outputs)))
+        """On the CUDA provider, with every output's shape known from its inputs' (fixed row
+        shapes, or dynamic dims named after input dims): batches run on slots' streams."""
+        if not (self.is_loaded and self.device == "cuda"):
+            return False
+        probe = {m.name: tuple(1 if d is None else d for d in m.shape) for m in self.inputs}
+        return all(resolve_shape(m, self.inputs, probe) is not None for m in self.outputs)
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
+    def open_slot(self, max_rows: int, shapes: Sequence[Shapes] | None = None) -> DeviceSlot:
         """A slot with its own CUDA stream, ORT session on that stream, and I/O bound on the GPU."""
         self._require_loaded()
         if self.device != "cuda":
             raise BackendError(f"{self.name} backend runs on the CPU here, so it has no device "
                                "slots; install onnxruntime-gpu and run with device 'cuda'")
-        return OrtCudaSlot(self, max_rows)
+        return OrtCudaSlot(self, max_rows, shapes)
 
     def _infer(self, batch: Batch) -> Batch:
         try:
@@ -175,34 +206,44 @@ class OrtCudaSlot(DeviceSlot):
     session on its own stream (the weights are on the GPU once per slot). Inputs and outputs
     are bound with IOBinding to the slot's device buffers; runs skip ORT's end-of-run stream
     synchronization, so `submit` returns once the work is enqueued and `wait` blocks on an event.
+    With `shapes` (text), buffers hold the largest of them, and each batch is bound at its own
+    shape to the first bytes of the same buffers; output shapes follow from the inputs' by the
+    graph's dimension names.
     """
 
-    def __init__(self, backend: OnnxRuntimeBackend, max_rows: int) -> None:
+    def __init__(self, backend: OnnxRuntimeBackend, max_rows: int,
+                 shapes: Sequence[Shapes] | None = None) -> None:
         from workers import cuda
 
         if max_rows < 1:
             raise BackendError(f"a device slot needs max_rows >= 1, got {max_rows}")
-        for meta in (*backend.inputs, *backend.outputs):
-            if meta.row_size is None:
-                raise BackendError(f"'{meta.name}' is {meta.describe()}: device slots need fixed "
-                                   "row shapes; export the model with static non-batch dims")
+        self._in_metas = backend.inputs
+        if shapes is None:
+            for meta in (*backend.inputs, *backend.outputs):
+                if meta.row_size is None:
+                    raise BackendError(f"'{meta.name}' is {meta.describe()}: device slots need "
+                                       "fixed row shapes, or the largest batch shapes; export "
+                                       "the model with static non-batch dims")
         self.max_rows = max_rows
         self._device_id = backend.config.device_id
         self._resources: list[Any] = []
         self._rows = None
-        self._bound_rows: int | None = None
+        self._bound: tuple[Any, ...] | None = None
+        self._out_shapes: dict[str, tuple[int, ...]] = {}
         try:
             cuda.set_device(self._device_id)
             self.stream = self._own(cuda.Stream())
             self.timer = self._own(cuda.SlotTimer())
-            self._inputs = [self._buffers(meta) for meta in backend.inputs]
-            self._outputs = [self._buffers(meta) for meta in backend.outputs]
+            self._inputs = [self._buffers(meta, shapes) for meta in backend.inputs]
+            self._outputs = [self._buffers(meta, shapes) for meta in backend.outputs]
             self.host_inputs = {meta.name: host for meta, host, _, _ in self._inputs}
             self.host_outputs = {meta.name: host for meta, host, _, _ in self._outputs}
             options = {**backend.cuda_options, "device_id": str(self._device_id),
                        "user_compute_stream": str(self.stream.handle),
                        "has_user_compute_stream": "1"}
-            self.session = backend._new_session([("CUDAExecutionProvider", options)])
+            # One CPU thread: the CUDA provider runs the graph; the actor's CPUs (its threads
+            # setting) are the readers' and decoders', which an idle ORT pool would only spin on.
+            self.session = backend._new_session([("CUDAExecutionProvider", options)], threads=1)
             if "CUDAExecutionProvider" not in self.session.get_providers():
                 raise BackendError("ONNX Runtime did not enable its CUDA provider for a device slot "
                                    f"(it has {self.session.get_providers()}); check the CUDA and "
@@ -221,57 +262,103 @@ class OrtCudaSlot(DeviceSlot):
         self._resources.append(resource)
         return resource
 
-    def _buffers(self, meta: TensorMeta) -> tuple[TensorMeta, np.ndarray, Any, Any]:
+    def _buffers(self, meta: TensorMeta, shapes: Sequence[Shapes] | None
+                 ) -> tuple[TensorMeta, np.ndarray, Any, Any]:
+        """Pinned and device buffers for one tensor: `max_rows` rows, or the largest of its
+        shapes in `shapes` (then the host view is flat: batches view its first elements)."""
         from workers import cuda
 
-        row_shape = tuple(int(d) for d in meta.row_shape if d is not None)
-        nbytes = self.max_rows * (meta.row_size or 0) * meta.dtype.itemsize
+        if shapes is None:
+            row_shape = tuple(int(d) for d in meta.row_shape if d is not None)
+            shape: tuple[int, ...] = (self.max_rows, *row_shape)
+        else:
+            sizes = []
+            for batch in shapes:
+                resolved = resolve_shape(meta, self._in_metas, batch)
+                if resolved is None:
+                    raise BackendError(f"output '{meta.name}' is {meta.describe()}, and its "
+                                       "dynamic dims are not named after the inputs' dims, so "
+                                       "its size per batch is unknown; export the model with "
+                                       "matching dim names (dynamic_axes)")
+                sizes.append(math.prod(resolved))
+            shape = (max(sizes),)
+        nbytes = math.prod(shape) * meta.dtype.itemsize
         pinned = self._own(cuda.PinnedBuffer(max(nbytes, 1)))
         device = self._own(cuda.DeviceBuffer(max(nbytes, 1)))
-        return meta, pinned.view(meta.dtype, (self.max_rows, *row_shape)), pinned, device
+        return meta, pinned.view(meta.dtype, shape), pinned, device
 
-    def _bind(self, rows: int) -> None:
-        if rows == self._bound_rows:
+    def _batch_shapes(self, rows: int, shapes: Shapes | None) -> dict[str, tuple[int, ...]]:
+        """Every input's and output's shape in a batch of `rows` rows at `shapes`."""
+        if shapes is None:
+            return {meta.name: (rows, *host.shape[1:])
+                    for meta, host, _, _ in (*self._inputs, *self._outputs)}
+        out = {name: tuple(shape) for name, shape in shapes.items()}
+        for meta, _, _, _ in self._outputs:
+            resolved = resolve_shape(meta, self._in_metas, shapes)
+            if resolved is None:  # sized for `shapes` when opened, so this cannot happen
+                raise BackendError(f"output '{meta.name}' has no shape for inputs {shapes}")
+            out[meta.name] = resolved
+        return out
+
+    def _bind(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        key = tuple(sorted(shapes.items()))
+        if key == self._bound:
             return
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
-        for meta, host, _, device in self._inputs:
+        for meta, _, _, device in self._inputs:
             self.binding.bind_input(meta.name, "cuda", self._device_id, meta.dtype.type,
-                                    [rows, *host.shape[1:]], device.ptr)
-        for meta, host, _, device in self._outputs:
+                                    list(shapes[meta.name]), device.ptr)
+        for meta, _, _, device in self._outputs:
             self.binding.bind_output(meta.name, "cuda", self._device_id, meta.dtype.type,
-                                     [rows, *host.shape[1:]], device.ptr)
-        self._bound_rows = rows
+                                     list(shapes[meta.name]), device.ptr)
+        self._bound = key
 
-    def execute(self, rows: int) -> None:
+    def execute(self, rows: int, shapes: Shapes | None = None) -> None:
         """Enqueue only the model's execution on the slot's device buffers (no copies)."""
-        self._bind(rows)
+        self._bind(self._batch_shapes(rows, shapes))
         try:
             self.session.run_with_iobinding(self.binding, self.run_options)
         except Exception as exc:
             raise BackendError(f"ONNX Runtime failed on a batch of {rows} rows: {exc}") from exc
 
-    def submit(self, rows: int, after: Any = None) -> None:
+    def submit(self, rows: int, after: Any = None, shapes: Shapes | None = None) -> None:
         from workers import cuda
 
         self._check_submit(rows)
+        filled = self._take_filled()
+        batch = self._batch_shapes(rows, shapes)
         stream = self.stream.handle
         self.timer.mark(0, stream)
-        for _, host, pinned, device in self._inputs:
-            cuda.copy_htod_async(device.ptr, pinned.ptr, rows * host[0].nbytes, stream)
+        for meta, _, pinned, device in self._inputs:
+            if meta.name not in filled:  # a device fill wrote it already, on this stream
+                nbytes = math.prod(batch[meta.name]) * meta.dtype.itemsize
+                cuda.copy_htod_async(device.ptr, pinned.ptr, nbytes, stream)
         self.timer.mark(1, stream)
         if after is not None:
             self.stream.wait_event(after)
-        self.execute(rows)
+        self.execute(rows, shapes)
         self.timer.mark(2, stream)
-        for _, host, pinned, device in self._outputs:
-            cuda.copy_dtoh_async(pinned.ptr, device.ptr, rows * host[0].nbytes, stream)
+        for meta, _, pinned, device in self._outputs:
+            nbytes = math.prod(batch[meta.name]) * meta.dtype.itemsize
+            cuda.copy_dtoh_async(pinned.ptr, device.ptr, nbytes, stream)
         self.timer.mark(3, stream)
+        self._out_shapes = {meta.name: batch[meta.name] for meta, _, _, _ in self._outputs}
         self._rows = rows
 
     def wait(self) -> Batch:
         rows = self._wait_rows()
-        return {name: host[:rows] for name, host in self.host_outputs.items()}
+        out = {}
+        for name, host in self.host_outputs.items():
+            shape = self._out_shapes[name]
+            out[name] = host.reshape(-1)[:math.prod(shape)].reshape(shape)[:rows]
+        return out
+
+    def device_input(self, name: str) -> int:
+        for meta, _, _, device in self._inputs:
+            if meta.name == name:
+                return int(device.ptr)
+        return super().device_input(name)
 
     def close(self) -> None:
         """Wait for anything in flight, then free the session and every buffer, stream and event."""

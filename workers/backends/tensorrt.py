@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from workers.backends.base import Backend, Batch, DeviceSlot
+from workers.backends.base import Backend, Batch, DeviceSlot, Shapes
 from workers.errors import BackendError, MissingDependencyError
 from workers.plugins import local_plugin_files, register_tensorrt_plugins
 from workers.tensors import TensorMeta
@@ -213,6 +213,25 @@ def _shape(dims: trt.Dims) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
+#: Per optimization profile, each dynamic input's (min, max) shape.
+ProfileRanges = list[dict[str, tuple[tuple[int, ...], tuple[int, ...]]]]
+
+
+def pick_profile(ranges: ProfileRanges, shapes: Shapes, prefer: int = 0) -> int | None:
+    """The optimization profile whose ranges hold every input of `shapes` (`prefer` first, so
+    a context switches only when it must), or None when none does."""
+    def holds(index: int) -> bool:
+        for name, (low, high) in ranges[index].items():
+            shape = shapes.get(name)
+            if shape is None or len(shape) != len(low) or any(
+                    not lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)):
+                return False
+        return True
+
+    order = [prefer, *(i for i in range(len(ranges)) if i != prefer)] if ranges else []
+    return next((i for i in order if i < len(ranges) and holds(i)), None)
+
+
 class TensorRTBackend(Backend):
     """Runs a TensorRT plan on one GPU; `model` is the plan's bytes."""
 
@@ -240,8 +259,9 @@ class TensorRTBackend(Backend):
         self._plugin_handles = register_tensorrt_plugins(trt_module, logger.trt_logger, files)
         runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
-            # Version-compatible plans carry the lean runtime as host code: opt in (the plan
-            # comes from this job's own cache, built by its own build task).
+            # Version-compatible plans carry the lean runtime as host code, which runs in this
+            # process. The driver sets this only for plans it trusts: built by this run, or
+            # signed with the job's plan key (jobs/plan_share.py, jobs/plan_signing.py).
             runtime.engine_host_code_allowed = True
         self._runtime = runtime
         engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(self._model)
@@ -280,10 +300,8 @@ class TensorRTBackend(Backend):
                               shape)
             mode = engine.get_tensor_mode(name)
             if mode == trt_module.TensorIOMode.INPUT:
-                if any(d is None for d in meta.row_shape):
-                    raise BackendError(f"plan input '{name}' is {meta.describe()}: dimensions "
-                                       "beyond the batch are dynamic; build the plan with fixed "
-                                       "sizes for every dimension but the first")
+                # Dynamic dims beyond the batch (token widths) are set per batch, within the
+                # plan's optimization profiles.
                 inputs.append(meta)
             elif mode == trt_module.TensorIOMode.OUTPUT:
                 outputs.append(meta)
@@ -306,27 +324,49 @@ class TensorRTBackend(Backend):
             profiles.append((max(int(s[0][0]) for s in shapes), min(int(s[2][0]) for s in shapes)))
         return tuple(profiles), None
 
+    def profile_ranges(self) -> ProfileRanges:
+        """Per optimization profile, each dynamic input's (min, max) shape."""
+        self._require_loaded()
+        engine = self.engine
+        return [{m.name: (_shape(engine.get_tensor_profile_shape(m.name, p)[0]),
+                          _shape(engine.get_tensor_profile_shape(m.name, p)[2]))
+                 for m in self.inputs if any(d is None for d in m.shape)}
+                for p in range(engine.num_optimization_profiles)]
+
+    def _largest_shapes(self) -> list[Shapes] | None:
+        """Each profile's largest inputs, for plans whose inputs have dynamic widths."""
+        if all(m.row_size is not None for m in self.inputs):
+            return None
+        ranges = self.profile_ranges()
+        out: list[Shapes] = []
+        for profile in ranges:
+            shapes = {m.name: profile[m.name][1] if m.name in profile
+                      else tuple(int(d or 1) for d in m.shape) for m in self.inputs}
+            out.append(shapes)
+        return out
+
     @property
     def max_rows(self) -> int:
         """Most rows one execution of the plan takes (its largest optimization profile's max)."""
         self._require_loaded()
         return self._max_rows
 
-    def open_slot(self, max_rows: int) -> DeviceSlot:
-        """A slot with its own execution context, stream and buffers for `max_rows` rows."""
+    def open_slot(self, max_rows: int, shapes: Sequence[Shapes] | None = None) -> DeviceSlot:
+        """A slot with its own execution context, stream and buffers for `max_rows` rows (and,
+        for inputs of dynamic widths, the largest of `shapes`)."""
         self._require_loaded()
         if max_rows > self._max_rows:
             raise BackendError(f"the plan runs at most {self._max_rows} rows per batch (its "
                                f"optimization profiles), and a slot of {max_rows} was asked for; "
                                "rebuild the plan with a larger batch size or lower --batch-size")
-        slot = TensorRTSlot(self, max_rows)
+        slot = TensorRTSlot(self, max_rows, shapes)
         self._slots.add(slot)
         return slot
 
     def _infer(self, batch: Batch) -> Batch:
         rows = next(iter(batch.values())).shape[0] if batch else 0
         if self._sync is None:
-            self._sync = TensorRTSlot(self, self._max_rows)
+            self._sync = TensorRTSlot(self, self._max_rows, self._largest_shapes())
         slot = self._sync
         if rows == 0:
             return {m.name: np.empty((0, *(d or 0 for d in m.row_shape)), m.dtype)
@@ -335,9 +375,17 @@ class TensorRTBackend(Backend):
         # Batches larger than the profile allows run as several executions.
         for start in range(0, rows, slot.max_rows):
             stop = min(rows, start + slot.max_rows)
-            for meta in self.inputs:
-                np.copyto(slot.host_inputs[meta.name][: stop - start], batch[meta.name][start:stop])
-            slot.submit(stop - start)
+            if slot.dynamic:
+                shapes = {m.name: (stop - start, *batch[m.name].shape[1:]) for m in self.inputs}
+                for meta in self.inputs:
+                    np.copyto(slot.input_view(meta.name, shapes[meta.name]),
+                              batch[meta.name][start:stop])
+                slot.submit(stop - start, shapes=shapes)
+            else:
+                for meta in self.inputs:
+                    np.copyto(slot.host_inputs[meta.name][: stop - start],
+                              batch[meta.name][start:stop])
+                slot.submit(stop - start)
             parts.append({name: value.copy() for name, value in slot.wait().items()})
         if len(parts) == 1:
             return parts[0]
@@ -363,23 +411,29 @@ class TensorRTSlot(DeviceSlot):
     The slot owns every resource it creates and frees them in `close()`, after its stream's
     work is done. Execution contexts are independent, so K slots can hold K batches at once (the
     pool decides how many execute at once, through `submit`'s `after` event). Each batch runs on
-    the optimization profile that holds its rows (`choose_profile`), switched on the slot's
-    stream when it changes; a batch below that profile's minimum runs padded to it.
+    the optimization profile that holds it, switched on the slot's stream when it changes: by
+    rows (`choose_profile`; a batch below that profile's minimum runs padded to it), or, with
+    `shapes` (inputs of dynamic widths), by shape (`pick_profile`), buffers then holding the
+    largest of `shapes` and each batch setting its own input shapes.
     """
 
-    def __init__(self, backend: TensorRTBackend, max_rows: int) -> None:
+    def __init__(self, backend: TensorRTBackend, max_rows: int,
+                 shapes: Sequence[Shapes] | None = None) -> None:
         if max_rows < 1:
             raise BackendError(f"a device slot needs max_rows >= 1, got {max_rows}")
         self._cuda = backend._cuda
         self._logger = backend._logger
         self.max_rows = max_rows
+        self.dynamic = shapes is not None
+        self._largest = list(shapes or ())
+        self._ranges = backend.profile_ranges() if self.dynamic else []
+        self._profile = 0  # every context starts on profile 0
         # A plan with a fixed batch always runs it whole (rows past the batch are ignored).
-        self._fixed = backend._fixed_batch is not None
+        self._fixed = backend._fixed_batch is not None and not self.dynamic
         self._profiles = backend._profiles
-        self._profile = -1  # the context's profile, once chosen
         # Buffers hold the largest execution this slot makes (a padded one may exceed max_rows).
-        self._exec_rows = backend._fixed_batch or max(max_rows, choose_profile(self._profiles,
-                                                                               max_rows)[1])
+        self._exec_rows = backend._fixed_batch or (
+            max_rows if self.dynamic else max(max_rows, choose_profile(self._profiles, max_rows)[1]))
         self._inputs = backend.inputs
         self._outputs = backend.outputs
         self._resources: list[Any] = []
@@ -413,22 +467,46 @@ class TensorRTSlot(DeviceSlot):
                                f"({self._logger.last_errors()}); the GPU may be out of memory: "
                                "lower --batch-size or --slots")
         self._context = context
-        if not self._fixed:
-            self._use_profile(choose_profile(self._profiles, self.max_rows)[0])
+        if self.dynamic:
+            self._open_dynamic(context)
+        else:
+            if not self._fixed:
+                self._use_profile(choose_profile(self._profiles, self.max_rows)[0])
+            for meta in self._inputs:
+                shape = (self._exec_rows, *(int(d) for d in meta.row_shape if d is not None))
+                if not self._fixed and not context.set_input_shape(meta.name, shape):
+                    raise BackendError(f"the plan rejects input '{meta.name}' of shape "
+                                       f"{list(shape)}: {self._logger.last_errors()}")
+                self.host_inputs[meta.name] = self._allocate(meta, shape)[: self.max_rows]
+            for meta in self._outputs:
+                # With every input at its largest, the outputs are at theirs: size for that.
+                shape = self._output_shape(context, meta.name)
+                self._host_out[meta.name] = self._allocate(meta, shape).reshape(-1)
+        self._set_addresses(context)
+
+    def _open_dynamic(self, context: trt.IExecutionContext) -> None:
+        """Buffers for the largest of `shapes`: inputs as given, outputs as TensorRT derives."""
+        sizes: dict[str, int] = {}
+        for shapes in self._largest:
+            self._set_shapes(context, shapes, self.stream.handle)
+            for meta in self._inputs:
+                sizes[meta.name] = max(sizes.get(meta.name, 0), math.prod(shapes[meta.name]))
+            for meta in self._outputs:
+                size = math.prod(self._output_shape(context, meta.name))
+                sizes[meta.name] = max(sizes.get(meta.name, 0), size)
         for meta in self._inputs:
-            shape = (self._exec_rows, *(int(d) for d in meta.row_shape if d is not None))
-            if not self._fixed and not context.set_input_shape(meta.name, shape):
-                raise BackendError(f"the plan rejects input '{meta.name}' of shape {list(shape)}: "
-                                   f"{self._logger.last_errors()}")
-            self.host_inputs[meta.name] = self._allocate(meta, shape)[: self.max_rows]
+            self.host_inputs[meta.name] = self._allocate(meta, (sizes[meta.name],))
         for meta in self._outputs:
-            # With every input at its largest, the outputs are at theirs: size buffers for that.
-            shape = _shape(context.get_tensor_shape(meta.name))
-            if any(d < 0 for d in shape):
-                raise BackendError(f"plan output '{meta.name}' has a data-dependent shape "
-                                   f"{list(shape)}; the runner needs output shapes that follow "
-                                   "from the input shapes")
-            self._host_out[meta.name] = self._allocate(meta, shape).reshape(-1)
+            self._host_out[meta.name] = self._allocate(meta, (sizes[meta.name],))
+
+    def _output_shape(self, context: trt.IExecutionContext, name: str) -> tuple[int, ...]:
+        shape = _shape(context.get_tensor_shape(name))
+        if any(d < 0 for d in shape):
+            raise BackendError(f"plan output '{name}' has a data-dependent shape {list(shape)}; "
+                               "the runner needs output shapes that follow from the input shapes")
+        return shape
+
+    def _set_addresses(self, context: trt.IExecutionContext) -> None:
         for name, buffer in self._device.items():
             if not context.set_tensor_address(name, buffer.ptr):
                 raise BackendError(f"TensorRT refused the device address of tensor '{name}': "
@@ -443,6 +521,28 @@ class TensorRTSlot(DeviceSlot):
             raise BackendError(f"TensorRT refused optimization profile {index} "
                                f"({self._profiles[index]} rows): {self._logger.last_errors()}")
         self._profile = index
+        if self._device:
+            self._set_addresses(context)
+
+    def _set_shapes(self, context: trt.IExecutionContext, shapes: Shapes, stream: int) -> None:
+        """Switch to the profile that holds `shapes` (if it is not the current one), set them."""
+        profile = pick_profile(self._ranges, shapes, self._profile)
+        if profile is None:
+            raise BackendError(f"no optimization profile of the plan holds a batch of "
+                               f"{dict(shapes)} (profiles: {self._ranges}); rebuild the plan for "
+                               "the job's batch size and max_length")
+        if profile != self._profile:
+            # Switching invalidates the input shapes (set below, for every batch anyway).
+            if not context.set_optimization_profile_async(profile, stream):
+                raise BackendError(f"TensorRT could not switch to optimization profile "
+                                   f"{profile}: {self._logger.last_errors()}")
+            self._profile = profile
+            if self._device:
+                self._set_addresses(context)
+        for meta in self._inputs:
+            if not context.set_input_shape(meta.name, tuple(shapes[meta.name])):
+                raise BackendError(f"the plan rejects input '{meta.name}' of shape "
+                                   f"{list(shapes[meta.name])}: {self._logger.last_errors()}")
 
     def _allocate(self, meta: TensorMeta, shape: tuple[int, ...]) -> np.ndarray:
         nbytes = max(1, math.prod(shape) * meta.dtype.itemsize)
@@ -452,30 +552,43 @@ class TensorRTSlot(DeviceSlot):
         view: np.ndarray = pinned.view(meta.dtype, shape)
         return view
 
-    def submit(self, rows: int, after: Any = None) -> None:
+    def submit(self, rows: int, after: Any = None, shapes: Shapes | None = None) -> None:
         """Enqueue copy-in, `execute_async_v3` and copy-out of `rows` rows on the slot's stream.
 
-        `after`: an event the execution waits for (copies in still overlap it).
+        `after`: an event the execution waits for (copies in still overlap it). `shapes`: the
+        batch's input shapes (slots opened with `shapes` only).
         """
         context = self._context
         if self._closed or context is None:
             raise BackendError("this TensorRT slot is closed")
         self._check_submit(rows)
+        filled = self._take_filled()
         cuda = self._cuda
         stream = self.stream.handle
         if self._fixed:
             exec_rows = self._exec_rows
+        elif self.dynamic:
+            exec_rows = rows  # the profile follows the batch's shapes (`_set_shapes`)
         else:
             profile, exec_rows = choose_profile(self._profiles, rows)
             self._use_profile(profile)
         self.timer.mark(0, stream)
+        if self.dynamic:
+            if shapes is None:
+                raise BackendError("this TensorRT slot runs batches of dynamic widths; submit "
+                                   "each with its shapes")
+            self._set_shapes(context, shapes, stream)
         for meta in self._inputs:
-            row = tuple(int(d) for d in meta.row_shape if d is not None)
-            if not self._fixed and not context.set_input_shape(meta.name, (exec_rows, *row)):
-                raise BackendError(f"the plan rejects input '{meta.name}' with {exec_rows} rows: "
-                                   f"{self._logger.last_errors()}")
-            cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
-                                 exec_rows * math.prod(row) * meta.dtype.itemsize, stream)
+            if self.dynamic and shapes is not None:
+                shape = tuple(shapes[meta.name])
+            else:
+                shape = (exec_rows, *(int(d) for d in meta.row_shape if d is not None))
+                if not self._fixed and not context.set_input_shape(meta.name, shape):
+                    raise BackendError(f"the plan rejects input '{meta.name}' with {exec_rows} "
+                                       f"rows: {self._logger.last_errors()}")
+            if meta.name not in filled:  # a device fill wrote it already, on this stream
+                cuda.copy_htod_async(self._device[meta.name].ptr, self._pinned[meta.name].ptr,
+                                     math.prod(shape) * meta.dtype.itemsize, stream)
         self.timer.mark(1, stream)
         if after is not None:
             self.stream.wait_event(after)
@@ -491,6 +604,11 @@ class TensorRTSlot(DeviceSlot):
                                  math.prod(shape) * meta.dtype.itemsize, stream)
         self.timer.mark(3, stream)
         self._rows = rows
+
+    def device_input(self, name: str) -> int:
+        if any(meta.name == name for meta in self._inputs):
+            return int(self._device[name].ptr)
+        return super().device_input(name)
 
     def wait(self) -> Batch:
         """Block until the batch is done; outputs are pinned views, valid until the next submit."""

@@ -1,0 +1,170 @@
+"""Image decoding on the CPU: libjpeg-turbo (simplejpeg) against Pillow, DCT-scaled decodes,
+Pillow formats in processes, the GPU kernel's arithmetic (`fit_reference`) against Pillow, and
+the pixel cap (issue 17, point 8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from tests.workers.test_preprocess import encode, meta, metas, pil_pixels, resolved_image
+from workers.errors import DataError
+from workers.gpuimages import fit_reference, fit_row
+from workers.images import (
+    ImageDecoder,
+    ImageLimitError,
+    PillowProcesses,
+    default_max_pixels,
+    import_simplejpeg,
+    load_image,
+)
+from workers.preprocess import Preprocessor
+
+needs_turbo = pytest.mark.skipif(import_simplejpeg() is None,
+                                 reason="simplejpeg is not installed (pip install '.[images]')")
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth picture with some texture: what photos look like to a JPEG coder."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize((width, height), Image.Resampling.BICUBIC))
+    noise = rng.integers(-12, 13, (height, width, 3))
+    return np.clip(smooth.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+
+
+def jpeg(width: int, height: int, seed: int, **kwargs: Any) -> bytes:
+    return encode(Image.fromarray(photo(width, height, seed)), "JPEG", quality=90, **kwargs)
+
+
+@needs_turbo
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("subsampling", [0, 2])
+def test_libjpeg_turbo_gives_pillows_pixels_without_draft(mode: str, subsampling: int) -> None:
+    for seed, (w, h) in enumerate([(500, 375), (224, 224), (61, 97)]):
+        data = jpeg(w, h, seed, subsampling=subsampling)
+        got = load_image(data, mode, (64, 48), 64, draft=False)
+        np.testing.assert_array_equal(got, pil_pixels(data, (64, 48), 64, mode))
+
+
+@needs_turbo
+def test_dct_scaled_decoding_stays_close_to_a_full_decode() -> None:
+    # 500x375 to 224: libjpeg decodes at 5/8 scale (313x235), then resizes to 298x224.
+    for seed in range(3):
+        data = jpeg(500, 375, seed)
+        full = load_image(data, "RGB", (224, 224), 224, draft=False).astype(np.float64)
+        draft = load_image(data, "RGB", (224, 224), 224, draft=True).astype(np.float64)
+        assert full.shape == draft.shape == (224, 224, 3)
+        # Texture (the noise) is where they differ: DCT scaling keeps more of it than the filter.
+        assert np.abs(full - draft).mean() < 5.0
+        assert np.percentile(np.abs(full - draft), 99) < 24
+
+
+def test_a_cmyk_jpeg_goes_through_pillow() -> None:
+    data = encode(Image.fromarray(photo(40, 30, 1)).convert("CMYK"), "JPEG", quality=95)
+    got = load_image(data, "RGB", (24, 24), 24)
+    np.testing.assert_array_equal(got, pil_pixels(data, (24, 24), 24))
+
+
+def test_pillow_formats_decode_the_same_in_processes() -> None:
+    rng = np.random.default_rng(3)
+    images: list[bytes | None] = []
+    for i in range(12):
+        pixels = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        images.append(encode(Image.fromarray(pixels), "PNG" if i % 2 else "WEBP", lossless=True)
+                      if i % 4 != 3 else jpeg(40, 30 + i, i))
+    images[5] = b"not an image"
+    images[6] = None
+    one, bad1 = ImageDecoder("RGB", (20, 20), 24).decode(images)
+    from concurrent.futures import ThreadPoolExecutor
+
+    processes = PillowProcesses(2)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            decoder = ImageDecoder("RGB", (20, 20), 24, pool=pool, threads=2, processes=processes)
+            assert decoder._split(images)[1], "PNG/WebP rows should go to the processes"
+            many, bad2 = decoder.decode(images)
+    finally:
+        processes.close()
+    assert sorted(bad1) == sorted(bad2) == [5, 6] and bad2[6] == "null image"
+    assert bad2[5].startswith("cannot decode image (UnidentifiedImageError")
+    np.testing.assert_array_equal(one, many)
+
+
+@pytest.mark.parametrize("size,resize", [((24, 20), 28), ((224, 224), 224), ((16, 16), 16)])
+@pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])
+def test_the_gpu_kernels_arithmetic_is_pillows_within_one_level(
+        size: tuple[int, int], resize: int, mode: str, channels: int) -> None:
+    rng = np.random.default_rng(4)
+    for w, h in [(40, 30), (30, 41), (500, 375), (224, 224), (17, 50)]:
+        src = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = pil_pixels(encode(Image.fromarray(src), "PNG"), size, resize, mode)
+        got = fit_reference(src, *fit_row(w, h, size, resize), size, channels)
+        assert got.shape == want.shape
+        assert np.abs(got.astype(np.int64) - want).max() <= 1
+    # Pixels decoded elsewhere at the crop's size pass through unchanged.
+    crop = rng.integers(0, 256, (*size, channels), dtype=np.uint8)
+    np.testing.assert_array_equal(fit_reference(crop, *size, 0, 0, size, channels), crop)
+
+
+# --- the pixel cap (issue 17, point 8) ---------------------------------------------------------
+
+
+def test_the_default_cap_comes_from_resize_and_pillows_limit() -> None:
+    assert default_max_pixels(224) == (32 * 224) ** 2
+    assert default_max_pixels(4096) == Image.MAX_IMAGE_PIXELS
+    assert resolved_image(metas(meta("x", np.float32, None, 3, 8, 8))).max_pixels == 256 ** 2
+    assert resolved_image(metas(meta("x", np.float32, None, 3, 8, 8)),
+                          max_pixels=10).max_pixels == 10
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_an_image_over_the_cap_is_a_bad_row_never_decoded(fmt: str) -> None:
+    big = encode(Image.new("RGB", (300, 200)), fmt)
+    with pytest.raises(ImageLimitError, match=r"image of 300x200 pixels \(0.1 MP\) is over the "
+                                              r"limit of 0.0 MP \(max_pixels\); raise it with "
+                                              r"--max-image-pixels N"):
+        load_image(big, "RGB", (8, 8), 8, max_pixels=20_000)
+    pixels, bad = ImageDecoder("RGB", (8, 8), 8, max_pixels=20_000).decode(
+        [big, encode(Image.new("RGB", (100, 100)), fmt)])
+    assert list(bad) == [0] and "over the limit" in bad[0]
+    assert pixels.shape == (2, 8, 8, 3)
+
+
+def test_the_cap_follows_on_bad_image() -> None:
+    model = metas(meta("x", np.float32, None, 3, 8, 8))
+    table = pa.table({"jpeg": pa.array([encode(Image.new("RGB", (300, 300)), "PNG"),
+                                        encode(Image.new("RGB", (10, 10)), "PNG")], pa.binary())})
+    with Preprocessor([resolved_image(model, max_pixels=50_000)], model) as prep, \
+            pytest.raises(DataError, match=r"image column 'jpeg' row 7 of the shard: image of "
+                                           r"300x300 pixels .* over the limit of 0.1 MP"):
+        prep(table, offset=7)
+    with Preprocessor([resolved_image(model, max_pixels=50_000, on_error="skip")], model) as prep:
+        prepared = prep(table)
+    assert list(prepared.failed) == [0] and "max_pixels" in prepared.failed[0][1]
+    assert prepared.feeds["x"].shape == (1, 3, 8, 8)
+
+
+def test_pillows_decompression_bomb_limit_is_a_bad_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that: the decoder makes it an error.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)
+    warned = encode(Image.new("RGB", (80, 80)), "PNG")  # 6,400 pixels: Pillow's warning zone
+    _, bad = ImageDecoder("RGB", (8, 8), 8).decode([warned])
+    assert "DecompressionBomb" in bad[0]
+
+
+def test_the_image_directory_row_is_named_when_the_shard_fails() -> None:
+    model = metas(meta("x", np.float32, None, 3, 8, 8))
+    table = pa.table({"image": pa.array([b"junk"], pa.binary()),
+                      "path": pa.array(["file:///images/a.png"])})
+    spec = resolved_image(model)
+    from dataclasses import replace
+
+    with Preprocessor([replace(spec, column="image")], model) as prep, \
+            pytest.raises(DataError, match=r"row 0 of the shard \('file:///images/a.png'\): "
+                                           r"cannot decode image"):
+        prep(table)

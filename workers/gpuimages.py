@@ -1,0 +1,629 @@
+"""GPU image decoding: nvImageCodec decodes encoded images into device memory, and one kernel
+resizes, center-crops, normalizes and lays them out straight into a device slot's input buffer.
+
+The host ships encoded bytes (about 20 kB a JPEG) instead of decoded pixels (150 kB at 224 px,
+600 kB as float32), and the node's CPUs stay free for reading and writing.
+
+- `GpuImages.decode` (the converting thread) decodes a batch with nvImageCodec into device
+  memory and waits for it; rows the GPU cannot decode (formats it has no GPU decoder for, say)
+  are decoded on the CPU (`workers.images.load_image`), so a corrupt image fails exactly as on
+  the CPU path: same reason, same `on_error`. It returns one object per row: a decoded device
+  image or the CPU's pixels, in a numpy object array, which batching slices like any input.
+- `GpuImages.fill` (the GPU loop, `workers.slots.run_slots`) launches the fit kernel for a
+  batch on the slot's stream, writing the slot's device input buffer, so the slot skips that
+  input's host copy.
+
+The kernel computes what the CPU path computes: Pillow's bilinear resize of the shorter side
+(a triangle filter widened by the scale when shrinking, as Pillow's is), the center crop, Pillow's
+RGB-to-L conversion for one-channel models, rounding to uint8, then `(x / 255 - mean) / std` in
+the input's dtype and layout. It is compiled at run time with NVRTC and launched through
+cuda-python's driver API (`cuda.bindings`), the layer `workers.cuda` uses. CV-CUDA's fused
+`resize_crop_convert_reformat` was the library candidate; it was not used: its linear filter does
+not widen when shrinking (so it would not match the CPU path's pixels), and its wheel (128 MB)
+weighs more than everything else the GPU path installs. `fit_reference` is the same arithmetic in
+numpy, which the CPU tests compare with Pillow.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from workers.errors import BackendError, MissingDependencyError
+from workers.images import (
+    ImageDecoder,
+    check_pixels,
+    crop_origin,
+    is_jpeg,
+    jpeg_complete,
+    resized_size,
+)
+
+#: One row of a batch for the kernel: where its source pixels are and how it maps to the crop.
+ROW = np.dtype({"names": ["src", "src_h", "src_w", "pitch", "src_c", "new_h", "new_w", "top",
+                          "left"],
+                "formats": [np.uint64] + [np.int32] * 8,
+                "offsets": [0, 8, 12, 16, 20, 24, 28, 32, 36], "itemsize": 40})
+
+#: Output dtypes the kernel writes (the model input's), by kernel name.
+KERNELS = {np.dtype(np.uint8): "fit_u8", np.dtype(np.float16): "fit_f16",
+           np.dtype(np.float32): "fit_f32", np.dtype(np.float64): "fit_f64"}
+
+KERNEL_SOURCE = r"""
+struct Row {
+    unsigned long long src;
+    int src_h, src_w, pitch, src_c;
+    int new_h, new_w, top, left;
+};
+
+__device__ __forceinline__ float tri(float x) {
+    x = fabsf(x);
+    return x < 1.0f ? 1.0f - x : 0.0f;
+}
+
+// Pillow's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16.
+__device__ __forceinline__ float luma(const unsigned char* p) {
+    unsigned int v = p[0] * 19595u + p[1] * 38470u + p[2] * 7471u + 0x8000u;
+    return (float)(v >> 16);
+}
+
+__device__ __forceinline__ void put(unsigned char* o, float v, float s, float t) {
+    *o = (unsigned char)v;
+}
+__device__ __forceinline__ void put(float* o, float v, float s, float t) { *o = v * s + t; }
+__device__ __forceinline__ void put(double* o, float v, float s, float t) {
+    *o = (double)v * (double)s + (double)t;
+}
+__device__ __forceinline__ void put(unsigned short* o, float v, float s, float t) {
+    float f = v * s + t;
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    *o = h;
+}
+
+// One thread per output pixel of one row (blockIdx.y): Pillow's bilinear filter over the
+// source pixels the pixel's footprint covers, both axes at once, normalized like Pillow's.
+template <typename T>
+__device__ void fit(const Row* rows, T* out, int out_h, int out_w, int out_c, int nchw,
+                    float s0, float s1, float s2, float t0, float t1, float t2) {
+    int n = blockIdx.y;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= out_h * out_w) return;
+    int y = idx / out_w, x = idx - (idx / out_w) * out_w;
+    Row r = rows[n];
+    const unsigned char* src = (const unsigned char*)r.src;
+    float sx = (float)r.src_w / (float)r.new_w, sy = (float)r.src_h / (float)r.new_h;
+    float fx = fmaxf(sx, 1.0f), fy = fmaxf(sy, 1.0f);
+    float cx = ((float)(x + r.left) + 0.5f) * sx, cy = ((float)(y + r.top) + 0.5f) * sy;
+    int x0 = max((int)(cx - fx + 0.5f), 0), x1 = min((int)(cx + fx + 0.5f), r.src_w);
+    int y0 = max((int)(cy - fy + 0.5f), 0), y1 = min((int)(cy + fy + 0.5f), r.src_h);
+    float wx_sum = 0.0f, wy_sum = 0.0f;
+    for (int i = x0; i < x1; ++i) wx_sum += tri(((float)i - cx + 0.5f) / fx);
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
+    for (int j = y0; j < y1; ++j) {
+        float wy = tri(((float)j - cy + 0.5f) / fy);
+        wy_sum += wy;
+        if (wy == 0.0f) continue;
+        const unsigned char* line = src + (size_t)j * (size_t)r.pitch;
+        float b0 = 0.0f, b1 = 0.0f, b2 = 0.0f;
+        for (int i = x0; i < x1; ++i) {
+            float wx = tri(((float)i - cx + 0.5f) / fx);
+            const unsigned char* p = line + (size_t)i * (size_t)r.src_c;
+            if (out_c == 1) {
+                b0 += wx * (r.src_c == 1 ? (float)p[0] : luma(p));
+            } else {
+                b0 += wx * (float)p[0];
+                b1 += wx * (float)p[1];
+                b2 += wx * (float)p[2];
+            }
+        }
+        a0 += wy * b0; a1 += wy * b1; a2 += wy * b2;
+    }
+    float norm = 1.0f / (wx_sum * wy_sum);
+    float acc[3] = {a0 * norm, a1 * norm, a2 * norm};
+    float scale[3] = {s0, s1, s2}, shift[3] = {t0, t1, t2};
+    for (int c = 0; c < out_c; ++c) {
+        float v = fminf(fmaxf(rintf(acc[c]), 0.0f), 255.0f);
+        size_t at = nchw ? (((size_t)n * out_c + c) * out_h + y) * out_w + x
+                         : (((size_t)n * out_h + y) * out_w + x) * out_c + c;
+        put(out + at, v, scale[c], shift[c]);
+    }
+}
+
+#define FIT(name, T) \
+extern "C" __global__ void name(const Row* rows, T* out, int out_h, int out_w, int out_c, \
+                                int nchw, float s0, float s1, float s2, float t0, float t1, \
+                                float t2) { \
+    fit<T>(rows, out, out_h, out_w, out_c, nchw, s0, s1, s2, t0, t1, t2); \
+}
+FIT(fit_u8, unsigned char)
+FIT(fit_f16, unsigned short)
+FIT(fit_f32, float)
+FIT(fit_f64, double)
+"""
+
+#: Threads per block of the fit kernel (one per output pixel).
+BLOCK = 256
+#: Device memory of decoded images kept for the decoder to reuse (the rest are freed).
+SPARE_BYTES = 1 << 30
+
+
+def fit_row(width: int, height: int, size: tuple[int, int], resize: int
+            ) -> tuple[int, int, int, int]:
+    """`(new_h, new_w, top, left)` of a kernel row for a `width` x `height` image decoded whole."""
+    new_w, new_h = resized_size(width, height, resize)
+    left, top = crop_origin(new_w, new_h, size)
+    return new_h, new_w, top, left
+
+
+def _weights(center: Any, scale: float, size: int) -> tuple[int, np.ndarray]:
+    """Pillow's bilinear (triangle) taps for one output coordinate: first index, weights."""
+    filterscale = max(scale, 1.0)
+    lo = max(int(np.float32(center - filterscale + 0.5)), 0)
+    hi = min(int(np.float32(center + filterscale + 0.5)), size)
+    taps = (np.arange(lo, hi, dtype=np.float32) - np.float32(center) + np.float32(0.5)) \
+        / np.float32(filterscale)
+    return lo, np.clip(1.0 - np.abs(taps), 0.0, None).astype(np.float32)
+
+
+def fit_reference(src: np.ndarray, new_h: int, new_w: int, top: int, left: int,
+                  size: tuple[int, int], channels: int) -> np.ndarray:
+    """The fit kernel's arithmetic in numpy: uint8 `[h, w, channels]` from uint8 `src` `[H, W, C]`.
+
+    For tests: `fit_reference` against Pillow is the CPU check of what the kernel computes.
+    """
+    out_h, out_w = size
+    src_h, src_w, src_c = src.shape
+    sx, sy = np.float32(src_w) / np.float32(new_w), np.float32(src_h) / np.float32(new_h)
+    if channels == 1 and src_c == 3:
+        wide = src.astype(np.uint32)
+        plane = ((wide[..., 0] * 19595 + wide[..., 1] * 38470 + wide[..., 2] * 7471 + 0x8000)
+                 >> 16).astype(np.float32)[..., None]
+    else:
+        plane = src.astype(np.float32)
+    out = np.empty((out_h, out_w, channels), np.uint8)
+    columns = [_weights((np.float32(x + left) + np.float32(0.5)) * sx, float(sx), src_w)
+               for x in range(out_w)]
+    for y in range(out_h):
+        y0, wy = _weights((np.float32(y + top) + np.float32(0.5)) * sy, float(sy), src_h)
+        band = np.tensordot(wy, plane[y0:y0 + len(wy)], axes=(0, 0))  # [W, C]
+        for x, (x0, wx) in enumerate(columns):
+            acc = np.tensordot(wx, band[x0:x0 + len(wx)], axes=(0, 0)) / (wx.sum() * wy.sum())
+            out[y, x] = np.clip(np.rint(acc[:channels]), 0, 255)
+    return out
+
+
+def import_nvimgcodec() -> Any:
+    """nvImageCodec's Python module; MissingDependencyError naming the install when absent."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "--image-decode gpu needs nvImageCodec; pip install '.[gpu]' (nvidia-nvimgcodec-cu13), "
+            "or pass --image-decode cpu") from exc
+    return nvimgcodec
+
+
+@dataclass(frozen=True)
+class FitTarget:
+    """What one model input wants from its images (a resolved image preprocessor's settings)."""
+
+    input: str
+    mode: str
+    size: tuple[int, int]
+    resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    layout: str
+    dtype: np.dtype
+    max_pixels: int | None
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def affine(self) -> tuple[list[float], list[float]]:
+        """Per-channel scale and shift (`x * scale + shift`), padded to 3; raw for integers."""
+        if self.dtype.kind != "f":
+            return [1.0] * 3, [0.0] * 3
+        scale = [1.0 / (s * 255.0) for s in self.std]
+        shift = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+        return scale + [1.0] * (3 - len(scale)), shift + [0.0] * (3 - len(shift))
+
+
+class DeviceImage:
+    """One decoded image in device memory (nvImageCodec's), HWC uint8; holds it alive."""
+
+    __slots__ = ("height", "image", "pitch", "ptr", "width")
+
+    def __init__(self, image: Any) -> None:
+        face = image.__cuda_array_interface__
+        self.image = image
+        self.ptr = int(face["data"][0])
+        self.height, self.width, channels = (int(d) for d in face["shape"])
+        strides = face.get("strides")
+        self.pitch = int(strides[0]) if strides else self.width * channels
+        if channels != 3 or face["typestr"] != "|u1":
+            raise BackendError(f"nvImageCodec returned {face['typestr']} with {channels} "
+                               "channels for an RGB decode; expected uint8 RGB")
+
+
+class _Kernel:
+    """The fit kernels compiled with NVRTC for this device and loaded in its primary context."""
+
+    def __init__(self, device_id: int) -> None:
+        from cuda.bindings import driver, nvrtc
+
+        from workers import cuda
+
+        self._driver = driver
+        major, minor = cuda.compute_capability(device_id)
+        program = cuda.check(nvrtc.nvrtcCreateProgram(KERNEL_SOURCE.encode(), b"fit.cu", 0, [],
+                                                      []), "nvrtcCreateProgram")
+        try:
+            options = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--std=c++17",
+                       b"-default-device"]
+            status = nvrtc.nvrtcCompileProgram(program, len(options), options)[0]
+            if int(status) != 0:
+                size = cuda.check(nvrtc.nvrtcGetProgramLogSize(program), "nvrtcGetProgramLogSize")
+                log = b" " * int(size)
+                cuda.check(nvrtc.nvrtcGetProgramLog(program, log), "nvrtcGetProgramLog")
+                raise BackendError(f"NVRTC could not compile the image fit kernel for sm_{major}"
+                                   f"{minor}: {log.decode(errors='replace').strip()}")
+            size = cuda.check(nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
+            cubin = b" " * int(size)
+            cuda.check(nvrtc.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
+        finally:
+            cuda.check(nvrtc.nvrtcDestroyProgram(program), "nvrtcDestroyProgram")
+        cuda.set_device(device_id)  # the primary context current: the module lives there
+        self._module = cuda.check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+        self.functions = {dtype: cuda.check(driver.cuModuleGetFunction(self._module, name.encode()),
+                                            f"cuModuleGetFunction({name})")
+                          for dtype, name in KERNELS.items()}
+
+    def launch(self, dtype: np.dtype, rows_ptr: int, rows: int, out_ptr: int, target: FitTarget,
+               stream: int) -> None:
+        from workers import cuda
+
+        height, width = target.size
+        scale, shift = target.affine()
+        values: list[np.ndarray] = [
+                  np.array([rows_ptr], np.uint64), np.array([out_ptr], np.uint64),
+                  np.array([height], np.int32), np.array([width], np.int32),
+                  np.array([target.channels], np.int32),
+                  np.array([target.layout == "NCHW"], np.int32),
+                  *(np.array([v], np.float32) for v in (*scale, *shift))]
+        params = np.array([v.ctypes.data for v in values], np.uint64)
+        grid = -(-height * width // BLOCK)
+        cuda.check(self._driver.cuLaunchKernel(self.functions[dtype], grid, rows, 1, BLOCK, 1, 1, 0,
+                                               self._driver.CUstream(stream), params.ctypes.data, 0),
+                   "cuLaunchKernel(fit)")
+
+    def close(self) -> None:
+        from workers import cuda
+
+        module, self._module = self._module, None
+        if module is not None:
+            cuda.check(self._driver.cuModuleUnload(module), "cuModuleUnload")
+
+
+class _SlotBuffers:
+    """One slot's kernel rows and CPU-decoded pixels, pinned and on the device, for one input."""
+
+    def __init__(self, max_rows: int, target: FitTarget) -> None:
+        from workers import cuda
+
+        height, width = target.size
+        self.row_bytes = height * width * target.channels
+        self._own: list[Any] = []
+        try:
+            self.rows_host = self._keep(cuda.PinnedBuffer(max_rows * ROW.itemsize))
+            self.rows_device = self._keep(cuda.DeviceBuffer(max_rows * ROW.itemsize))
+            self.pixels_host = self._keep(cuda.PinnedBuffer(max_rows * self.row_bytes))
+            self.pixels_device = self._keep(cuda.DeviceBuffer(max_rows * self.row_bytes))
+        except BaseException:
+            self.close()
+            raise
+        self.records = self.rows_host.view(ROW, (max_rows,))
+        self.pixels = self.pixels_host.view(np.uint8, (max_rows, height, width, target.channels))
+        #: The device images of the slot's last batch: alive until the slot is filled again
+        #: (by then that batch was collected, so the kernel that read them is done).
+        self.holding: list[DeviceImage] = []
+
+    def _keep(self, resource: Any) -> Any:
+        self._own.append(resource)
+        return resource
+
+    def close(self) -> None:
+        self.holding = []
+        while self._own:
+            self._own.pop().close()
+
+
+class GpuImages:
+    """nvImageCodec decoding and the fit kernel for a GPU actor's image inputs; close it when done.
+
+    `targets`: the image inputs decoded on the GPU. Counts the rows each decoder decoded
+    (`stats`). One per actor: the decoder, its stream and the kernel outlive shards.
+    """
+
+    def __init__(self, targets: Mapping[str, FitTarget], device_id: int = 0, threads: int = 1
+                 ) -> None:
+        from workers import cuda
+
+        nvimgcodec = import_nvimgcodec()
+        self.targets = dict(targets)
+        self.inputs = frozenset(self.targets)
+        self.device_id = device_id
+        self._nv = nvimgcodec
+        self._lock = threading.Lock()
+        self._slots: dict[tuple[int, str], _SlotBuffers] = {}
+        #: nvImageCodec images of batches that are done, for the next decodes to reuse.
+        self._spare: list[Any] = []
+        self._spare_bytes = 0
+        self.gpu_rows = 0
+        self.cpu_rows = 0
+        self._stream: Any = None
+        self._kernel: _Kernel | None = None
+        cuda.set_device(device_id)
+        try:
+            self._stream = cuda.Stream()
+            kinds = nvimgcodec.BackendKind
+            # GPU decoders only (the hardware JPEG decoder where the GPU has one, then CUDA,
+            # then CUDA with the CPU's Huffman decoding): what none of them decodes goes to
+            # this job's own CPU decoder, which gives the CPU path's pixels and errors.
+            self._decoder = nvimgcodec.Decoder(
+                device_id=device_id, max_num_cpu_threads=max(1, threads),
+                backends=[nvimgcodec.Backend(kinds.HW_GPU_ONLY),
+                          nvimgcodec.Backend(kinds.GPU_ONLY),
+                          nvimgcodec.Backend(kinds.HYBRID_CPU_GPU)])
+            self._params = nvimgcodec.DecodeParams(
+                apply_exif_orientation=False,  # as Pillow's and libjpeg's decodes
+                color_spec=nvimgcodec.ColorSpec.SRGB, allow_any_depth=False,
+                sample_format=nvimgcodec.SampleFormat.I_RGB)
+            self._kernel = _Kernel(device_id)
+        except BaseException:
+            self.close()
+            raise
+
+    # the converting thread ---------------------------------------------------------------------
+    def decode(self, name: str, values: Sequence[bytes | None], cpu: ImageDecoder
+               ) -> tuple[np.ndarray, dict[int, str]]:
+        """One object per row (a DeviceImage, or the CPU's uint8 pixels), and the bad rows' reasons.
+
+        `cpu` decodes the rows the GPU does not, to raw uint8 NHWC pixels at the crop's size.
+        """
+        target = self.targets[name]
+        out = np.empty(len(values), dtype=object)
+        streams, rows, on_cpu = [], [], []
+        for i, data in enumerate(values):
+            if data is None:
+                on_cpu.append(i)
+                continue
+            if is_jpeg(data) and not jpeg_complete(data):
+                on_cpu.append(i)  # truncated: nvJPEG may decode what it has; the CPU refuses
+                continue
+            try:
+                stream = self._nv.CodeStream(data)
+                check_pixels(int(stream.width), int(stream.height), target.max_pixels)
+            except Exception:  # not an image it parses, or too large: the CPU path says which
+                on_cpu.append(i)
+                continue
+            streams.append(stream)
+            rows.append(i)
+        images = self._decode(streams) if streams else []
+        on_gpu = 0
+        for i, image in zip(rows, images, strict=True):
+            if image is None:  # no GPU decoder took it, or it is corrupt: the CPU decides
+                on_cpu.append(i)
+            else:
+                out[i] = DeviceImage(image)
+                on_gpu += 1
+        bad: dict[int, str] = {}
+        if on_cpu:
+            on_cpu.sort()
+            # The CPU decoder's threads (and processes), raw uint8 pixels at the crop's size:
+            # the kernel normalizes them with the GPU-decoded rows.
+            pixels, failed = cpu.decode([values[i] for i in on_cpu])
+            for k, i in enumerate(on_cpu):
+                if k in failed:
+                    bad[i] = failed[k]
+                else:
+                    out[i] = pixels[k]
+        with self._lock:
+            self.gpu_rows += on_gpu
+            self.cpu_rows += len(on_cpu) - len(bad)
+        return out, bad
+
+    # the GPU loop --------------------------------------------------------------------------------
+    def fill(self, slot: Any, name: str, parts: Sequence[np.ndarray], rows: int) -> None:
+        """Write the batch of `parts` (its rows in order) into `slot`'s device input `name`."""
+        from workers import cuda
+
+        assert self._kernel is not None
+        target = self.targets[name]
+        buffers = self._buffers(slot, name, target)
+        records, fallback = buffers.records, 0
+        holding: list[DeviceImage] = []
+        row = 0
+        height, width = target.size
+        for part in parts:
+            for item in part:
+                record = records[row]
+                if isinstance(item, DeviceImage):
+                    new_h, new_w, top, left = fit_row(item.width, item.height, target.size,
+                                                      target.resize)
+                    record["src"], record["pitch"], record["src_c"] = item.ptr, item.pitch, 3
+                    record["src_h"], record["src_w"] = item.height, item.width
+                    holding.append(item)
+                else:  # CPU-decoded pixels, already at the crop's size: copied, not resized
+                    buffers.pixels[fallback] = item
+                    record["src"] = buffers.pixels_device.ptr + fallback * buffers.row_bytes
+                    record["pitch"], record["src_c"] = width * target.channels, target.channels
+                    record["src_h"], record["src_w"] = height, width
+                    new_h, new_w, top, left = height, width, 0, 0
+                    fallback += 1
+                record["new_h"], record["new_w"], record["top"], record["left"] = (
+                    new_h, new_w, top, left)
+                row += 1
+        if row != rows:
+            raise BackendError(f"image input '{name}' got {row} rows for a batch of {rows}")
+        # This slot's last batch was collected: its images go back for the decoder to reuse.
+        spent, buffers.holding = buffers.holding, holding
+        self._give_back([d.image for d in spent])
+        cuda.set_device(self.device_id)  # this thread's current context: the kernel's
+        stream = slot.stream.handle
+        cuda.copy_htod_async(buffers.rows_device.ptr, buffers.rows_host.ptr,
+                             rows * ROW.itemsize, stream)
+        if fallback:
+            cuda.copy_htod_async(buffers.pixels_device.ptr, buffers.pixels_host.ptr,
+                                 fallback * buffers.row_bytes, stream)
+        out = slot.device_input(name)
+        self._kernel.launch(target.dtype, buffers.rows_device.ptr, rows, out, target, stream)
+        if rows < slot.max_rows:  # padding rows (outputs dropped): zeros, as on the host path
+            row_bytes = height * width * target.channels * target.dtype.itemsize
+            cuda.check(cuda.runtime().cudaMemsetAsync(out + rows * row_bytes, 0,
+                                                      (slot.max_rows - rows) * row_bytes, stream),
+                       "cudaMemsetAsync")
+        slot.filled_inputs = slot.filled_inputs | {name}
+
+    def _decode(self, streams: list[Any]) -> list[Any]:
+        """nvImageCodec's decode of a batch into device images, reusing spent ones' memory."""
+        with self._lock:
+            reuse = self._spare[-len(streams):] if len(self._spare) >= len(streams) else None
+            if reuse is not None:
+                del self._spare[-len(streams):]
+                self._spare_bytes -= sum(int(i.height) * int(i.width) * 3 for i in reuse)
+        # Decoding into images of batches already done keeps device memory from being freed
+        # and allocated for every batch (a synchronous cudaFree would stall the GPU's queue).
+        images = self._decoder.decode(streams, images=reuse, params=self._params,
+                                      cuda_stream=self._stream.handle)
+        # Decoded when the stream gets here: wait (this thread only converts), so the images
+        # are ready for any slot's stream without an event per batch.
+        self._stream.synchronize()
+        if reuse is not None:
+            self._give_back([old for old, new in zip(reuse, images, strict=True) if new is None])
+        return list(images)
+
+    def _give_back(self, images: list[Any]) -> None:
+        """Keep `images` for reuse, up to `SPARE_BYTES` of them (the rest are freed)."""
+        with self._lock:
+            for image in images:
+                size = int(image.height) * int(image.width) * 3
+                if self._spare_bytes + size > SPARE_BYTES:
+                    break
+                self._spare.append(image)
+                self._spare_bytes += size
+
+    def probe(self) -> None:
+        """Raise BackendError unless a small JPEG decodes on this GPU."""
+        images = self._decoder.decode([self._nv.CodeStream(_probe_jpeg())], params=self._params,
+                                      cuda_stream=self._stream.handle)
+        self._stream.synchronize()
+        if not images or images[0] is None:
+            raise BackendError(f"nvImageCodec decoded no test JPEG on CUDA device {self.device_id}")
+
+    def _buffers(self, slot: Any, name: str, target: FitTarget) -> _SlotBuffers:
+        key = (id(slot), name)
+        with self._lock:
+            buffers = self._slots.get(key)
+            if buffers is None:
+                buffers = self._slots[key] = _SlotBuffers(slot.max_rows, target)
+            return buffers
+
+    def stats(self) -> dict[str, Any]:
+        return {"decode": "gpu", "gpu_rows": self.gpu_rows, "cpu_rows": self.cpu_rows}
+
+    def close(self) -> None:
+        """Free the slots' buffers, the kernel module and the decode stream (after its work)."""
+        with self._lock:
+            slots, self._slots = list(self._slots.values()), {}
+            self._spare, self._spare_bytes = [], 0
+        for buffers in slots:
+            buffers.close()
+        self.__dict__.pop("_decoder", None)
+        kernel, self._kernel = self._kernel, None
+        if kernel is not None:
+            kernel.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.synchronize()
+            stream.close()
+
+
+def _probe_jpeg() -> bytes:
+    """A small JPEG to check that the GPU decodes at all."""
+    import io
+
+    from workers.images import import_pil
+
+    Image = import_pil()
+    buffer = io.BytesIO()
+    pixels = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def fit_targets(specs: Sequence[Any], metas: Mapping[str, Any]) -> dict[str, FitTarget]:
+    """The image inputs that may decode on the GPU (`decode` gpu or auto), as fit targets.
+
+    Raises BackendError for an input `decode: gpu` asks for that the kernel cannot write.
+    """
+    from workers.preprocess import ImagePrep
+
+    targets: dict[str, FitTarget] = {}
+    for spec in specs:
+        if not isinstance(spec, ImagePrep) or spec.decode == "cpu" or spec.input is None:
+            continue
+        meta = metas[spec.input]
+        if meta.dtype not in KERNELS:
+            if spec.decode == "gpu":
+                raise BackendError(f"--image-decode gpu writes uint8, float16, float32 or float64 "
+                                   f"inputs, but input '{meta.name}' is {meta.describe()}; pass "
+                                   "--image-decode cpu")
+            continue
+        assert spec.size is not None and spec.resize is not None and spec.mode is not None
+        targets[spec.input] = FitTarget(
+            input=spec.input, mode=spec.mode, size=spec.size, resize=spec.resize,
+            mean=tuple(spec.mean or ()), std=tuple(spec.std or ()), layout=spec.layout,
+            dtype=np.dtype(meta.dtype), max_pixels=spec.max_pixels)
+    return targets
+
+
+def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool,
+                    device_id: int = 0, threads: int = 1) -> tuple[GpuImages | None, str]:
+    """The actor's GPU image decoding for `specs`, or None; and how its images decode, in words.
+
+    `on_gpu`: the actor's backend runs on a GPU (slots). `decode: auto` takes the GPU where
+    nvImageCodec imports and decodes a test image there, else the CPU (the words say why);
+    `decode: gpu` raises instead.
+    """
+    from workers.preprocess import ImagePrep
+
+    wanted = [s for s in specs if isinstance(s, ImagePrep) and s.decode != "cpu"]
+    if not wanted:
+        return None, "cpu"
+    required = any(s.decode == "gpu" for s in wanted)
+    if not on_gpu:
+        if required:
+            raise BackendError("--image-decode gpu needs a GPU actor, and this one runs its model "
+                               "on the CPU; pass --image-decode cpu (or auto)")
+        return None, "cpu (the actor has no GPU)"
+    images: GpuImages | None = None
+    try:
+        targets = fit_targets(specs, metas)
+        if not targets:
+            return None, "cpu (no image input the GPU kernel writes)"
+        images = GpuImages(targets, device_id, threads)
+        images.probe()
+    except Exception as exc:
+        if images is not None:
+            images.close()
+        if required:
+            raise
+        return None, f"cpu (GPU decoding unavailable: {exc})"
+    return images, "gpu"
