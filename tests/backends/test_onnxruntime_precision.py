@@ -77,6 +77,21 @@ def test_fp32_loads_the_model_unchanged() -> None:
         assert backend._session_model is model  # type: ignore[attr-defined]
 
 
+def test_fp16_of_a_model_with_external_weights_is_refused_clearly() -> None:
+    """The conversion reads inline weights only; a model whose weights the driver read from
+    files beside it is refused, naming the fix (the check runs before any provider is made)."""
+    from tests.security.test_external_data import initializer_model
+    from workers.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(initializer_model("w.bin"), BackendConfig(precision="fp16"),
+                                 external_data={"w.bin": np.ones(4, np.float32).tobytes()})
+    with pytest.raises(SpecError, match=re.escape(
+            "--precision fp16 on ONNX Runtime converts the model, and this one keeps its weights "
+            "in external files, which the conversion does not read; save the model with its "
+            "weights inline")):
+        backend._precision_model("cuda")
+
+
 # On a GPU --------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @needs_ort_cuda
