@@ -53,6 +53,7 @@ from workers.backends import BackendConfig
 from workers.errors import ClusterError, SpecError, StorageError
 from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.plan_build import BuildConfig
 from workers.preprocess import ImagePrep, TensorPrep, TextPrep
 from workers.redact import RedactingStream, redact
 from workers.storage import probe, read_bytes
@@ -128,17 +129,35 @@ class PreparedJob:
         }
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
+        if self.spec.weights:
+            from jobs.caffe import converter_version
+
+            # model_sha256 is the converted model's: it covers the prototxt, the weights and
+            # what the converter made of them; the converter is named for the record.
+            key["converted_by"] = converter_version()
         return {"fingerprint": fingerprint(key), "model": redact(self.spec.model), **key}
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
-    """The model's bytes and description; its external-data references checked to stay in its
-    directory (see workers.external_data), before anything reads them."""
+    """The model's ONNX bytes (a Caffe model converted here, once) and its description; its
+    external-data references checked to stay in its directory (see workers.external_data),
+    before anything reads them."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
         raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
-    info = describe_onnx(data, source=f"model '{spec.model}'")
+    source = f"model '{spec.model}'"
+    if spec.weights:
+        from jobs.caffe import convert_caffe
+
+        try:
+            weights = read_bytes(spec.weights, spec.storage)
+        except StorageError as exc:
+            raise SpecError(f"weights '{spec.weights}' cannot be read ({exc}); check "
+                            "--weights") from exc
+        source = f"Caffe model '{spec.model}' with weights '{spec.weights}'"
+        data = convert_caffe(data, weights, source)
+    info = describe_onnx(data, source=source)
     check_model_directory(data, spec.model, spec.storage)
     return data, info
 
@@ -302,12 +321,37 @@ def gpu_nodes_for(requested: str) -> list[GpuNode]:
     return probe_gpu_nodes()
 
 
-def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> str:
+def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None,
+                    build: BuildConfig | None = None) -> str:
     """`auto` -> the best backend the cluster can run; an impossible request fails here.
 
-    `nodes`: the GPU nodes' probed facts (probed here when not given).
+    `nodes`: the GPU nodes' probed facts (probed here when not given); `build`: the plans the
+    job would build (lean-only nodes run only version-compatible ones).
     """
-    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
+    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes, build)
+
+
+def check_onnxruntime_precision(spec: JobSpec, job: PreparedJob) -> None:
+    """Refuse, before any actor starts, a precision ONNX Runtime cannot run on this cluster.
+
+    Actors run on the CUDA provider where the cluster has GPUs (an actor whose node lacks
+    onnxruntime-gpu still refuses fp16/bf16 when it loads), else on the CPU provider.
+    """
+    if spec.precision == "fp32":
+        return
+    from workers.backends.onnxruntime import check_precision
+    from workers.onnx_precision import model_types
+
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
+    source = f"model '{spec.model}'"
+    check_precision(spec.precision, device, model_types(job.model_bytes, source), source)
+
+
+def plugins_of(spec: JobSpec) -> tuple[tuple[str, str], ...]:
+    """(uri, sha256) of each --plugins library, read once here; the fingerprint holds them."""
+    from workers.plugins import digest_plugins
+
+    return digest_plugins(spec.plugins, spec.storage) if spec.plugins else ()
 
 
 def _worker_resources(spec: JobSpec) -> WorkerResources:
@@ -328,8 +372,14 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
     """What every actor of this job is given."""
     return WorkerConfig(
         backend=backend,
-        # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code).
-        backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision),
+        # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code);
+        # so is leaving the --plugins libraries to a plan that carries them.
+        backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision,
+                                     plugins=plugins_of(spec),
+                                     storage_options=spec.storage_options,
+                                     plugins_in_plan=(backend == "tensorrt"
+                                                      and spec.version_compatible
+                                                      and bool(spec.plugins))),
         output_url=spec.output, bindings=job.bindings, keep=job.keep,
         batch_size=spec.batch_size, storage_options=spec.storage_options,
         slots=spec.slots, readers=resources.readers,
@@ -381,7 +431,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     init_ray()
     startup["ray_init"] = time.monotonic() - mark
     gpu_nodes = gpu_nodes_for(spec.backend)
-    backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    # Before the output is touched or GPUs reserved.
+    backend = resolve_backend(spec.backend, gpu_nodes, spec.build_config())
+    if backend == "onnxruntime":
+        check_onnxruntime_precision(spec, job)
     resources = _worker_resources(spec)
     workers = spec.workers or resources.default_workers
     before = out.read_json(INPUTS_FILE)

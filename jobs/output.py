@@ -22,7 +22,7 @@ from jobs.lease import LOCK_FILE
 from jobs.paths import canonical_url
 from workers.commit import TMP_DIR, TMP_PART_RE
 from workers.errors import OutputConflictError, StorageError
-from workers.redact import redact_json
+from workers.redact import redact, redact_json
 from workers.storage import filesystem, is_local, is_local_temp_of, retrying, write_bytes_atomic
 from workers.types import Shard
 
@@ -36,25 +36,31 @@ PART_RE = re.compile(r"^part-(?:\d+-\d+-)?([0-9a-f]{24})\.parquet$")
 OWN_FILES = (JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, INPUTS_FILE, LOCK_FILE)
 PARQUET_MAGIC = b"PAR1"
 
-#: The fields of a job's identity, in the order a conflict names them.
-IDENTITY_FIELDS = ("model_sha256", "input", "bindings", "keep", "precision", "processing")
+#: The fields of a job's identity, in the order a conflict names them (any other field of the
+#: identity is named after them).
+IDENTITY_FIELDS = ("model_sha256", "input", "bindings", "keep", "precision", "processing",
+                   "converted_by")
+#: What `_job.json` holds besides the identity: the fingerprint itself, and the model's URI (its
+#: bytes' hash is what identifies it).
+_NOT_IDENTITY = frozenset({"fingerprint", "model"})
 
 
 def fingerprint(key: Mapping[str, Any]) -> str:
-    """The identity's hash, over the identity fields present in `key`."""
-    fields = {k: key[k] for k in IDENTITY_FIELDS if k in key}
+    """The identity's hash: over every field of `key` (an identity, or a `_job.json`) but the
+    fingerprint and the model's URI."""
+    fields = {k: v for k, v in key.items() if k not in _NOT_IDENTITY}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def canonical_identity(record: Mapping[str, Any]) -> dict[str, Any]:
     """A `_job.json` as this version writes it: earlier ones stored the input as typed
     (`demo-data/x/`), now it is canonical (`jobs.paths.canonical_url`; a relative input is
-    taken relative to this process's directory), and the fingerprint follows."""
+    taken relative to this process's directory, and credentials are left out as in
+    `PreparedJob.identity`), and the fingerprint follows."""
     out = dict(record)
-    if isinstance(out.get("input"), str):
-        out["input"] = canonical_url(out["input"])
-    if isinstance(out.get("model"), str):
-        out["model"] = canonical_url(out["model"])
+    for name in ("input", "model"):
+        if isinstance(out.get(name), str):
+            out[name] = redact(canonical_url(out[name]))
     out["fingerprint"] = fingerprint(out)
     return out
 
@@ -75,8 +81,10 @@ def _show(name: str, record: Mapping[str, Any]) -> str:
 def identity_differences(previous: Mapping[str, Any], current: Mapping[str, Any]) -> str:
     """Which identity fields differ, each with both values: `input: '/a' there, '/b' in this job`."""
     names = {"model_sha256": "model", "bindings": "column mapping", "keep": "kept columns"}
+    others = sorted((set(previous) | set(current)) - _NOT_IDENTITY - set(IDENTITY_FIELDS))
     return "; ".join(f"{names.get(k, k)}: {_show(k, previous)} there, {_show(k, current)} in "
-                     "this job" for k in IDENTITY_FIELDS if previous.get(k) != current.get(k))
+                     "this job" for k in (*IDENTITY_FIELDS, *others)
+                     if previous.get(k) != current.get(k))
 
 
 @dataclass

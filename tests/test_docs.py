@@ -32,7 +32,7 @@ def test_every_extra_is_listed() -> None:
 def test_examples_and_the_demo_write_to_separate_folders() -> None:
     """`examples.digits` once wrote its images into the demo's input folder."""
     made = re.findall(r"python -m examples\.(\w+) (\S+)", README)
-    assert {name for name, _ in made} == {"patients", "reviews", "digits"}
+    assert {name for name, _ in made} == {"patients", "reviews", "digits", "lenet"}
     folders = [Path(d) for _, d in made] + [Path(DEFAULT_WORKDIR)]
     for i, a in enumerate(folders):
         for b in folders[i + 1:]:
