@@ -391,6 +391,18 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
         max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window)
 
 
+def probe_paths(spec: JobSpec) -> None:
+    """Check every store the job names, in seconds: no credentials or a dead endpoint is one
+    line before anything starts, not minutes of every layer's retries (`workers.storage.probe`).
+    """
+    named = [("model", spec.model), ("weights", spec.weights), ("input", spec.input),
+             ("output", spec.output), ("plan-cache", spec.plan_cache),
+             *(("plugins", uri) for uri in spec.plugins)]
+    for flag, url in named:
+        if url:
+            probe(url, flag, spec.storage)
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -401,10 +413,7 @@ def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
     stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     spec = resolve_paths(spec)  # one spelling of every path, for the identity and the manifest
-    for flag in ("model", "input", "output"):
-        # Seconds, not minutes of every layer's retries: no credentials or a dead endpoint is
-        # one line before anything starts.
-        probe(getattr(spec, flag), flag, spec.storage)
+    probe_paths(spec)
     job = prepare(spec)
     phases = {"prepare": time.monotonic() - started}
     out = OutputDir(spec.output, spec.storage)

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from jobs.spec import JobSpec
 
 _LOCAL_PROTOCOLS = (None, "file", "local")
+#: The spec's fields that hold one path or URL each (the flag is `--` and the name with dashes).
+_TOP_PATHS = ("model", "weights", "input", "output", "plan_cache", "plan_key_file")
 
 
 def is_local(url: str) -> bool:
@@ -107,18 +109,22 @@ def resolve_paths(spec: JobSpec, environ: Mapping[str, str] | None = None,
     """
     environ = os.environ if environ is None else environ
     cwd = os.getcwd() if cwd is None else cwd
-    top = [(f"--{name.replace('_', '-')}", name) for name in ("model", "input", "output",
-                                                              "plan_cache")]
+    top = [(f"--{name.replace('_', '-')}", name) for name in _TOP_PATHS]
     submission = job_submission(environ)
     if submission is not None:
         for flag, name in top:
             value = getattr(spec, name)
             if value:
                 check_not_relative(flag, value, submission, cwd)
+        for value in spec.plugins:
+            check_not_relative("--plugins", value, submission, cwd)
         for flag, value, *_ in _item_paths(spec):
             check_not_relative(flag, value, submission, cwd)
     changes: dict[str, Any] = {name: canonical_url(getattr(spec, name)) for _, name in top
                                if getattr(spec, name)}
+    # Actors read the plugin libraries too, in directories of their own: a relative path
+    # would name another file there.
+    changes["plugins"] = tuple(canonical_url(value) for value in spec.plugins)
     items: dict[str, list[Any]] = {"preprocess": list(spec.preprocess),
                                    "postprocess": list(spec.postprocess)}
     for _, value, section, i, name in _item_paths(spec):

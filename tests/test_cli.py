@@ -317,3 +317,31 @@ def test_s3_endpoint_that_does_not_answer(which: str, endpoint: str, job_args: l
                          "then rerun")
     if server:
         assert 1 <= server.connections <= 6, server.connections
+
+
+@pytest.mark.parametrize("flag", ["weights", "plugins", "plan-cache"])
+def test_every_store_the_job_names_is_probed_first(flag: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--weights and --plugins are read by the driver (and --plugins by every actor), and
+    --plan-cache is written: on a store that does not answer, one line before anything starts."""
+    from jobs.driver import probe_paths
+    from jobs.spec import JobSpec
+    from tests.conftest import free_port
+    from workers.errors import StorageError
+
+    port = free_port()
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://bucket/{flag}"
+    fields = {"weights": {"model": str(tmp_path / "deploy.prototxt"), "weights": url},
+              "plugins": {"plugins": (url,)}, "plan-cache": {"plan_cache": url}}[flag]
+    spec = JobSpec(**{"model": str(tmp_path / "m.onnx"), "input": str(tmp_path / "in"),
+                      "output": str(tmp_path / "out"), **fields})  # type: ignore[arg-type]
+    with pytest.raises(StorageError) as info:
+        probe_paths(spec)
+    assert str(info.value).startswith(f"--{flag} '{url}' cannot be reached (")
+    assert str(info.value).endswith("nothing was started; check the store's endpoint and the "
+                                    "network, then rerun")

@@ -39,10 +39,15 @@ def test_spec_paths_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(tmp_path)
     spec = spec_from_args(["--model", "m.onnx", "--input", "in/", "--output", "./out/",
                            "--tokenizer", "tok.json", "--text-column", "t",
-                           "--labels", "labels.txt", "--postprocess", "argmax"])
+                           "--labels", "labels.txt", "--postprocess", "argmax",
+                           "--plan-key-file", "keys/plan.key", "--plugins", "lib/ops.so",
+                           "--plugins", "s3://b/nms.so"])
     resolved = resolve_paths(spec, environ={})
     assert (resolved.model, resolved.input, resolved.output) == (
         f"{tmp_path}/m.onnx", f"{tmp_path}/in", f"{tmp_path}/out")
+    assert resolved.plan_key_file == f"{tmp_path}/keys/plan.key"
+    # Actors open the plugin libraries in other directories: an absolute path means one file.
+    assert resolved.plugins == (f"{tmp_path}/lib/ops.so", "s3://b/nms.so")
     assert resolved.preprocess[0].tokenizer == f"{tmp_path}/tok.json"  # type: ignore[attr-defined]
     assert resolved.postprocess[0].labels == f"{tmp_path}/labels.txt"  # type: ignore[attr-defined]
 
@@ -53,10 +58,13 @@ def test_job_submission_is_recognized() -> None:
     assert job_submission({}) is None
 
 
-@pytest.mark.parametrize("flag", ["--output", "--input", "--model", "--plan-cache"])
+@pytest.mark.parametrize("flag", ["--output", "--input", "--model", "--plan-cache",
+                                  "--plan-key-file", "--weights", "--plugins"])
 def test_relative_path_under_job_submission_is_refused(flag: str) -> None:
     pkg = "/tmp/ray/session_x/runtime_resources/working_dir_files/_ray_pkg_0123"
     args = {"--model": "/abs/m.onnx", "--input": "/abs/in", "--output": "/abs/out"}
+    if flag == "--weights":
+        args["--model"] = "/abs/deploy.prototxt"
     args[flag] = "out-rel"
     spec = spec_from_args([a for kv in args.items() for a in kv])
     with pytest.raises(SpecError) as info:
