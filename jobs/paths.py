@@ -47,7 +47,8 @@ def is_relative(url: str) -> bool:
 def canonical_url(url: str) -> str:
     """One spelling per location: local paths absolute, normalized, without a trailing `/`;
     other URLs as fsspec strips them, under the filesystem's first protocol (`s3a://b/k/` ->
-    `s3://b/k`). Chained URLs (`simplecache::s3://...`) are left as typed."""
+    `s3://b/k`). Chained URLs (`simplecache::s3://...`), HTTP(S) URLs and URLs whose stripping
+    would drop more than the protocol and a trailing `/` are left as typed."""
     if "::" in url:
         return url
     protocol, _ = split_protocol(url)
@@ -57,8 +58,18 @@ def canonical_url(url: str) -> str:
         cls = fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError):  # not installed: the job says so when it opens the URL
         return url.rstrip("/") or url
+    stripped = cls._strip_protocol(url)
+    if "://" in stripped:
+        # HTTP(S) keeps the whole URL as its path: there a trailing `/` and the query are part of
+        # the address (and a query or `user:password@` may be a credential, which `redact`
+        # finds only in the URL as typed).
+        return url
+    if not url.rstrip("/").endswith(stripped.rstrip("/")):
+        # The filesystem drops more than the protocol (an account in `abfs://c@account/...`):
+        # the same location may then be spelled otherwise, but never made another one.
+        return url
     name = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
-    return f"{name}://{cls._strip_protocol(url).rstrip('/')}"
+    return f"{name}://{stripped.rstrip('/')}"
 
 
 def job_submission(environ: Mapping[str, str]) -> str | None:

@@ -129,6 +129,7 @@ def test_the_pool_reports_rows_of_a_shard_before_it_commits(ray_cluster: None,
     from jobs.driver import prepare, worker_config
     from jobs.paths import resolve_paths
     from jobs.pool import PoolConfig, ShardPool
+    from jobs.resources import worker_resources
     from tests.user_functions import GATE
 
     @ray.remote(num_cpus=0)
@@ -151,7 +152,9 @@ def test_the_pool_reports_rows_of_a_shard_before_it_commits(ray_cluster: None,
     job = prepare(spec)
     assert len(job.shards) == 1
     pool = ShardPool(PoolConfig(workers=1, num_gpus=0, num_cpus=1, shards_in_flight=1,
-                                max_retries=0), worker_config(spec, job, "onnxruntime"),
+                                max_retries=0),
+                     worker_config(spec, job, "onnxruntime",
+                                   worker_resources(ray.nodes(), 1, None, None)),
                      ray.put(job.model_bytes))
     seen: list[tuple[int, int]] = []
     done: list[int] = []

@@ -33,6 +33,9 @@ def test_one_spelling_per_url() -> None:
     assert canonical_url("s3a://bucket/in") == "s3://bucket/in"
     assert canonical_url("memory://x/y/") == "memory:///x/y"
     assert canonical_url("simplecache::s3://b/k/") == "simplecache::s3://b/k/"  # as typed
+    # HTTP(S): the URL is the address, query and credentials included (redacted elsewhere).
+    for url in ("https://u:pw@host:8443/m.onnx?X-Amz-Signature=abc", "http://host/dir/"):
+        assert canonical_url(url) == url
 
 
 def test_spec_paths_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
