@@ -470,12 +470,16 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         "resources": {k: workers[0].get(k) for k in ("readers", "preprocess_threads")}
         if workers else {},
         "stages": stages, "limited_by": manifest.get("limited_by"),
+        # Where the fixed costs went, by the driver's phases, and each worker's warm-up batch.
+        "timings": manifest.get("timings"),
+        "warmup_seconds": [w.get("warmup_seconds") for w in workers],
         "summary": [line for line in text.splitlines()
                     if line.startswith(("job:", "workers:", "done:", "limited by:"))],
     })
     log(f"(c) {label}: {rows:,} rows, {result['rows_per_s']:.0f} rows/s over "
         f"{result['phase_seconds']:.1f} s (first shard to last commit); fixed costs "
-        f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after; GPU "
+        f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after "
+        f"(phases {result['timings']}, warm-up {result['warmup_seconds']}); GPU "
         f"busy {result['gpu_busy_fraction']}; image decode {result['image_decode']}; stages "
         f"{json.dumps(stages)}; {result['limited_by'] or 'no limited-by line'}")
     for line in result["summary"]:

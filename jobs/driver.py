@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import os
 import sys
 import time
@@ -360,10 +361,27 @@ def _worker_resources(spec: JobSpec) -> WorkerResources:
                             spec.preprocess_threads)
 
 
-def _pool_config(spec: JobSpec, shards: int, resources: WorkerResources) -> PoolConfig:
-    workers = max(1, min(spec.workers or resources.default_workers, shards))
+def default_shards_in_flight(shards: Sequence[Shard], batch_size: int, gpus: bool) -> int:
+    """Shards queued per actor when `--shards-in-flight` is not given.
+
+    A GPU actor runs its shards in turn on its slots while the next ones read ahead. When a
+    shard is only a few batches long, the GPU finishes it before a replacement sent after it
+    committed has read its first batch, so short shards get more company: enough queued to hold
+    about 16 batches, from 2 up to 4 (each queued shard holds its row groups read ahead).
+    """
+    if not gpus or not shards:
+        return 2
+    rows = sorted(s.rows for s in shards)[len(shards) // 2]
+    batches = max(1, math.ceil(rows / max(1, batch_size)))
+    return max(2, min(4, math.ceil(16 / batches)))
+
+
+def _pool_config(spec: JobSpec, todo: Sequence[Shard], resources: WorkerResources) -> PoolConfig:
+    workers = max(1, min(spec.workers or resources.default_workers, len(todo)))
+    in_flight = spec.shards_in_flight or default_shards_in_flight(todo, spec.batch_size,
+                                                                  bool(resources.gpus))
     return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
-                      num_cpus=resources.cpus, shards_in_flight=spec.shards_in_flight,
+                      num_cpus=resources.cpus, shards_in_flight=in_flight,
                       max_retries=spec.max_retries, max_actor_deaths=spec.max_actor_deaths)
 
 
@@ -488,8 +506,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     outcome = None
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
+    in_flight: int | None = None  # shards queued per actor, as resolved
     if todo:
-        pool_config = _pool_config(spec, len(todo), resources)
+        pool_config = _pool_config(spec, todo, resources)
+        in_flight = pool_config.shards_in_flight
         config = worker_config(spec, job, backend, resources)
         model_ref: Any
         mark = time.monotonic()
@@ -508,7 +528,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         worker_info = pool.start(pool_config.workers)
         startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
-              f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
+              f"{worker_info['device']}, {resources.describe()}, "
+              f"{pool_config.shards_in_flight} shard(s) in flight each", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
 
@@ -581,6 +602,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                     if e["status"] != "failed")
     manifest = {
         "job": job.identity, "spec": spec.to_json(), "backend": backend, "plans": plans,
+        "shards_in_flight": in_flight,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
                   "inputs": [m.to_json() for m in job.model.inputs],
                   "outputs": [m.to_json() for m in job.model.outputs]},

@@ -73,7 +73,9 @@ class JobSpec:
     #: None: 1 on a CPU-only cluster; on GPUs, the CPUs a GPU node has per GPU (the host side
     #: of a GPU actor, tokenizing and decoding, gets all of them).
     cpus_per_worker: int | None = None
-    shards_in_flight: int = 2
+    #: Shards queued per actor; None: 2, or on GPU actors up to 4 when shards are a few
+    #: batches long (`jobs.driver.default_shards_in_flight`).
+    shards_in_flight: int | None = None
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers
     #: (None: the worker's CPUs).
     slots: int = 3
@@ -115,9 +117,9 @@ class JobSpec:
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
         _check_caffe(self.model, self.weights)
-        for name in ("batch_size", "shards_in_flight", "slots", "concurrent_batches"):
+        for name in ("batch_size", "slots", "concurrent_batches"):
             _positive(name, getattr(self, name))
-        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers",
+        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers", "shards_in_flight",
                      "max_batch_tokens", "sort_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -315,7 +317,8 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="text: rows sorted by length together before batching (default "
                    "max(8192, 16 x --batch-size))")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
-                   help="shards queued per actor (default 2)")
+                   help="shards queued per actor (default 2; on GPU actors up to 4 when shards "
+                   "are only a few batches long, so the next shard is read before the GPU needs it)")
     p.add_argument("--slots", type=int, metavar="K",
                    help="GPU actors: batches in flight, each with its own CUDA stream and "
                    "buffers (default 3: two executing, one being filled)")
