@@ -35,6 +35,10 @@ _FP32_OUTPUT_OPS: frozenset[str] = frozenset()
 # Most operators accept bfloat16 only from opset 22 on (Conv, Relu, ...): bf16 conversion first
 # upgrades older models with ONNX's version converter, which keeps their semantics.
 BF16_OPSET = 22
+# A model metadata key naming (comma-separated) nodes that `convert_float` leaves in float32:
+# the runner's own appended nodes whose float32 arithmetic the host would otherwise do
+# (embedding pooling, see workers.onnx_pooling).
+FP32_NODES_KEY = "trt_batch_runner.fp32_nodes"
 # Attributes that name an element type to produce.
 _DTYPE_ATTRS = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype",
                 "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "EyeLike": "dtype",
@@ -150,6 +154,27 @@ def _upgrade_opset(proto: onnx.ModelProto, opset: int, source: str) -> onnx.Mode
             "--low_precision_type bf16)") from exc
 
 
+def _fp32_nodes(proto: onnx.ModelProto) -> frozenset[str]:
+    """Names of the nodes the model's metadata (`FP32_NODES_KEY`) keeps in float32."""
+    value = next((p.value for p in proto.metadata_props if p.key == FP32_NODES_KEY), "")
+    return frozenset(name for name in value.split(",") if name)
+
+
+def _kept_fp32(node: onnx.NodeProto, converted: set[str],
+               out_rename: dict[str, str]) -> list[onnx.NodeProto]:
+    """`node` left in float32 (its attributes and outputs as written), after a Cast back to
+    float32 of each of its inputs that the conversion made low precision."""
+    casts = []
+    for i, name in enumerate(node.input):
+        name = out_rename.get(name, name)  # a graph output's producer writes the renamed tensor
+        if name in converted:
+            back = f"{name}__fp32_for_{node.name}_{i}"
+            casts.append(helper.make_node("Cast", [name], [back], to=TensorProto.FLOAT))
+            name = back
+        node.input[i] = name
+    return [*casts, node]
+
+
 def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = "model") -> bytes:
     """The model with its float32 computation in `precision` ("fp16" or "bf16"), I/O kept float32.
 
@@ -157,8 +182,9 @@ def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = 
     graph input gets a Cast to `precision` and each float32 output a Cast back, so the converted
     model is fed and read exactly like the original. Inputs that ONNX requires to be float32
     (Resize scales, NonMaxSuppression boxes, ...) stay float32. For bf16 the model is first
-    upgraded to opset 22, where most operators accept bfloat16. Models with control-flow
-    subgraphs are refused: convert those offline (the error says how).
+    upgraded to opset 22, where most operators accept bfloat16. Nodes the model's metadata names
+    under `FP32_NODES_KEY` stay float32 (their low-precision inputs are cast back). Models with
+    control-flow subgraphs are refused: convert those offline (the error says how).
     """
     if precision not in LOW_TYPES:
         raise SpecError(f"convert_float precision must be one of {sorted(LOW_TYPES)}, "
@@ -217,14 +243,20 @@ def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = 
             rename[value.name] = inner
             converted.add(inner)
 
+    fp32_nodes = _fp32_nodes(proto)
+    fp32_made = {name for node in graph.node if node.name in fp32_nodes for name in node.output}
     outputs = {value.name for value in graph.output
-               if value.type.tensor_type.elem_type == TensorProto.FLOAT}
+               if value.type.tensor_type.elem_type == TensorProto.FLOAT
+               and value.name not in fp32_made}
     out_rename = {name: f"{name}__{precision}" for name in outputs}
 
     body: list[onnx.NodeProto] = []
     for node in graph.node:
         new = onnx.NodeProto()
         new.CopyFrom(node)
+        if node.name in fp32_nodes:
+            body += _kept_fp32(new, converted, out_rename)
+            continue
         keep = _FP32_INPUTS.get(node.op_type, frozenset())
         for i, name in enumerate(new.input):
             name = rename.get(name, out_rename.get(name, name))
