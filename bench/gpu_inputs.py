@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -470,12 +471,16 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         "resources": {k: workers[0].get(k) for k in ("readers", "preprocess_threads")}
         if workers else {},
         "stages": stages, "limited_by": manifest.get("limited_by"),
+        # Where the fixed costs went, by the driver's phases, and each worker's warm-up batch.
+        "timings": manifest.get("timings"),
+        "warmup_seconds": [w.get("warmup_seconds") for w in workers],
         "summary": [line for line in text.splitlines()
                     if line.startswith(("job:", "workers:", "done:", "limited by:"))],
     })
     log(f"(c) {label}: {rows:,} rows, {result['rows_per_s']:.0f} rows/s over "
         f"{result['phase_seconds']:.1f} s (first shard to last commit); fixed costs "
-        f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after; GPU "
+        f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after "
+        f"(phases {result['timings']}, warm-up {result['warmup_seconds']}); GPU "
         f"busy {result['gpu_busy_fraction']}; image decode {result['image_decode']}; stages "
         f"{json.dumps(stages)}; {result['limited_by'] or 'no limited-by line'}")
     for line in result["summary"]:
@@ -571,6 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "at once, one process each); a job's input links to them in turn")
     p.add_argument("--file-rows", type=int, default=1024)
     p.add_argument("--row-group", type=int, default=256)
+    p.add_argument("--variant", default="", metavar="FLAGS",
+                   help="also run each layout's job with these job flags on the same rows "
+                   "(e.g. '--shards-in-flight 2'), in the same run: an A/B against the default")
     p.add_argument("--ray-data", default="jpeg224", help="layouts with a Ray Data run (d)")
     p.add_argument("--ray-data-rows", type=int, default=32768)
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (a smoke run)")
@@ -582,8 +590,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"{results['device']}, {results['host']['cpus']} CPUs; batch {results['batch']}; "
              f"ResNet-50, uint8 NHWC input (float32 NCHW for float32_binary)",
              "| layout | (a) engine | (b) host ceiling | (c) job | (c)/min(a,b) | GPU busy | "
-             "fixed costs | (d) Ray Data | job/(d) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "fixed costs | (d) Ray Data | job/(d) | (c') variant |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for layout in results["layouts"]:
         r = results["by_layout"].get(layout, {})
         a = (r.get("engine") or {}).get("rows_per_s")
@@ -606,7 +614,8 @@ def table(results: dict[str, Any]) -> str:
             f"| {layout} | {fmt(a)} | {b_text} | {fmt(c)} | {fmt(ratio, '.2f')} | "
             f"{', '.join(f'{x:.2f}' for x in busy if x is not None) or '-'} | "
             f"{fmt(job.get('start_seconds'), '.1f')} + {fmt(job.get('finish_seconds'), '.1f')} s"
-            f" | {fmt(d)} | {fmt(same / d if same and d else None, '.2f')} |")
+            f" | {fmt(d)} | {fmt(same / d if same and d else None, '.2f')} | "
+            f"{fmt((r.get('job_variant') or {}).get('rows_per_s'))} |")
     return "\n".join(lines)
 
 
@@ -622,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 32 if args.cpu else 224
     photo_size = (72, 54) if args.cpu else (500, 375)
     blocks = (1, 1, 1, 1) if args.cpu else BLOCKS
+    variant = shlex.split(args.variant)
     results: dict[str, Any] = {
         "command": "python -m bench.gpu_inputs " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
@@ -720,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
             host = max([r for r in rates if r != engine], default=engine)
             expected = min(engine, host)
             # Fixed costs per job (Ray, actors, model load, warm-up): 12 s until one is measured.
-            share = (left() - reserve) / (len(pending) - index) - fixed
+            runs = 2 if variant else 1  # the default job, and the variant's
+            share = (left() - reserve) / (len(pending) - index) / runs - fixed
             seconds = max(5.0, min(args.seconds, share))
             if share < 5.0:
                 log(f"(c) {layout}: skipped, {left():.0f} s of the budget left")
@@ -733,6 +744,13 @@ def main(argv: list[str] | None = None) -> int:
                                 job_command(layout, models[kind], data, out, args.cpu, []), out,
                                 work / f"job-{layout}.log", log, layout)
             shutil.rmtree(out, ignore_errors=True)
+            if variant:
+                entry["job_variant"] = step(
+                    f"(c') {layout} {args.variant}", run_job_process,
+                    job_command(layout, models[kind], data, out, args.cpu, variant), out,
+                    work / f"job-variant-{layout}.log", log, f"{layout} {args.variant}")
+                entry["job_variant"]["flags"] = args.variant
+                shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
             if entry["job"].get("fixed_seconds"):
                 fixed = float(entry["job"]["fixed_seconds"]) + 1.0

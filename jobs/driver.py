@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -57,6 +58,7 @@ from workers.backends import BackendConfig
 from workers.errors import SpecError, StorageError
 from workers.external_data import ModelFiles, check_model_directory, read_external_files
 from workers.images import IMAGE_DIR_SCHEMA, IMAGE_EXTENSIONS
+from workers.plan_build import BuildConfig
 from workers.preprocess import ImagePrep, TensorPrep, TextPrep
 from workers.redact import RedactingStream, redact
 from workers.storage import read_bytes
@@ -137,6 +139,12 @@ class PreparedJob:
         if self.graph_pooling is not None:  # the rewrite's bytes vary with the onnx package
             key["graph_pooling"] = {k: v for k, v in self.graph_pooling.items()
                                     if k != "model_sha256"}
+        if self.spec.weights:
+            from jobs.caffe import converter_version
+
+            # model_sha256 is the converted model's: it covers the prototxt, the weights and
+            # what the converter made of them; the converter is named for the record.
+            key["converted_by"] = converter_version()
         fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         return {"fingerprint": fingerprint, "model": redact(self.spec.model), **key}
 
@@ -168,13 +176,25 @@ def as_earlier_run(job: PreparedJob, previous: dict[str, Any] | None) -> Prepare
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
-    """The model's bytes and description; its external-data references checked to stay in its
-    directory (see workers.external_data), before anything reads them."""
+    """The model's ONNX bytes (a Caffe model converted here, once) and its description; its
+    external-data references checked to stay in its directory (see workers.external_data),
+    before anything reads them."""
     try:
         data = read_bytes(spec.model, spec.storage)
     except StorageError as exc:
         raise SpecError(f"model '{spec.model}' cannot be read ({exc}); check --model") from exc
-    info = describe_onnx(data, source=f"model '{spec.model}'")
+    source = f"model '{spec.model}'"
+    if spec.weights:
+        from jobs.caffe import convert_caffe
+
+        try:
+            weights = read_bytes(spec.weights, spec.storage)
+        except StorageError as exc:
+            raise SpecError(f"weights '{spec.weights}' cannot be read ({exc}); check "
+                            "--weights") from exc
+        source = f"Caffe model '{spec.model}' with weights '{spec.weights}'"
+        data = convert_caffe(data, weights, source)
+    info = describe_onnx(data, source=source)
     check_model_directory(data, spec.model, spec.storage)
     return data, info
 
@@ -332,12 +352,37 @@ def gpu_nodes_for(requested: str) -> list[GpuNode]:
     return probe_gpu_nodes()
 
 
-def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None) -> str:
+def resolve_backend(requested: str, nodes: Sequence[GpuNode] | None = None,
+                    build: BuildConfig | None = None) -> str:
     """`auto` -> the best backend the cluster can run; an impossible request fails here.
 
-    `nodes`: the GPU nodes' probed facts (probed here when not given).
+    `nodes`: the GPU nodes' probed facts (probed here when not given); `build`: the plans the
+    job would build (lean-only nodes run only version-compatible ones).
     """
-    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes)
+    return choose_backend(requested, gpu_nodes_for(requested) if nodes is None else nodes, build)
+
+
+def check_onnxruntime_precision(spec: JobSpec, job: PreparedJob) -> None:
+    """Refuse, before any actor starts, a precision ONNX Runtime cannot run on this cluster.
+
+    Actors run on the CUDA provider where the cluster has GPUs (an actor whose node lacks
+    onnxruntime-gpu still refuses fp16/bf16 when it loads), else on the CPU provider.
+    """
+    if spec.precision == "fp32":
+        return
+    from workers.backends.onnxruntime import check_precision
+    from workers.onnx_precision import model_types
+
+    device = "cuda" if ray.cluster_resources().get("GPU", 0) else "cpu"
+    source = f"model '{spec.model}'"
+    check_precision(spec.precision, device, model_types(job.model_bytes, source), source)
+
+
+def plugins_of(spec: JobSpec) -> tuple[tuple[str, str], ...]:
+    """(uri, sha256) of each --plugins library, read once here; the fingerprint holds them."""
+    from workers.plugins import digest_plugins
+
+    return digest_plugins(spec.plugins, spec.storage) if spec.plugins else ()
 
 
 def _worker_resources(spec: JobSpec) -> WorkerResources:
@@ -346,10 +391,27 @@ def _worker_resources(spec: JobSpec) -> WorkerResources:
                             spec.preprocess_threads)
 
 
-def _pool_config(spec: JobSpec, shards: int, resources: WorkerResources) -> PoolConfig:
-    workers = max(1, min(spec.workers or resources.default_workers, shards))
+def default_shards_in_flight(shards: Sequence[Shard], batch_size: int, gpus: bool) -> int:
+    """Shards queued per actor when `--shards-in-flight` is not given.
+
+    A GPU actor runs its shards in turn on its slots while the next ones read ahead. When a
+    shard is only a few batches long, the GPU finishes it before a replacement sent after it
+    committed has read its first batch, so short shards get more company: enough queued to hold
+    about 16 batches, from 2 up to 4 (each queued shard holds its row groups read ahead).
+    """
+    if not gpus or not shards:
+        return 2
+    rows = sorted(s.rows for s in shards)[len(shards) // 2]
+    batches = max(1, math.ceil(rows / max(1, batch_size)))
+    return max(2, min(4, math.ceil(16 / batches)))
+
+
+def _pool_config(spec: JobSpec, todo: Sequence[Shard], resources: WorkerResources) -> PoolConfig:
+    workers = max(1, min(spec.workers or resources.default_workers, len(todo)))
+    in_flight = spec.shards_in_flight or default_shards_in_flight(todo, spec.batch_size,
+                                                                  bool(resources.gpus))
     return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
-                      num_cpus=resources.cpus, shards_in_flight=spec.shards_in_flight,
+                      num_cpus=resources.cpus, shards_in_flight=in_flight,
                       max_retries=spec.max_retries, max_actor_deaths=spec.max_actor_deaths)
 
 
@@ -393,7 +455,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     init_ray()
     startup["ray_init"] = time.monotonic() - mark
     gpu_nodes = gpu_nodes_for(spec.backend)
-    backend = resolve_backend(spec.backend, gpu_nodes)  # before the output is touched or GPUs reserved
+    # Before the output is touched or GPUs reserved.
+    backend = resolve_backend(spec.backend, gpu_nodes, spec.build_config())
+    if backend == "onnxruntime":
+        check_onnxruntime_precision(spec, job)
     resources = _worker_resources(spec)
     workers = spec.workers or resources.default_workers
     before = out.read_json(INPUTS_FILE)
@@ -438,12 +503,20 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     outcome = None
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
+    in_flight: int | None = None  # shards queued per actor, as resolved
     if todo:
-        pool_config = _pool_config(spec, len(todo), resources)
+        pool_config = _pool_config(spec, todo, resources)
+        in_flight = pool_config.shards_in_flight
         worker_config = WorkerConfig(
             backend=backend,
-            # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code).
-            backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision),
+            # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code);
+            # so is leaving the --plugins libraries to a plan that carries them.
+            backend_config=BackendConfig(threads=resources.cpus, precision=spec.precision,
+                                         plugins=plugins_of(spec),
+                                         storage_options=spec.storage_options,
+                                         plugins_in_plan=(backend == "tensorrt"
+                                                          and spec.version_compatible
+                                                          and bool(spec.plugins))),
             output_url=spec.output, bindings=job.bindings, keep=job.keep,
             batch_size=spec.batch_size, storage_options=spec.storage_options,
             slots=spec.slots, readers=resources.readers,
@@ -470,7 +543,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         worker_info = pool.start(pool_config.workers)
         startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
-              f"{worker_info['device']}, {resources.describe()}", file=stream, flush=True)
+              f"{worker_info['device']}, {resources.describe()}, "
+              f"{pool_config.shards_in_flight} shard(s) in flight each", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
 
@@ -538,6 +612,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     done_rows = sum(s.rows for s in job.shards if s.id in results or s.id in committed)
     manifest = {
         "job": job.identity, "spec": spec.to_json(), "backend": backend, "plans": plans,
+        "shards_in_flight": in_flight,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
                   "inputs": [m.to_json() for m in job.model.inputs],
                   "outputs": [m.to_json() for m in job.model.outputs],

@@ -3,7 +3,13 @@
     python -m jobs.plan inspect MODEL.onnx            # IR, opsets, producer, I/O (no TensorRT)
     python -m jobs.plan inspect model.plan --layers   # a plan's I/O and layers (needs TensorRT)
     python -m jobs.plan build MODEL.onnx -o model.plan [--precision fp16] [--max-batch N]
-        [--workspace BYTES] [--hardware-compatible] [--version-compatible]
+        [--workspace BYTES] [--hardware-compatible] [--version-compatible] [--plugins LIB]
+        [-v | -q]
+    python -m jobs.plan inspect MODEL.onnx --layers   # nodes and their output shapes
+    python -m jobs.plan inspect MODEL.onnx -t model.txt   # the model as text (-T: with weights)
+    python -m jobs.plan -V                            # versions (ONNX IR and opset, TensorRT, ...)
+
+MODEL may also be a Caffe deploy.prototxt with --weights net.caffemodel (converted to ONNX).
 
 `build` writes the plan atomically with a JSON sidecar (`model.plan.json`) holding the same
 fingerprint inputs and facts the job's plan cache records.
@@ -12,6 +18,8 @@ fingerprint inputs and facts the job's plan cache records.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -40,29 +48,44 @@ if TYPE_CHECKING:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jobs.plan",
                                 description="Inspect ONNX models and TensorRT plans; build plans.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-V", "--version", action="store_true",
+                   help="versions of ONNX (IR and opset), TensorRT, ONNX Runtime and the "
+                   "converters, then exit")
+    sub = p.add_subparsers(dest="command")
 
     ins = sub.add_parser("inspect", help="describe an ONNX model (no TensorRT needed) or a plan")
-    ins.add_argument("model", metavar="MODEL", help="an .onnx model or a TensorRT plan (any fsspec URI)")
+    ins.add_argument("model", metavar="MODEL", help="an .onnx model, a Caffe deploy.prototxt "
+                     "(with --weights) or a TensorRT plan (any fsspec URI)")
+    ins.add_argument("--weights", metavar="NET.caffemodel",
+                     help="Caffe: the weights of MODEL (a deploy.prototxt), converted to ONNX")
     ins.add_argument("--layers", action="store_true",
-                     help="a plan's layer list from TensorRT's engine inspector (needs TensorRT)")
+                     help="the layers and their output shapes: an ONNX model's nodes (shapes "
+                     "inferred by onnx), or a plan's layers from TensorRT's engine inspector")
+    ins.add_argument("-t", "--text", metavar="FILE",
+                     help="write the ONNX model as text, without its weights ('-': stdout)")
+    ins.add_argument("-T", "--text-with-weights", metavar="FILE",
+                     help="write the ONNX model as text, with its weights ('-': stdout)")
     ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     ins.add_argument("--trust-host-code", action="store_true",
                      help="let TensorRT load a version-compatible plan that carries the lean "
                      "runtime (host code); only for plans you trust")
 
     b = sub.add_parser("build", help="build a TensorRT plan on this machine's GPU")
-    b.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (any fsspec URI)")
+    b.add_argument("model", metavar="MODEL.onnx", help="the ONNX model, or a Caffe "
+                   "deploy.prototxt with --weights (any fsspec URI)")
+    b.add_argument("--weights", metavar="NET.caffemodel",
+                   help="Caffe: the weights of MODEL (a deploy.prototxt), converted to ONNX")
     b.add_argument("-o", "--output", required=True, metavar="PLAN",
                    help="where to write the plan (its sidecar goes to PLAN.json)")
     b.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    b.add_argument("--max-batch", type=int, default=256, metavar="N",
+    b.add_argument("-b", "--max-batch", type=int, default=256, metavar="N",
                    help="largest batch the plan runs (default 256)")
     b.add_argument("--opt-batch", type=int, metavar="N",
                    help="batch size the builder tunes for (default: --max-batch)")
     b.add_argument("--min-batch", type=int, default=1, metavar="N",
                    help="smallest batch the plan runs (default 1)")
-    b.add_argument("--workspace", metavar="BYTES", help="builder workspace limit, e.g. 4GiB")
+    b.add_argument("-w", "--workspace", metavar="BYTES",
+                   help="builder workspace limit, e.g. 4GiB")
     b.add_argument("--optimization-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL,
                    metavar=f"0-{MAX_OPTIMIZATION_LEVEL}",
                    help=f"builder optimization level (default {DEFAULT_OPTIMIZATION_LEVEL})")
@@ -76,13 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT timing cache to start from and update")
     b.add_argument("--detailed", action="store_true",
                    help="keep per-layer detail in the plan (for inspect --layers)")
+    b.add_argument("--plugins", action="append", default=[], metavar="LIB",
+                   help="a TensorRT plugin library to load before parsing (repeatable)")
+    loud = b.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="count", default=0,
+                      help="TensorRT's build log: -v info, -vv verbose (default: warnings)")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="only TensorRT's errors")
     return p
 
 
 def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int:
     """Run one subcommand; returns 0, or 2 after printing one line for a user error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     out = stream or sys.stdout
+    if args.version:
+        print(versions_text(), file=out)
+        return 0
+    if args.command is None:
+        parser.error("a command is required: inspect or build (or -V)")
     try:
         if args.command == "inspect":
             return inspect(args, out)
@@ -118,18 +154,110 @@ def onnx_summary(uri: str, data: bytes, info: ModelInfo) -> dict[str, Any]:
             "external_data": external_data_locations(data, f"'{uri}'")}
 
 
+def _read_model(uri: str, weights: str | None) -> bytes:
+    """The bytes at `uri`, or, with Caffe `weights`, the ONNX model converted from the pair."""
+    data = _read(uri)
+    if weights:
+        from jobs.caffe import convert_caffe
+
+        data = convert_caffe(data, _read(weights), f"Caffe model '{uri}' with weights '{weights}'")
+    return data
+
+
+def versions_text() -> str:
+    """onnx2trt -V: the versions that decide what a model and a plan may use."""
+    from importlib import metadata
+
+    import onnx
+
+    from jobs.caffe import converter_version as caffe_version
+    from workers.onnx_precision import converter_version
+
+    lines = [f"onnx {onnx.__version__}: IR version {onnx.IR_VERSION}, opset "
+             f"{onnx.defs.onnx_opset_version()}"]
+    for name in ("tensorrt", "tensorrt_lean", "tensorrt_dispatch"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        if hasattr(module, "Runtime"):  # not the type stubs' empty namespace package
+            kind = "builds and runs plans" if hasattr(module, "Builder") else "runs plans"
+            lines.append(f"{name} {getattr(module, '__version__', '?')} ({kind})")
+    if not any(line.startswith("tensorrt") for line in lines):
+        lines.append("tensorrt: not installed")
+    for dist in ("onnxruntime", "onnxruntime-gpu", "cuda-python"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            lines.append(f"{dist} {metadata.version(dist)}")
+    lines += [f"fp16/bf16 conversion: {converter_version()}", f"Caffe conversion: {caffe_version()}"]
+    return "\n".join(lines)
+
+
+def _write_text(target: str, text: str, out: TextIO) -> None:
+    if target == "-":
+        print(text, file=out)
+    else:
+        write_bytes_atomic(target, text.encode())
+
+
+def model_text(data: bytes, weights: bool) -> str:
+    """The model in ONNX's text syntax; without `weights`, initializers keep their names, types
+    and shapes and say their values were left out."""
+    import onnx
+
+    model = onnx.load_model_from_string(data)
+    if not weights:
+        from workers.onnx_precision import iter_graphs
+
+        for graph in iter_graphs(model.graph):
+            for init in graph.initializer:
+                for field in ("raw_data", "float_data", "int32_data", "int64_data",
+                              "double_data", "uint64_data", "string_data", "external_data"):
+                    init.ClearField(field)
+                # The text syntax prints an external tensor as its location: say what it is.
+                init.data_location = onnx.TensorProto.EXTERNAL
+                entry = init.external_data.add()
+                entry.key, entry.value = "location", "(weights left out)"
+    return str(onnx.printer.to_text(model))
+
+
+def layer_lines(data: bytes) -> list[str]:
+    """onnx2trt -l for an ONNX model: each node, its operator and its outputs' inferred shapes."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load_model_from_string(data))
+    known = {v.name: v for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+
+    def shape(name: str) -> str:
+        value = known.get(name)
+        if value is None or not value.type.HasField("tensor_type"):
+            return f"{name} ?"
+        tensor = value.type.tensor_type
+        dims = ",".join(d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
+                        for d in tensor.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name \
+            if tensor.elem_type else "?"
+        return f"{name} {dtype} [{dims}]"
+
+    return [f"{i}: {node.name or '(unnamed)'}  [{node.op_type}]  -> "
+            + ", ".join(shape(o) for o in node.output)
+            for i, node in enumerate(model.graph.node)]
+
+
 def inspect(args: argparse.Namespace, out: TextIO) -> int:
-    data = _read(args.model)
+    data = _read_model(args.model, args.weights)
     try:
         info = describe_onnx(data, source=f"'{args.model}'")
     except SpecError:
         info = None
     if info is not None:
-        if args.layers:
-            raise SpecError(f"--layers lists a TensorRT plan's layers, and '{args.model}' is an "
-                            f"ONNX model; build a plan first: python -m jobs.plan build "
-                            f"{args.model} -o model.plan, then inspect model.plan --layers")
+        if args.text or args.text_with_weights:
+            for target, weights in ((args.text, False), (args.text_with_weights, True)):
+                if target:
+                    _write_text(target, model_text(data, weights), out)
+            return 0
         summary = onnx_summary(args.model, data, info)
+        if args.layers:
+            summary["layers"] = layer_lines(data)
         if args.json:
             print(json.dumps(summary, indent=2), file=out)
             return 0
@@ -143,8 +271,14 @@ def inspect(args: argparse.Namespace, out: TextIO) -> int:
                     if summary["quantized"] else "")]
         if summary["external_data"]:
             lines.append(f"external data: {', '.join(summary['external_data'])}")
+        if args.layers:
+            lines.append(f"layers ({len(summary['layers'])}):")
+            lines += [f"  {line}" for line in summary["layers"]]
         print("\n".join(lines), file=out)
         return 0
+    if args.text or args.text_with_weights:
+        raise SpecError(f"--text writes an ONNX model as text, and '{args.model}' is not an ONNX "
+                        "model (a TensorRT plan?); pass the .onnx it was built from")
     return _inspect_plan(args, data, out)
 
 
@@ -219,22 +353,25 @@ def _plain_tensor_lines(kind: str, tensors: Sequence[dict[str, Any]]) -> list[st
 def _engine_summary(trt_module: Any, data: bytes, uri: str, layers: bool,
                     trust_host_code: bool = False) -> dict[str, Any]:
     """I/O, profiles and (with `layers`) the layer list of a deserialized plan."""
-    from workers.backends.tensorrt import import_cuda, make_logger, numpy_dtype
+    from workers.backends.tensorrt import import_cuda, numpy_dtype, process_logger
 
+    if layers:
+        require_engine_inspector(trt_module)
     cuda = import_cuda()
     if cuda.device_count() < 1:
         raise SpecError(f"reading plan '{uri}' needs a CUDA GPU (TensorRT deserializes it onto "
                         "one), and none is visible here; inspect it on a GPU node")
     cuda.set_device(0)
-    logger = make_logger(trt_module, echo=False)
-    runtime: trt.Runtime = trt_module.Runtime(logger)
+    logger = process_logger(trt_module)
+    runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
     if trust_host_code and hasattr(runtime, "engine_host_code_allowed"):
         runtime.engine_host_code_allowed = True
-    engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
+    with logger.capture() as log:
+        engine: trt.ICudaEngine | None = runtime.deserialize_cuda_engine(data)
     if engine is None:
         raise SpecError(f"'{uri}' is neither an ONNX model nor a plan this TensorRT "
                         f"({getattr(trt_module, '__version__', '?')}) can load: "
-                        f"{logger.last_errors()}; a version-compatible plan with the lean "
+                        f"{log.last_errors()}; a version-compatible plan with the lean "
                         "runtime inside needs --trust-host-code")
     tensors: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}
     for index in range(engine.num_io_tensors):
@@ -259,6 +396,16 @@ def _engine_summary(trt_module: Any, data: bytes, uri: str, layers: bool,
         info = json.loads(inspector.get_engine_information(trt_module.LayerInformationFormat.JSON))
         summary["layers"] = [_layer_line(layer) for layer in info.get("Layers", [])]
     return summary
+
+
+def require_engine_inspector(trt_module: Any) -> None:
+    """Refuse `--layers` where TensorRT has no EngineInspector (the lean and dispatch runtimes)."""
+    if not hasattr(trt_module, "EngineInspector"):
+        raise MissingDependencyError(
+            f"--layers lists a plan's layers with TensorRT's EngineInspector, which "
+            f"{trt_module.__name__} {getattr(trt_module, '__version__', '?')} (a runtime-only "
+            "package) does not have; install the full package here (pip install "
+            "'.[tensorrt-cu12]' or '.[tensorrt-cu13]'), or drop --layers")
 
 
 def _layer_line(layer: Any) -> str:
@@ -298,11 +445,23 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 
 def build(args: argparse.Namespace, out: TextIO) -> int:
+    from workers.backends.tensorrt import import_tensorrt, process_logger
     from workers.plan_build import build_plan, cuda_runtime_major
+    from workers.plugins import digest_plugins
 
-    config = build_config_from_args(args)
-    data = _read(args.model)
+    config = dataclasses.replace(build_config_from_args(args),
+                                 plugins=digest_plugins(args.plugins))
+    data = _read_model(args.model, args.weights)
     source = f"model '{args.model}'"
+    try:
+        trt_module = import_tensorrt(builder=True)
+    except MissingDependencyError:
+        pass  # build_plan says so, after the checks that need no TensorRT
+    else:
+        severity = trt_module.ILogger
+        process_logger(trt_module).echo_level = int(
+            severity.ERROR if args.quiet else severity.VERBOSE if args.verbose > 1
+            else severity.INFO if args.verbose else severity.WARNING)
     locations = external_data_locations(data, source)
     external = read_external_data(args.model, locations) if locations else {}
     timing = None
@@ -315,7 +474,9 @@ def build(args: argparse.Namespace, out: TextIO) -> int:
     key = PlanKey(model_sha256=digest(data),
                   external_data=tuple((loc, digest(b)) for loc, b in sorted(external.items())),
                   tensorrt=result.tensorrt, cuda_major=cuda_runtime_major(),
-                  target=target_key(result.capability, config.hardware_compatible), build=config)
+                  target=target_key(result.capability, config.hardware_compatible,
+                                    result.gpu_name),
+                  build=config, conversion=result.conversion)
     name = args.output.rstrip("/").rsplit("/", 1)[-1]
     sidecar = sidecar_for(key, result.plan, name, result.info())
     write_bytes_atomic(args.output, result.plan)

@@ -7,6 +7,7 @@ the driver's machine, never OUTPUT: outputs are shared more widely than build ar
                                      sha256, its I/O tensors, build seconds, builder
     FINGERPRINT/SHA256[:16].plan     the plan, named by its own content
     timing/TENSORRT-TARGET.cache     TensorRT timing cache, shared by builds on that target
+                                     (a compute capability and GPU model, or ampere_plus)
 
 A commit writes the plan under its content name first, then the sidecar, each in one atomic
 write (temp file and rename locally, one PUT on object stores). Readers start from the sidecar
@@ -47,15 +48,21 @@ class PlanKey:
     external_data: tuple[tuple[str, str], ...]  # (location, sha256) of external weight files
     tensorrt: str
     cuda_major: int | None
-    target: str  # "sm_86" (one compute capability) or "ampere_plus" (hardware-compatible)
+    #: "sm_86-nvidia-a10" (a compute capability and GPU model) or "ampere_plus" (hardware-
+    #: compatible: one plan for every Ampere-or-newer model)
+    target: str
     build: BuildConfig
+    #: the fp16/bf16 converter (`workers.onnx_precision.converter_version`) when the plan is
+    #: built from a converted model, else None
+    conversion: str | None = None
 
     def inputs(self) -> dict[str, Any]:
         """The fingerprint's inputs as JSON (also written to the sidecar)."""
         return {"model_sha256": self.model_sha256,
                 "external_data": [list(e) for e in self.external_data],
                 "tensorrt": self.tensorrt, "cuda_major": self.cuda_major,
-                "target": self.target, "build": self.build.to_json()}
+                "target": self.target, "build": self.build.to_json(),
+                "conversion": self.conversion}
 
     @property
     def fingerprint(self) -> str:

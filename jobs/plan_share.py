@@ -2,20 +2,24 @@
 
 1. `probe_gpu_nodes` runs one small task on each GPU node: its compute capability, CUDA and
    TensorRT (full, lean, or none). The driver needs no GPU.
-2. `plan_targets` groups the nodes: one plan per compute capability, or one `ampere_plus` plan
-   for all when the plan is hardware-compatible.
+2. `plan_targets` groups the nodes: one plan per compute capability and GPU model (TensorRT
+   supports a plan only on the device model that built it), or one `ampere_plus` plan for all
+   when the plan is hardware-compatible. Nodes with only the lean or dispatch runtime join
+   only targets whose plans they can run (version-compatible ones).
 3. `share_plans`, per target: cache hit -> the driver reads the plan and `ray.put`s it once;
    miss -> exactly one Ray task on a GPU node of that target builds it and returns it, so the
    plan enters the object store as that task's result, once; the driver commits it to the
    cache (signing it with the plan key, which never leaves the driver), so GPU nodes need no
    access to the cache.
 4. Actors (`PlanWorker`) receive every target's ObjectRef, find their own GPU's compute
-   capability and fetch only their plan from the object store (no per-actor storage download).
+   capability and model and fetch only their plan from the object store (no per-actor storage
+   download).
 
 Trust (see `jobs.plan_signing`): TensorRT host code is allowed only for plans this run built or
 whose signature verifies with the job's plan key (`PlanRefs.host_code`). With a key, a cached
 plan without a valid signature is not used; without one, a cached plan is used with host code
-disallowed, unless it needs host code (version-compatible with the lean runtime inside).
+disallowed, unless it needs host code (version-compatible with the lean runtime or `--plugins`
+libraries inside).
 """
 
 from __future__ import annotations
@@ -102,12 +106,35 @@ def _cause(exc: RayTaskError) -> str:
     return str(cause) if isinstance(cause, RunnerError) else f"{cause.__class__.__name__}: {cause}"
 
 
-def choose_backend(requested: str, nodes: Sequence[GpuNode]) -> str:
+def runtime_problem(facts: GpuFacts, build: BuildConfig) -> str | None:
+    """Why a node with `facts` cannot run the plans `build` makes (None: it can).
+
+    The lean runtime runs only version-compatible plans; the dispatch runtime only those that
+    carry the lean runtime inside.
+    """
+    if not facts.tensorrt:
+        return facts.problem or "no TensorRT"
+    module = facts.tensorrt_module
+    if module == "tensorrt_lean" and not build.version_compatible:
+        return (f"only tensorrt_lean {facts.tensorrt}, which runs only version-compatible plans "
+                "(--version-compatible)")
+    if module == "tensorrt_dispatch" and (not build.version_compatible
+                                          or build.exclude_lean_runtime):
+        return (f"only tensorrt_dispatch {facts.tensorrt}, which runs only version-compatible "
+                "plans that carry the lean runtime (--version-compatible without "
+                "--exclude-lean-runtime)")
+    return None
+
+
+def choose_backend(requested: str, nodes: Sequence[GpuNode], build: BuildConfig | None = None
+                   ) -> str:
     """`tensorrt` or `onnxruntime` for a cluster whose GPU nodes are `nodes` (none: CPU only).
 
-    `auto` takes TensorRT when every GPU node runs it and each compute capability has a node
-    that can build; a `tensorrt` request on nodes without it fails here, before any actor.
+    `auto` takes TensorRT when every GPU node can run the plans `build` makes (lean-only nodes
+    run only version-compatible ones) and each plan target has a node that can build; a
+    `tensorrt` request that cannot be met fails here, before any actor.
     """
+    build = build or BuildConfig()
     if requested == "onnxruntime":
         return "onnxruntime"
     if not nodes:
@@ -115,22 +142,27 @@ def choose_backend(requested: str, nodes: Sequence[GpuNode]) -> str:
             raise SpecError("backend 'tensorrt' needs GPU nodes, and this Ray cluster has none; "
                             "add GPU workers or pass --backend onnxruntime")
         return "onnxruntime"
-    missing = [n for n in nodes if not n.facts.tensorrt]
+    problems = [(n, runtime_problem(n.facts, build)) for n in nodes]
+    unable = [(n, why) for n, why in problems if why]
     if requested == "tensorrt":
-        if missing:
-            what = "; ".join(f"{n.describe()}: {n.facts.problem or 'no TensorRT'}"
-                             for n in missing[:3])
+        if unable:
+            what = "; ".join(f"{n.describe()}: {why}" for n, why in unable[:3])
             raise SpecError(
-                f"backend 'tensorrt' needs TensorRT on every GPU node, and {len(missing)} of "
-                f"{len(nodes)} have none ({what}); pip install '.[tensorrt]' on them "
-                "(tensorrt-lean is enough with --version-compatible plans), or pass "
-                "--backend onnxruntime")
+                f"backend 'tensorrt' needs every GPU node to run this job's plans, and "
+                f"{len(unable)} of {len(nodes)} cannot ({what}); pip install '.[tensorrt-cu12]' "
+                "or '.[tensorrt-cu13]' on them (the lean runtime is enough for plans built "
+                "--version-compatible), or pass --backend onnxruntime")
         return "tensorrt"
-    groups: dict[tuple[int, int], list[GpuNode]] = {}
+    groups: dict[str, list[GpuNode]] = {}
     for node in nodes:
-        groups.setdefault(node.facts.capability, []).append(node)
+        groups.setdefault(node_target(node, build), []).append(node)
     can_build = all(any(n.facts.can_build for n in group) for group in groups.values())
-    return "tensorrt" if not missing and can_build else "onnxruntime"
+    return "tensorrt" if not unable and can_build else "onnxruntime"
+
+
+def node_target(node: GpuNode, build: BuildConfig) -> str:
+    """The plan target a node runs: its compute capability and GPU model, or `ampere_plus`."""
+    return target_key(node.facts.capability, build.hardware_compatible, node.facts.gpu_name)
 
 
 @dataclass(frozen=True)
@@ -151,7 +183,8 @@ class PlanTarget:
 
 
 def plan_targets(nodes: Sequence[GpuNode], build: BuildConfig) -> list[PlanTarget]:
-    """One target per compute capability, or one `ampere_plus` target for a compatible plan.
+    """One target per compute capability and GPU model, or one `ampere_plus` target for a
+    hardware-compatible plan.
 
     Within a target every node must run the same TensorRT version, unless the plan is
     version-compatible; then it is built with the oldest version present (newer runtimes
@@ -163,8 +196,12 @@ def plan_targets(nodes: Sequence[GpuNode], build: BuildConfig) -> list[PlanTarge
             raise SpecError(f"hardware-compatible plans run on Ampere or newer GPUs (compute "
                             f"capability 8.0+), and node {node.describe()} is older; drop "
                             "--hardware-compatible or remove the node")
-        groups.setdefault(target_key(node.facts.capability, build.hardware_compatible),
-                          []).append(node)
+        why = runtime_problem(node.facts, build)
+        if why:
+            raise SpecError(f"node {node.describe()} cannot run this job's plans ({why}); build "
+                            "with --version-compatible, install the full tensorrt package "
+                            "there, or pass --backend onnxruntime")
+        groups.setdefault(node_target(node, build), []).append(node)
     targets = []
     for key, members in sorted(groups.items()):
         versions = sorted({n.facts.tensorrt or "none" for n in members}, key=_version_order)
@@ -190,8 +227,10 @@ def _version_order(version: str) -> tuple[int, ...]:
 
 
 def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, key: PlanKey,
-                timing_cache: bytes | None, source: str) -> tuple[bytes, dict[str, Any]]:
+                timing_cache: bytes | None, source: str, storage_options: dict[str, Any]
+                ) -> tuple[bytes, dict[str, Any]]:
     """On a GPU node: build the plan for `key`; return (plan, {info, timing_cache}).
+    `storage_options` reach the `--plugins` libraries, which the build fetches.
 
     The driver commits what it returns (and reads the timing cache it starts from): the cache
     may be on the driver's own disk, and the plan key stays with the driver.
@@ -199,8 +238,8 @@ def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, ke
     from workers.plan_build import build_plan
 
     result = build_plan(model, build, timing_cache=timing_cache, external_data=external,
-                        source=source)
-    built_for = target_key(result.capability, build.hardware_compatible)
+                        source=source, storage_options=storage_options)
+    built_for = target_key(result.capability, build.hardware_compatible, result.gpu_name)
     if result.tensorrt != key.tensorrt or built_for != key.target:
         raise BackendError(f"the build task ran on a node with TensorRT {result.tensorrt} and "
                            f"target {built_for}, but plan {key.target} with TensorRT "
@@ -211,8 +250,9 @@ def _build_task(model: bytes, external: dict[str, bytes], build: BuildConfig, ke
 
 
 def needs_host_code(build: BuildConfig) -> bool:
-    """True when plans of `build` carry host code (version-compatible, lean runtime inside)."""
-    return build.version_compatible and not build.exclude_lean_runtime
+    """True when plans of `build` carry host code: version-compatible, with the lean runtime or
+    `--plugins` libraries inside (`plugins_to_serialize`)."""
+    return build.version_compatible and (not build.exclude_lean_runtime or bool(build.plugins))
 
 
 def cached_plan_problem(hit: CachedPlan, signer: PlanSigner | None, build: BuildConfig
@@ -236,12 +276,13 @@ def cached_plan_problem(hit: CachedPlan, signer: PlanSigner | None, build: Build
 class PlanRefs:
     """Every target's plan in the object store; each actor takes the one for its GPU.
 
-    `capability` fixes the compute capability every actor assumes (for tests, or a cluster
-    known in advance); None: each actor asks its own GPU.
+    `capability` and `gpu_name` fix the GPU every actor assumes (for tests, or a cluster known
+    in advance); None: each actor asks its own GPU.
     """
 
     refs: tuple[tuple[str, Any], ...]
     capability: tuple[int, int] | None = None
+    gpu_name: str | None = None
     #: Targets whose plan may run TensorRT host code: built by this run, or signed with the
     #: job's plan key (see jobs.plan_signing). Every other plan loads with it disallowed.
     host_code: tuple[str, ...] = ()
@@ -251,17 +292,20 @@ class PlanRefs:
         return [key for key, _ in self.refs]
 
 
-def select_plan(keys: Sequence[str], capability: tuple[int, int]) -> str:
-    """The plan key for a GPU of `capability`: its own `sm_XY`, else `ampere_plus` if it fits."""
-    exact = target_key(capability, False)
+def select_plan(keys: Sequence[str], capability: tuple[int, int], gpu_name: str = "") -> str:
+    """The plan key for a GPU: its own compute capability and model, else `ampere_plus` if it
+    fits; never a plan built on another GPU model of the same compute capability."""
+    exact = target_key(capability, False, gpu_name)
     if exact in keys:
         return exact
     if AMPERE_PLUS in keys and capability >= (8, 0):
         return AMPERE_PLUS
-    raise BackendError(f"this worker's GPU has compute capability {capability[0]}.{capability[1]}, "
-                       f"and the job's plans are for {sorted(keys)} (the node joined after the "
-                       "job probed the cluster?); rerun the job so it builds a plan for this GPU, "
-                       "or build with --hardware-compatible")
+    name = f" ({gpu_name})" if gpu_name else ""
+    raise BackendError(f"this worker's GPU{name} has compute capability "
+                       f"{capability[0]}.{capability[1]}, and the job's plans are for "
+                       f"{sorted(keys)} (the node joined after the job probed the cluster?); "
+                       "rerun the job so it builds a plan for this GPU, or build with "
+                       "--hardware-compatible")
 
 
 class PlanWorker(ShardWorker):
@@ -280,16 +324,19 @@ class PlanWorker(ShardWorker):
     def _ensure_plan(self) -> None:
         if self.plan_key is not None:
             return
-        capability = self.plans.capability
-        if capability is None:
+        capability, name = self.plans.capability, self.plans.gpu_name
+        if capability is None or name is None:
             from workers import cuda
 
-            capability = cuda.compute_capability(self.config.backend_config.device_id)
-        key = select_plan(self.plans.keys, capability)
+            device = self.config.backend_config.device_id
+            capability = capability or cuda.compute_capability(device)
+            name = cuda.device_name(device) if name is None else name
+        key = select_plan(self.plans.keys, capability, name)
         plan: bytes = ray.get(dict(self.plans.refs)[key])
         # The driver decided per plan whether it is trusted to run host code; never the spec.
-        config = replace(self.config.backend_config,
-                         engine_host_code_allowed=key in self.plans.host_code)
+        trusted = key in self.plans.host_code
+        config = replace(self.config.backend_config, engine_host_code_allowed=trusted,
+                         plugins_in_plan=self.config.backend_config.plugins_in_plan and trusted)
         self.backend = create_backend(self.config.backend, plan, config)
         self.plan_key, self.capability = key, capability
 
@@ -321,8 +368,13 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
                 build: BuildConfig | None = None) -> SharedPlans:
     """Find or build one plan per target and put each in the object store once.
 
-    `build`: the build settings (default: the spec's, `spec.build_config()`)."""
-    build = build or spec.build_config()
+    `build`: the build settings (default: the spec's, `spec.build_config()`); the `--plugins`
+    libraries' hashes are put in it here, since they are in the plan key.
+    """
+    from workers.plugins import digest_plugins
+
+    build = replace(build or spec.build_config(),
+                    plugins=digest_plugins(spec.plugins, spec.storage))
     source = f"model '{model_uri}'"
     profile_shapes(model.inputs, build, source)  # shape problems fail before any GPU work
     signer = load_signer(getattr(spec, "plan_key_file", None))
@@ -330,7 +382,7 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
     locations = external_data_locations(model_bytes, source)
     external = read_external_data(model_uri, locations, spec.storage) if locations else {}
     external_digests = tuple((loc, digest(data)) for loc, data in sorted(external.items()))
-    from workers.onnx_precision import model_types
+    from workers.onnx_precision import converter_version, model_types
 
     types = model_types(model_bytes, source)
     refs: dict[str, Any] = {}
@@ -341,12 +393,14 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
     for target in plan_targets(nodes, build):
         facts = (target.builder or target.nodes[0]).facts
         # Precision problems (int8 without Q/DQ, fp8 on Ampere, ...) fail before building.
-        for node in target.nodes:
-            plan_precision(build.precision, facts.api, types, node.facts.capability,
-                           build.hardware_compatible, source)
+        decisions = [plan_precision(build.precision, facts.api, types, node.facts.capability,
+                                    build.hardware_compatible, source) for node in target.nodes]
+        # A plan built from a converted model is keyed by the converter too, so plans made
+        # by a conversion that was since fixed are not reused.
+        conversion = converter_version() if any(d.convert_to for d in decisions) else None
         key = PlanKey(model_sha256=digest(model_bytes), external_data=external_digests,
                       tensorrt=target.tensorrt, cuda_major=target.cuda_major, target=target.key,
-                      build=build)
+                      build=build, conversion=conversion)
         hit = cache.lookup(key, signer)
         refused = cached_plan_problem(hit, signer, build) if hit is not None else None
         if hit is not None and refused is None:
@@ -381,7 +435,8 @@ def share_plans(model_bytes: bytes, model: ModelInfo, model_uri: str, spec: Any,
         # num_returns=2: the plan and its build facts are separate objects; the plan's ref goes
         # to the actors as it is, and the driver fetches the plan once to commit it.
         timing = cache.read_timing_cache(key.tensorrt, key.target)
-        returned: Any = task.remote(model_ref, external, build, key, timing, source)
+        returned: Any = task.remote(model_ref, external, build, key, timing, source,
+                                    dict(spec.storage))
         plan_ref, meta_ref = returned
         pending[target.key] = (plan_ref, meta_ref, time.monotonic(), target, key)
         _say(stream, f"plan {target.key}: building on {target.builder.describe()} "

@@ -52,6 +52,9 @@ class JobSpec:
     model: str
     input: str
     output: str
+    #: Caffe: the trained net.caffemodel for `model` (a deploy.prototxt); converted to ONNX in
+    #: the driver (jobs/caffe.py). None: `model` is an ONNX model.
+    weights: str | None = None
     columns: tuple[tuple[str, str], ...] = ()
     keep: tuple[str, ...] = ()
     batch_size: int = 256
@@ -70,7 +73,9 @@ class JobSpec:
     #: None: 1 on a CPU-only cluster; on GPUs, the CPUs a GPU node has per GPU (the host side
     #: of a GPU actor, tokenizing and decoding, gets all of them).
     cpus_per_worker: int | None = None
-    shards_in_flight: int = 2
+    #: Shards queued per actor; None: 2, or on GPU actors up to 4 when shards are a few
+    #: batches long (`jobs.driver.default_shards_in_flight`).
+    shards_in_flight: int | None = None
     #: GPU actors: batches in flight (each with its own stream and buffers), row-group readers
     #: (None: the worker's CPUs).
     slots: int = 3
@@ -87,6 +92,9 @@ class JobSpec:
     hardware_compatible: bool = False
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
+    #: `--plugins`: TensorRT plugin libraries / ONNX Runtime custom-op libraries (local paths on
+    #: every node, or fsspec URIs), loaded by the build task and every actor
+    plugins: tuple[str, ...] = ()
     #: Preprocessors (workers.preprocess specs) and postprocessors (workers.postprocess specs);
     #: a config's lists of items are parsed into them by `spec_from_settings`.
     preprocess: tuple[Any, ...] = ()
@@ -105,9 +113,10 @@ class JobSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise SpecError(f"{name} is required; pass --{name} URI or set {name}: in the config")
-        for name in ("batch_size", "shards_in_flight", "slots", "concurrent_batches"):
+        _check_caffe(self.model, self.weights)
+        for name in ("batch_size", "slots", "concurrent_batches"):
             _positive(name, getattr(self, name))
-        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers",
+        for name in ("workers", "rows_per_shard", "cpus_per_worker", "readers", "shards_in_flight",
                      "max_batch_tokens", "sort_window"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
@@ -163,11 +172,15 @@ class JobSpec:
 
 
     def build_config(self, text: tuple[tuple[tuple[int, int, int], ...],
-                                       tuple[tuple[int, int, int], ...]] | None = None
-                     ) -> BuildConfig:
+                                       tuple[tuple[int, int, int], ...]] | None = None,
+                     plugins: tuple[tuple[str, str], ...] = ()) -> BuildConfig:
         """The TensorRT build this job asks for: one profile from 1 row to the batch size, or,
         for text (`text`: batch and width profiles, `jobs.text_profiles`), one per range of
-        widths."""
+        widths.
+
+        `plugins`: the (uri, sha256) of `self.plugins` (`workers.plugins.digest_plugins`), which
+        the fingerprint holds; the driver reads the libraries once to compute them.
+        """
         if text is not None:
             return BuildConfig(
                 profiles=text[0], lengths=text[1], precision=self.precision,
@@ -176,14 +189,28 @@ class JobSpec:
                                     else self.optimization_level),
                 hardware_compatible=self.hardware_compatible,
                 version_compatible=self.version_compatible,
-                exclude_lean_runtime=self.exclude_lean_runtime)
+                exclude_lean_runtime=self.exclude_lean_runtime, plugins=plugins)
         return BuildConfig.for_batch(
             self.batch_size, precision=self.precision, workspace=self.workspace,
             optimization_level=(DEFAULT_OPTIMIZATION_LEVEL if self.optimization_level is None
                                 else self.optimization_level),
             hardware_compatible=self.hardware_compatible,
             version_compatible=self.version_compatible,
-            exclude_lean_runtime=self.exclude_lean_runtime)
+            exclude_lean_runtime=self.exclude_lean_runtime, plugins=plugins)
+
+
+def _check_caffe(model: str, weights: str | None) -> None:
+    """A Caffe model is a deploy.prototxt with its weights; one without the other is refused."""
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise SpecError(f"weights must be the URI of a Caffe net.caffemodel, got {weights!r}")
+    if weights is None and model.lower().endswith(".prototxt"):
+        raise SpecError(f"model '{model}' is a Caffe deploy.prototxt, which holds no weights; "
+                        "pass its trained net.caffemodel with --weights URI (weights: in the "
+                        "config)")
+    if weights is not None and model.lower().endswith(".onnx"):
+        raise SpecError(f"weights '{weights}' are for a Caffe model, and model '{model}' is an "
+                        "ONNX model, which holds its own; drop --weights, or pass the Caffe "
+                        "deploy.prototxt as --model")
 
 
 def _check_build_options(spec: JobSpec) -> None:
@@ -222,7 +249,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
         "Run an ONNX model over a Parquet dataset on a Ray cluster; write Parquet parts."))
     p.add_argument("--config", metavar="job.yaml", help="YAML file with the same settings; "
                    "flags override it")
-    p.add_argument("--model", metavar="URI", help="ONNX model (any fsspec URI)")
+    p.add_argument("--model", metavar="URI", help="ONNX model, or a Caffe deploy.prototxt with "
+                   "--weights (any fsspec URI)")
+    p.add_argument("--weights", metavar="URI", help="Caffe: the trained net.caffemodel of "
+                   "--model deploy.prototxt; the pair is converted to ONNX once, in the driver")
     p.add_argument("--input", metavar="URI", help="a Parquet file, a directory, or a glob")
     p.add_argument("--output", metavar="URI", help="directory that will hold the parts")
     p.add_argument("--column", action="append", metavar="INPUT=COLUMN", dest="columns",
@@ -237,7 +267,9 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="target rows per shard; shards are whole row groups (default: at least "
                    "4 shards per worker, at most 100000 rows each)")
     p.add_argument("--backend", choices=BACKEND_NAMES)
-    p.add_argument("--precision", choices=PRECISIONS, help="TensorRT precision (default fp32)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="numeric precision on TensorRT and ONNX Runtime's CUDA provider "
+                   "(default fp32; fp16/bf16 convert the model, int8/fp8 need its Q/DQ nodes)")
     p.add_argument("--storage-options", metavar="JSON|@FILE",
                    help="fsspec storage options as a JSON object, or @FILE to read them from a "
                    "file (keeps credentials out of the command line, which `ray job list` "
@@ -261,7 +293,8 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
                    help="text: rows sorted by length together before batching (default "
                    "max(8192, 16 x --batch-size))")
     p.add_argument("--shards-in-flight", type=int, metavar="N",
-                   help="shards queued per actor (default 2)")
+                   help="shards queued per actor (default 2; on GPU actors up to 4 when shards "
+                   "are only a few batches long, so the next shard is read before the GPU needs it)")
     p.add_argument("--slots", type=int, metavar="K",
                    help="GPU actors: batches in flight, each with its own CUDA stream and "
                    "buffers (default 3: two executing, one being filled)")
@@ -294,6 +327,10 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--exclude-lean-runtime", action="store_true", default=None,
                    help="with --version-compatible: keep the lean runtime out of the plan "
                    "(workers need tensorrt-lean of the building version)")
+    p.add_argument("--plugins", action="append", metavar="LIB",
+                   help="a TensorRT plugin library (or, with ONNX Runtime, a custom-op library) "
+                   "to load before the model, in the build task and every actor: a local path "
+                   "on every node or any fsspec URI (repeatable)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace another job's parts in OUTPUT")
     p.add_argument("--max-actor-deaths", type=int, metavar="N",
@@ -432,6 +469,11 @@ def spec_from_settings(settings: Mapping[str, Any], source: str = "settings") ->
     keep = data.pop("keep", None) or []
     if isinstance(keep, str) or not isinstance(keep, Sequence):
         raise SpecError(f"keep in {source} must be a list of column names, got {keep!r}")
+    plugins = data.pop("plugins", None) or []
+    if isinstance(plugins, str) or not isinstance(plugins, Sequence):
+        raise SpecError(f"plugins in {source} must be a list of library paths or URIs, "
+                        f"got {plugins!r}")
+    data["plugins"] = tuple(str(p) for p in plugins)
     storage = _storage_options(data.pop("storage_options", None),
                                data.pop("storage_options_file", None))
     for name in ("model", "input", "output"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import fsspec
@@ -15,7 +16,7 @@ import pytest
 from jobs.driver import run_job
 from jobs.spec import JobSpec
 from tests.models import two_input_model, write_dataset
-from workers.errors import OutputConflictError
+from workers.errors import OutputConflictError, SpecError
 
 pytestmark = pytest.mark.ray
 
@@ -103,6 +104,16 @@ def test_other_job_into_same_output_is_refused(ray_cluster: None, two_input_onnx
     report = run_job(spec_for(str(other_model), str(dataset), str(out), overwrite=True))
     assert report.committed == 9 and report.skipped == 0
     check_exact(other_model.read_bytes(), read_input(str(dataset)), read_output(str(out)))
+
+
+def test_fp16_on_a_cpu_cluster_fails_before_any_actor(ray_cluster: None, two_input_onnx: Path,
+                                                     dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SpecError, match=re.escape(
+            "precision fp16 with ONNX Runtime needs its CUDA provider, and this runs on the CPU "
+            "provider")):
+        run_job(spec_for(str(two_input_onnx), str(dataset), str(out), precision="fp16"))
+    assert not list(out.glob("part-*"))
 
 
 def test_corrupt_file_among_good_ones(ray_cluster: None, two_input_onnx: Path, dataset: Path,

@@ -49,6 +49,8 @@ def test_fingerprint_is_stable_and_hex() -> None:
     {"cuda_major": 13},
     {"target": "sm_90"},
     {"target": "ampere_plus"},
+    {"target": "sm_86-nvidia-a40"},  # same compute capability, another device model
+    {"conversion": "onnxconverter-common 1.16.0; passes r2"},  # a plan from a converted model
     {"build": BuildConfig.for_batch(256, precision="fp16")},
     {"build": BuildConfig.for_batch(128)},
     {"build": BuildConfig(profiles=((8, 256, 256),))},
@@ -62,6 +64,12 @@ def test_every_input_changes_the_fingerprint(change: dict[str, Any]) -> None:
     assert dataclasses.replace(BASE, **change).fingerprint != BASE.fingerprint
 
 
+def test_a_fixed_converter_is_a_new_plan() -> None:
+    before = dataclasses.replace(BASE, conversion="onnxconverter-common 1.16.0; passes r2")
+    after = dataclasses.replace(BASE, conversion="onnxconverter-common 1.16.0; passes r3")
+    assert before.fingerprint != after.fingerprint
+
+
 def test_default_cache_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_uri() == str(tmp_path / "xdg" / "trt-batch-runner" / "plans")
@@ -71,6 +79,16 @@ def test_default_cache_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 # Commit and lookup ---------------------------------------------------------------------------
+def test_every_key_field_survives_the_sidecar(tmp_path: Path) -> None:
+    """Lookups compare the sidecar's JSON with the key: tuples must come back equal."""
+    key = dataclasses.replace(
+        BASE, conversion="onnxconverter-common 1.16.0; passes r2", target="sm_90-nvidia-h200",
+        build=BuildConfig(profiles=((1, 8, 16), (17, 64, 64)), plugins=(("a.so", "1" * 64),)))
+    cache = PlanCache(str(tmp_path / "plans"))
+    cache.commit(key, payload(7))
+    assert cache.lookup(key) is not None
+
+
 def test_commit_then_lookup(tmp_path: Path) -> None:
     cache = PlanCache(str(tmp_path / "plans"))
     assert cache.lookup(BASE) is None

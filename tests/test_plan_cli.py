@@ -101,9 +101,7 @@ def test_inspect_reports_quantization(tmp_path: Path, capsys: pytest.CaptureFixt
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["inspect", "{missing}"], "cannot read '{missing}': not found"),
-    (["inspect", "{model}", "--layers"], "--layers lists a TensorRT plan's layers, and '{model}' "
-                                         "is an ONNX model; build a plan first: python -m "
-                                         "jobs.plan build {model} -o model.plan"),
+    (["inspect", "{model}", "--weights", "{missing}"], "cannot read '{missing}': not found"),
     (["build", "{model}", "-o", "{out}", "--workspace", "4x"],
      "--workspace must be a size in bytes such as 4294967296, 4GiB or 512MiB, got '4x'"),
     (["build", "{model}", "-o", "{out}", "--max-batch", "0"], "--max-batch must be >= 1, got 0"),
@@ -142,8 +140,8 @@ def test_build_without_tensorrt_says_how_to_install(model_path: Path, tmp_path: 
     code, _, err = run(["build", str(model_path), "-o", str(tmp_path / "m.plan")], capsys)
     assert code == 2
     assert err == ("error: TensorRT is not installed; building a plan needs the full package: "
-                   "pip install '.[tensorrt]' on the node that builds, or set backend: "
-                   "onnxruntime\n")
+                   "pip install '.[tensorrt-cu12]' or '.[tensorrt-cu13]' on the node that "
+                   "builds, or set backend: onnxruntime\n")
 
 
 @no_tensorrt
@@ -183,3 +181,64 @@ def test_module_entry_point(model_path: Path) -> None:
                           capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 2 and done.stderr.startswith("error: cannot read '/no/such.onnx'")
 
+
+
+# onnx2trt's options -------------------------------------------------------------------------
+def test_layers_of_an_onnx_model_with_shapes(model_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """onnx2trt -l: every node, its operator and its outputs' shapes, no TensorRT needed."""
+    code, out, _ = run(["inspect", str(model_path), "--layers"], capsys)
+    assert code == 0
+    assert "layers (6):" in out
+    assert "  0: (unnamed)  [Flatten]  -> flat float32 [N,48]" in out
+    assert "  5: (unnamed)  [ReduceSum]  -> score float32 [N,1]" in out
+
+
+def test_model_as_text_with_and_without_weights(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """onnx2trt -t / -T: the ONNX text syntax, weights left out or written."""
+    from tests.models import two_input_model
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(two_input_model())
+    code, out, _ = run(["inspect", str(model), "-t", "-"], capsys)
+    assert code == 0
+    assert 'float[48,5] w1 = ["location": "(weights left out)"]' in out
+    assert "logits = Add (am, b)" in out
+    assert run(["inspect", str(model), "-T", str(tmp_path / "m.txt")], capsys)[0] == 0
+    text = (tmp_path / "m.txt").read_text()
+    assert "(weights left out)" not in text
+    # With its weights, the text parses back into the same model.
+    import onnx
+
+    original = onnx.load_model_from_string(two_input_model())
+    parsed = onnx.parser.parse_model(text)
+    assert [n.op_type for n in parsed.graph.node] == [n.op_type for n in original.graph.node]
+    for got, want in zip(parsed.graph.initializer, original.graph.initializer, strict=True):
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(got),
+                                   onnx.numpy_helper.to_array(want), rtol=1e-6)
+
+
+def test_text_of_a_plan_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"\x00 not onnx")
+    code, _, err = run(["inspect", str(plan), "-t", "-"], capsys)
+    assert code == 2 and "--text writes an ONNX model as text, and" in err
+
+
+def test_versions(capsys: pytest.CaptureFixture[str]) -> None:
+    """onnx2trt -V: ONNX IR version and opset, TensorRT (or its absence), the converters."""
+    import onnx
+
+    code, out, _ = run(["-V"], capsys)
+    assert code == 0
+    assert out.startswith(f"onnx {onnx.__version__}: IR version {onnx.IR_VERSION}, opset "
+                          f"{onnx.defs.onnx_opset_version()}\n")
+    assert "fp16/bf16 conversion: onnxconverter-common" in out
+    assert "tensorrt" in out
+
+
+def test_a_command_or_version_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run([], capsys)
+    assert "a command is required: inspect or build (or -V)" in capsys.readouterr().err

@@ -81,16 +81,51 @@ def check(result: Any, what: str = "CUDA call") -> Any:
 # Statuses that mean "no usable GPU here" rather than a broken call.
 _NO_GPU = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver", "cudaErrorInitializationError",
            "cudaErrorSystemDriverMismatch", "cudaErrorCompatNotSupportedOnDevice")
+# Of those, the ones a driver older than the CUDA runtime also gives.
+_DRIVER_TOO_OLD = ("cudaErrorInsufficientDriver", "cudaErrorSystemDriverMismatch",
+                   "cudaErrorCompatNotSupportedOnDevice")
+
+
+def driver_mismatch(runtime_version: int, driver_version: int) -> str | None:
+    """What to tell a user whose driver cannot run the CUDA runtime cuda-python loads.
+
+    Versions as CUDA encodes them (12040 = 12.4). None when there is no driver at all (0: no
+    GPU here) or the driver is new enough.
+    """
+    if driver_version <= 0 or driver_version >= runtime_version:
+        return None
+
+    def text(v: int) -> str:
+        return f"{v // 1000}.{v % 1000 // 10}"
+
+    driver_major = driver_version // 1000
+    return (f"the NVIDIA driver supports CUDA up to {text(driver_version)}, and cuda-python "
+            f"loads the CUDA {text(runtime_version)} runtime; install the packages for CUDA "
+            f"{driver_major} (pip install '.[tensorrt-cu{driver_major}]' or "
+            f"'cuda-python>={driver_major},<{driver_major + 1}'), or update the driver")
 
 
 def device_count() -> int:
-    """How many CUDA devices this process sees; 0 without a driver, a GPU or cuda-python."""
+    """How many CUDA devices this process sees; 0 without a driver, a GPU or cuda-python.
+
+    A driver too old for the CUDA runtime is not "no GPU": it raises CudaError naming both
+    versions and the packages to install.
+    """
     try:
         rt = runtime()
     except MissingDependencyError:
         return 0
     status, count = rt.cudaGetDeviceCount()
-    if getattr(status, "name", "") in _NO_GPU:
+    name = getattr(status, "name", "")
+    if name in _DRIVER_TOO_OLD:
+        driver = rt.cudaDriverGetVersion()
+        runtime_version = rt.cudaRuntimeGetVersion()
+        if int(driver[0]) == 0 and int(runtime_version[0]) == 0:
+            problem = driver_mismatch(int(runtime_version[1]), int(driver[1]))
+            if problem:
+                raise CudaError(f"cudaGetDeviceCount failed: {_error_text(status)}: {problem}",
+                                code=int(status))
+    if name in _NO_GPU:
         return 0
     check((status,), "cudaGetDeviceCount")
     return int(count)

@@ -401,10 +401,12 @@ class GpuImages:
         out = np.empty(len(values), dtype=object)
         streams, rows, on_cpu = [], [], []
         for i, data in enumerate(values):
-            if data is None:
+            if data is None or not is_jpeg(data):
+                # The GPU decoders installed (nvJPEG, its hardware engine) take JPEG only: a PNG
+                # given to them fails there, with a warning per image, before the CPU takes it.
                 on_cpu.append(i)
                 continue
-            if is_jpeg(data) and not jpeg_complete(data):
+            if not jpeg_complete(data):
                 on_cpu.append(i)  # truncated: nvJPEG may decode what it has; the CPU refuses
                 continue
             try:
@@ -505,8 +507,8 @@ class GpuImages:
         # Decoded when the stream gets here: wait (this thread only converts), so the images
         # are ready for any slot's stream without an event per batch.
         self._stream.synchronize()
-        if reuse is not None:
-            self._give_back([old for old, new in zip(reuse, images, strict=True) if new is None])
+        # The images given for rows that failed are dropped, not kept for reuse: what a failed
+        # decode leaves in them is not documented, and one reused might be read half-written.
         return list(images)
 
     def _give_back(self, images: list[Any]) -> None:

@@ -11,8 +11,8 @@ The appended nodes compute what `workers.postprocess.mean_pool` computes on the 
 mean pooling; its clamp at 1e-9 gives the same result for 0/1 masks), the plain token mean for
 `mean` without a mask, and the first token for `cls`. The sums run in float32 whatever the
 output's dtype, as on the host (cls takes the first token, then casts it), and the model
-names the appended nodes under `workers.onnx_precision.FP32_NODES_KEY`, so a plan build that
-converts the model to fp16 or bf16 leaves them in float32. L2 normalization stays on the host:
+names the appended nodes under `workers.onnx_precision.FP32_NODES_KEY`, so the conversion
+to fp16 or bf16 (`--precision`) leaves them in float32. L2 normalization stays on the host:
 it reads only `[N, D]`.
 """
 

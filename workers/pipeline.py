@@ -31,6 +31,7 @@ from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
+    from workers.images import PillowProcesses
 
 __all__ = ["MAX_ROW_FAILURES", "SlotPool", "process_shard"]
 
@@ -115,19 +116,21 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
 
 def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
                   slots: SlotPool | None = None, images: GpuImages | None = None,
-                  spool_dir: str | None = None) -> ShardResult:
+                  spool_dir: str | None = None, processes: PillowProcesses | None = None
+                  ) -> ShardResult:
     """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
 
     A backend with `uses_slots` runs with `config.slots` batches in flight, in `slots` when given
     (an actor keeps one pool for all its shards) or in a pool opened for this shard. `images`
     (GPU path only): the actor's GPU image decoding, for the image inputs it decodes.
     `spool_dir`: the actor's private spool for parts bound for an object store (see PartWriter).
+    `processes`: the actor's Pillow decoding processes, kept across shards (else the shard's own).
     """
     started, started_at = time.perf_counter(), time.time()
     times = StageTimes()
     post = Postprocessor(config.postprocess)
     images = images if backend.uses_slots else None
-    inputs = ShardInputs(shard, config, backend.inputs, post.needs, times, images)
+    inputs = ShardInputs(shard, config, backend.inputs, post.needs, times, images, processes)
     writer = PartWriter(config.output_url, shard.part_name, config.storage, spool_dir=spool_dir)
     budget = token_budget(config, backend.inputs)
     # Sorted batches are written back in input order.

@@ -76,6 +76,9 @@ class BuildConfig:
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
     detailed_profiling: bool = False
+    #: `--plugins`: (uri, sha256) of each TensorRT plugin library, registered before parsing;
+    #: version-compatible plans serialize them (`plugins_to_serialize`)
+    plugins: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -122,16 +125,26 @@ class BuildConfig:
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
+        # Lists, as JSON reads them back: the cache compares a sidecar's key with this.
         out["profiles"] = [list(p) for p in self.profiles]
+        out["plugins"] = [list(p) for p in self.plugins]
         out["lengths"] = [list(p) for p in self.lengths]
         return out
 
 
-def target_key(capability: tuple[int, int], hardware_compatible: bool) -> str:
-    """Which plan a GPU runs: `sm_86` for its own compute capability, or `ampere_plus`."""
+def target_key(capability: tuple[int, int], hardware_compatible: bool, gpu_name: str = "") -> str:
+    """Which plan a GPU runs: its compute capability and model (`sm_90-nvidia-h100-80gb-hbm3`),
+    or `ampere_plus` for a hardware-compatible plan.
+
+    TensorRT supports a plan only on the device model that built it (its own words: using it on
+    another "is likely to affect performance or even cause errors or deadlock"), so an A10 and
+    an A40 (both 8.6) get a plan each; hardware-compatible plans are made to be shared.
+    """
     if hardware_compatible:
         return AMPERE_PLUS
-    return f"sm_{capability[0]}{capability[1]}"
+    key = f"sm_{capability[0]}{capability[1]}"
+    model = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
+    return f"{key}-{model}" if model else key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,13 +268,16 @@ def plan_precision(precision: str, api: TrtApi, types: ModelTypes,
                                  how="the model's own types (strongly typed), TF32 off")
         return PrecisionPlan(strongly_typed=False, clear_tf32=True, how="fp32, TF32 off")
     # fp16 / bf16
-    if types.carries(precision):
+    if types.computes_in(precision):
         return PrecisionPlan(strongly_typed=True,
-                             how=f"{precision} as the model carries it (strongly typed)")
+                             how=f"the model's own {precision} weights and types (strongly typed)")
+    partly = (f" (the model carries some {precision} tensors, and its fp32 weights are lowered "
+              "too)" if types.carries(precision) else "")
     if api.precision_flags:
         flag = precision.upper()
         return PrecisionPlan(strongly_typed=False, flags=(flag,),
-                             how=f"BuilderFlag.{flag} over the FP32 model (weakly typed)")
+                             how=f"BuilderFlag.{flag} over the fp32 model (weakly typed: TensorRT "
+                                 f"picks {precision} or fp32 per layer){partly}")
     if types.subgraphs:
         raise SpecError(
             f"TensorRT {api.version} has no {precision} builder flag (strong typing only), so the "
@@ -270,8 +286,9 @@ def plan_precision(precision: str, api: TrtApi, types: ModelTypes,
             f"modelopt.onnx.autocast --onnx_path MODEL.onnx --low_precision_type {precision}) "
             f"and pass the converted model, or use --precision fp32")
     return PrecisionPlan(strongly_typed=True, convert_to=precision,
-                         how=f"model converted to {precision} before parsing (I/O kept fp32; "
-                             f"TensorRT {api.version} has no precision flags)")
+                         how=f"model converted to {precision} before parsing (I/O kept fp32, "
+                             f"reductions, Pow, Exp, Softmax and norms in fp32; TensorRT "
+                             f"{api.version} has no precision flags){partly}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +398,18 @@ class BuildResult:
     outputs: tuple[TensorMeta, ...]
     precision_how: str
     warnings: list[str] = field(default_factory=list)
+    #: the build started from the timing cache it was given (False: none, or TensorRT refused it)
+    timing_cache_loaded: bool = False
+    #: the converter that made the fp16/bf16 model parsed (None: no conversion)
+    conversion: str | None = None
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description for the plan's sidecar."""
         return {"tensorrt": self.tensorrt, "compute_capability": list(self.capability),
                 "gpu": self.gpu_name, "build_seconds": round(self.seconds, 3),
-                "precision_how": self.precision_how, "builder_host": socket.gethostname(),
+                "precision_how": self.precision_how, "conversion": self.conversion,
+                "timing_cache_loaded": self.timing_cache_loaded,
+                "builder_host": socket.gethostname(),
                 "inputs": [m.to_json() for m in self.inputs],
                 "outputs": [m.to_json() for m in self.outputs]}
 
@@ -394,6 +417,7 @@ class BuildResult:
 def format_parser_errors(parser: trt.OnnxParser, source: str) -> str:
     """Every ONNX parser error with node index, node name, operator and description."""
     lines = []
+    operators = []  # of errors that say no importer (or plugin) exists for the node's operator
     for index in range(parser.num_errors):
         error = parser.get_error(index)
         node = int(error.node())
@@ -403,8 +427,14 @@ def format_parser_errors(parser: trt.OnnxParser, source: str) -> str:
         where = (f"node {node}" + (f" '{name}'" if name else "") + (f" ({operator})" if operator else "")
                  if node >= 0 else "the model")
         lines.append(f"  {where}: {error.desc()} [{code}]")
+        if code == "UNSUPPORTED_NODE" or re.search(r"(?i)no importer|plugin", str(error.desc())):
+            operators.append(operator)
+    unknown = sorted({op for op in operators if op})
+    plugin_hint = (f"; an operator TensorRT has no importer for ({', '.join(unknown)}) may be a "
+                   "plugin layer: load its library with --plugins LIB" if unknown else "")
     return (f"TensorRT cannot parse {source} ({parser.num_errors} error(s)):\n" + "\n".join(lines)
-            + "\nchange or remove the unsupported node(s), or run with --backend onnxruntime")
+            + "\nchange or remove the unsupported node(s), or run with --backend onnxruntime"
+            + plugin_hint)
 
 
 def _dims(dims: trt.Dims) -> tuple[int | None, ...]:
@@ -413,16 +443,17 @@ def _dims(dims: trt.Dims) -> tuple[int | None, ...]:
 
 def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None = None,
                external_data: Mapping[str, bytes] | None = None, source: str = "model",
-               device: int = 0) -> BuildResult:
+               device: int = 0, storage_options: Mapping[str, Any] | None = None) -> BuildResult:
     """Parse `model` and build a plan on GPU `device`; needs the full `tensorrt` package.
 
     `external_data` maps each external-weights location (relative, as the model names it) to
-    its bytes. Raises SpecError for what the user must change (unsupported nodes, shapes,
-    precision), BackendError for what went wrong on the node.
+    its bytes; `storage_options` reach the plugin libraries of `config.plugins`. Raises
+    SpecError for what the user must change (unsupported nodes, shapes, precision),
+    BackendError for what went wrong on the node.
     """
     # onnx_precision imports onnx, which takes a second: only a build needs it (the driver
     # imports this module for BuildConfig, on its way to starting).
-    from workers.onnx_precision import convert_float, model_types
+    from workers.onnx_precision import converter_version, model_types
 
     info = describe_onnx(model, source=source)
     shapes = profile_shapes(info.inputs, config, source)
@@ -432,7 +463,7 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
         plan_precision(config.precision, TrtApi("any", False, True), types, None, False, source)
 
     from workers import cuda
-    from workers.backends.tensorrt import import_tensorrt, make_logger, numpy_dtype
+    from workers.backends.tensorrt import import_tensorrt, process_logger
 
     trt_module = import_tensorrt(builder=True)
     api = TrtApi.probe(trt_module)
@@ -446,15 +477,49 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
                                config.hardware_compatible, source)
 
     started = time.monotonic()
-    logger = make_logger(trt_module)
-    builder: trt.Builder = trt_module.Builder(logger)
+    logger = process_logger(trt_module)
+    with logger.capture() as log, tempfile.TemporaryDirectory(prefix="trt-plugins-") as libs:
+        from workers.plugins import local_plugin_files, register_tensorrt_plugins
+
+        plugin_files = local_plugin_files(config.plugins, storage_options, libs)
+        register_tensorrt_plugins(trt_module, logger.trt_logger, plugin_files)
+        builder: trt.Builder = trt_module.Builder(logger.trt_logger)
+        network = _parse(trt_module, builder, logger.trt_logger, model, precision, external_data,
+                         source)
+        builder_config = _builder_config(trt_module, builder, config, precision, shapes, api, log)
+        if plugin_files and config.version_compatible:
+            # The plan carries the libraries, for runtimes (lean ones too) that load it with host
+            # code allowed; who may allow that is the plan trust rules' decision.
+            builder_config.plugins_to_serialize = plugin_files
+        loaded = _set_timing_cache(builder_config, timing_cache, log)
+        serialized = builder.build_serialized_network(network, builder_config)
+        if serialized is None:
+            raise BackendError(f"TensorRT {api.version} could not build a plan for {source} on "
+                               f"{gpu_name(device) or 'this GPU'} (compute capability "
+                               f"{capability[0]}.{capability[1]}): {log.last_errors()}")
+        plan = bytes(serialized)
+        new_cache = builder_config.get_timing_cache()
+        timing = bytes(new_cache.serialize()) if new_cache is not None else None
+        inputs = _metas(trt_module, [network.get_input(i) for i in range(network.num_inputs)])
+        outputs = _metas(trt_module, [network.get_output(i) for i in range(network.num_outputs)])
+        warnings = list(log.warnings)
+    return BuildResult(plan=plan, timing_cache=timing, seconds=time.monotonic() - started,
+                       tensorrt=api.version, capability=capability, gpu_name=gpu_name(device),
+                       inputs=inputs, outputs=outputs, precision_how=precision.how,
+                       warnings=warnings, timing_cache_loaded=loaded,
+                       conversion=converter_version() if precision.convert_to else None)
+
+
+def _parse(trt_module: Any, builder: trt.Builder, trt_logger: Any, model: bytes,
+           precision: PrecisionPlan, external_data: Mapping[str, bytes] | None,
+           source: str) -> trt.INetworkDefinition:
+    """The network the ONNX parser makes of `model` (converted first when `precision` says so)."""
     flags = 0
     strongly = getattr(trt_module.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if precision.strongly_typed and strongly is not None:
         flags |= 1 << int(strongly)
     network: trt.INetworkDefinition = builder.create_network(flags)
-    parser: trt.OnnxParser = trt_module.OnnxParser(network, logger)
-
+    parser: trt.OnnxParser = trt_module.OnnxParser(network, trt_logger)
     with tempfile.TemporaryDirectory(prefix="trt-build-") as tmp:
         path = None
         if external_data:
@@ -471,6 +536,8 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
         if precision.convert_to:
             import onnx
 
+            from workers.onnx_precision import convert_float
+
             proto = onnx.load(path) if path else onnx.load_model_from_string(model)
             data = convert_float(proto, precision.convert_to, source)
             path = None  # weights are inline after conversion
@@ -478,7 +545,15 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
         ok = parser.parse_from_file(path) if path else parser.parse(data)
         if not ok:
             raise SpecError(format_parser_errors(parser, source))
+    # The network keeps what it needs from the parser; the parser object is not needed after.
+    return network
 
+
+def _builder_config(trt_module: Any, builder: trt.Builder, config: BuildConfig,
+                    precision: PrecisionPlan, shapes: list[dict[str, Any]], api: TrtApi,
+                    log: Any) -> trt.IBuilderConfig:
+    """The builder config: workspace, optimization level, precision flags, compatibility,
+    profiling detail and one optimization profile per entry of `shapes`."""
     builder_config: trt.IBuilderConfig = builder.create_builder_config()
     if config.workspace is not None:
         builder_config.set_memory_pool_limit(trt_module.MemoryPoolType.WORKSPACE, config.workspace)
@@ -509,45 +584,36 @@ def build_plan(model: bytes, config: BuildConfig, *, timing_cache: bytes | None 
                               trt_module.Dims(list(hi)))
         if builder_config.add_optimization_profile(profile) < 0:
             raise BackendError(f"TensorRT rejected optimization profile {profile_shapes_}: "
-                               f"{logger.last_errors()}")
-    _set_timing_cache(builder_config, timing_cache, logger)
-
-    serialized = builder.build_serialized_network(network, builder_config)
-    if serialized is None:
-        raise BackendError(f"TensorRT {api.version} could not build a plan for {source} on "
-                           f"{gpu_name(device) or 'this GPU'} (compute capability "
-                           f"{capability[0]}.{capability[1]}): {logger.last_errors()}")
-    plan = bytes(serialized)
-    new_cache = builder_config.get_timing_cache()
-    timing = bytes(new_cache.serialize()) if new_cache is not None else None
-
-    def metas(tensors: list[trt.ITensor]) -> tuple[TensorMeta, ...]:
-        return tuple(TensorMeta(t.name, numpy_dtype(trt_module, t.dtype, t.name), _dims(t.shape))
-                     for t in tensors)
-
-    inputs = metas([network.get_input(i) for i in range(network.num_inputs)])
-    outputs = metas([network.get_output(i) for i in range(network.num_outputs)])
-    return BuildResult(plan=plan, timing_cache=timing, seconds=time.monotonic() - started,
-                       tensorrt=api.version, capability=capability, gpu_name=gpu_name(device),
-                       inputs=inputs, outputs=outputs, precision_how=precision.how,
-                       warnings=list(logger.warnings))
+                               f"{log.last_errors()}")
+    return builder_config
 
 
-def _set_timing_cache(config: trt.IBuilderConfig, data: bytes | None, logger: Any) -> None:
-    """Start from the cached timings when they fit this TensorRT and GPU, else from empty."""
+def _metas(trt_module: Any, tensors: list[trt.ITensor]) -> tuple[TensorMeta, ...]:
+    from workers.backends.tensorrt import numpy_dtype
+
+    return tuple(TensorMeta(t.name, numpy_dtype(trt_module, t.dtype, t.name), _dims(t.shape))
+                 for t in tensors)
+
+
+def _set_timing_cache(config: trt.IBuilderConfig, data: bytes | None, log: Any) -> bool:
+    """Start from the cached timings when they fit this TensorRT and GPU, else from empty.
+
+    Returns whether the cached timings were loaded.
+    """
     cache = None
     if data:
         try:
             cache = config.create_timing_cache(data)
         except Exception as exc:  # a corrupt or foreign cache: rebuild the timings
-            logger.warnings.append(f"timing cache ignored ({exc})")
+            log.warnings.append(f"timing cache ignored ({exc})")
             cache = None
         if cache is not None and not config.set_timing_cache(cache, False):
-            logger.warnings.append("timing cache ignored (built by another TensorRT or GPU)")
+            log.warnings.append("timing cache ignored (built by another TensorRT or GPU)")
             cache = None
         elif cache is not None:
-            return
+            return True
     config.set_timing_cache(config.create_timing_cache(b""), False)
+    return False
 
 
 def plan_nbytes_text(n: int) -> str:

@@ -27,6 +27,7 @@ from workers.text import TOKEN_COUNTS
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
+    from workers.images import PillowProcesses
 
 Batch = dict[str, np.ndarray]
 NULL_POLICIES = ("fail", "fill")
@@ -584,8 +585,12 @@ class Preprocessor:
     """
 
     def __init__(self, specs: Sequence[PrepSpec], metas: Mapping[str, TensorMeta],
-                 threads: int = 1, images: GpuImages | None = None) -> None:
-        """`images`: the actor's GPU image decoding; inputs it decodes become device fills."""
+                 threads: int = 1, images: GpuImages | None = None,
+                 processes: PillowProcesses | None = None) -> None:
+        """`images`: the actor's GPU image decoding; inputs it decodes become device fills.
+        `processes`: Pillow decoding processes its owner keeps (an actor's, for all its shards);
+        without them, this preprocessor starts its own at its first such image and closes them.
+        """
         from workers.images import PillowProcesses
 
         self.specs = tuple(specs)
@@ -600,9 +605,9 @@ class Preprocessor:
         self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
                                        if self.expands and self.threads > 1 else None)
         # Formats Pillow decodes (not JPEG) go to processes: it holds the GIL while decoding.
-        self._processes = (PillowProcesses(self.threads)
-                           if self._pool is not None and any(isinstance(s, ImagePrep)
-                                                             for s in self.specs) else None)
+        decodes = self._pool is not None and any(isinstance(s, ImagePrep) for s in self.specs)
+        self._own_processes = decodes and processes is None
+        self._processes = (processes or PillowProcesses(self.threads)) if decodes else None
         self._steps: list[Step] = [self._build(spec) for spec in self.specs]
 
     def _build(self, spec: PrepSpec) -> Step:
@@ -766,7 +771,7 @@ class Preprocessor:
         return prepared
 
     def close(self) -> None:
-        if self._processes is not None:
+        if self._processes is not None and self._own_processes:
             self._processes.close()
         if self._pool is not None:
             self._pool.shutdown()

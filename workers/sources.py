@@ -25,6 +25,7 @@ from workers.types import Shard, StageTimes, WorkerConfig
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
+    from workers.images import PillowProcesses
 
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
@@ -39,18 +40,19 @@ class ShardInputs:
     recorded with their kept columns' values, which identify them. `carry` names model inputs
     a postprocessor reads, carried beside the kept columns (`workers.outputs.carry_inputs`).
     `images`: the actor's GPU image decoding (the inputs it decodes become device fills).
+    `processes`: the actor's Pillow decoding processes (else the Preprocessor starts its own).
     """
 
     def __init__(self, shard: Shard, config: WorkerConfig, metas: Sequence[TensorMeta],
-                 carry: tuple[str, ...], times: StageTimes, images: GpuImages | None = None
-                 ) -> None:
+                 carry: tuple[str, ...], times: StageTimes, images: GpuImages | None = None,
+                 processes: PillowProcesses | None = None) -> None:
         self.shard = shard
         self.config = config
         self.carry = carry
         self.times = times
         self.prep = Preprocessor(config.preprocess or tensor_preps(config.bindings),
                                  {meta.name: meta for meta in metas}, config.preprocess_threads,
-                                 images)
+                                 images, processes)
         #: The first `MAX_ROW_FAILURES` failed rows, and the count of all of them.
         self.failures: list[dict[str, Any]] = []
         self.rows_failed = 0

@@ -243,13 +243,134 @@ def test_parser_errors_name_the_unsupported_node() -> None:
     with pytest.raises(SpecError, match=r"TensorRT cannot parse model \(\d+ error\(s\)\):\n"
                                         r"  node 1 'mystery_node' \(Mystery\): .*\[") as info:
         build_plan(model.SerializeToString(), BuildConfig.for_batch(4))
-    assert str(info.value).endswith("or run with --backend onnxruntime")
+    assert str(info.value).endswith(
+        "or run with --backend onnxruntime; an operator TensorRT has no importer for (Mystery) may "
+        "be a plugin layer: load its library with --plugins LIB")
+
+
+def efficient_nms_model(boxes: int = 8, classes: int = 3, keep: int = 4) -> bytes:
+    """boxes [N,B,4] + scores [N,B,C] -> TensorRT's standard EfficientNMS_TRT plugin layer."""
+    from onnx import helper
+
+    node = helper.make_node(
+        "EfficientNMS_TRT", ["boxes", "scores"],
+        ["num_detections", "detection_boxes", "detection_scores", "detection_classes"],
+        name="nms", plugin_version="1", background_class=-1, max_output_boxes=keep,
+        score_threshold=0.05, iou_threshold=0.5, score_activation=0, box_coding=0)
+    graph = helper.make_graph(
+        [node], "nms",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", boxes, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", boxes, classes])],
+        [helper.make_tensor_value_info("num_detections", TensorProto.INT32, ["N", 1]),
+         helper.make_tensor_value_info("detection_boxes", TensorProto.FLOAT, ["N", keep, 4]),
+         helper.make_tensor_value_info("detection_scores", TensorProto.FLOAT, ["N", keep]),
+         helper.make_tensor_value_info("detection_classes", TensorProto.INT32, ["N", keep])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_standard_plugin_layer_parses_and_runs() -> None:
+    """EfficientNMS_TRT comes from libnvinfer_plugin: registered by init_libnvinfer_plugins."""
+    result = build_plan(efficient_nms_model(), BuildConfig.for_batch(4))
+    rng = np.random.default_rng(5)
+    # Eight disjoint boxes, three classes: NMS (per class) suppresses nothing, so the four
+    # detections are the four best (box, class) scores.
+    corners = np.arange(8, dtype=np.float32)[:, None] * 10
+    boxes = np.concatenate([corners, corners, corners + 5, corners + 5], axis=1)
+    batch_boxes = np.repeat(boxes[None], 2, axis=0)
+    scores = rng.uniform(0.1, 1.0, (2, 8, 3)).astype(np.float32)
+    with create_backend("tensorrt", result.plan) as backend:
+        out = backend.infer({"boxes": batch_boxes, "scores": scores})
+    for n in range(2):
+        assert int(out["num_detections"][n, 0]) == 4
+        best = np.sort(scores[n].ravel())[::-1][:4]
+        np.testing.assert_allclose(out["detection_scores"][n], best, rtol=1e-5)
 
 
 def test_timing_cache_is_reused(model_bytes: bytes, fp32_plan: BuildResult) -> None:
+    """Loaded, not merely unrejected: with a logger per object the warnings were always empty."""
+    assert fp32_plan.timing_cache and not fp32_plan.timing_cache_loaded
     again = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH),
                        timing_cache=fp32_plan.timing_cache)
-    assert again.plan and not any("timing cache ignored" in w for w in again.warnings)
+    assert again.plan and again.timing_cache_loaded
+    assert not any("timing cache ignored" in w for w in again.warnings)
+    corrupt = build_plan(model_bytes, BuildConfig.for_batch(MAX_BATCH),
+                         timing_cache=b"\x00" * 64)
+    assert not corrupt.timing_cache_loaded
+    assert any("timing cache ignored" in w for w in corrupt.warnings)
+
+
+def test_tensorrt_errors_are_reported_after_other_objects_lived(fp32_plan: BuildResult) -> None:
+    """TensorRT keeps the process's first logger: later loads must still see their errors."""
+    with create_backend("tensorrt", fp32_plan.plan):
+        pass  # a Runtime (and the module's builds before it) lived in this process
+    broken = fp32_plan.plan[: len(fp32_plan.plan) // 2]
+    with pytest.raises(BackendError, match="could not deserialize the plan") as info:
+        create_backend("tensorrt", broken).load()
+    assert "no error was logged" not in str(info.value)
+
+
+def test_several_profiles_and_batches_below_a_minimum(model_bytes: bytes) -> None:
+    config = BuildConfig(profiles=((1, 4, 8), (16, 32, 64)))
+    result = build_plan(model_bytes, config)
+    with create_backend("tensorrt", result.plan) as backend:
+        assert backend.max_rows == 64  # type: ignore[attr-defined]
+        slot = backend.open_slot(64)
+        try:
+            # 12 rows fit no profile: they run padded to 16 on the second.
+            for rows in (3, 8, 12, 40, 64, 1):
+                data = batch(rows, seed=100 + rows)
+                for name, array in data.items():
+                    np.copyto(slot.host_inputs[name][:rows], array)
+                slot.submit(rows)
+                close_to({k: v.copy() for k, v in slot.wait().items()},
+                         reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        finally:
+            slot.close()
+        data = batch(150, seed=7)  # infer() splits past the largest profile
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+
+
+def test_a_second_gpu(model_bytes: bytes) -> None:
+    from workers import cuda
+
+    if cuda.device_count() < 2:
+        pytest.skip("needs two GPUs (device_id 1)")
+    result = build_plan(model_bytes, BuildConfig.for_batch(16), device=1)
+    data = batch(16, seed=13)
+    with create_backend("tensorrt", result.plan, BackendConfig(device_id=1)) as backend:
+        close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        slot = backend.open_slot(16)
+        try:
+            for name, array in data.items():
+                np.copyto(slot.host_inputs[name], array)
+            slot.submit(16)
+            close_to({k: v.copy() for k, v in slot.wait().items()},
+                     reference(model_bytes, data["image"], data["meta"]), 1e-4)
+        finally:
+            slot.close()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["resize", "attention", "shared_constant", "large_values"])
+def test_precision_on_realistic_graphs(name: str, precision: str) -> None:
+    """Constant-held Resize scales, an HF attention mask with LayerNorm, a shared constant and
+    values past FP16's range, built at the requested precision on this TensorRT."""
+    from tests.precision_models import MODELS
+    from tests.workers.test_onnx_precision import TOLERANCE, relative_error, run_fp32
+
+    if precision == "bf16" and capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability 8.0+")
+    make_model, make_inputs = MODELS[name]
+    model = make_model()
+    result = build_plan(model, BuildConfig.for_batch(16, precision=precision))
+    feed = make_inputs(16, seed=9)
+    with create_backend("tensorrt", result.plan) as backend:
+        got = backend.infer(feed)
+        names = [m.name for m in backend.outputs]
+    for out, want in zip(names, run_fp32(model, feed), strict=True):
+        assert relative_error(got[out], want) <= 2 * TOLERANCE[precision], (name, out)
 
 
 def test_cli_build_and_inspect_layers(tmp_path: Path, model_bytes: bytes) -> None:
@@ -305,3 +426,46 @@ def test_job_builds_once_then_uses_the_cache(ray_cluster: None, tmp_path: Path, 
     want = reference(model_bytes, image, meta)["logits"]
     got = result.column("logits").combine_chunks().to_numpy_ndarray()
     assert np.abs(got - want).max() <= 1e-4 * max(float(np.abs(want).max()), 1.0)
+
+
+PLUGIN_SOURCE = Path(__file__).parent / "plugins" / "add_scalar.cu"
+
+
+def tensorrt_include() -> str | None:
+    """A directory holding TensorRT's headers (NvInferRuntime.h), if this machine has one."""
+    import os
+
+    candidates = [os.environ.get("TENSORRT_INCLUDE_DIR"), "/usr/include/x86_64-linux-gnu",
+                  "/usr/include/aarch64-linux-gnu", "/usr/include", "/usr/local/tensorrt/include",
+                  "/opt/tensorrt/include"]
+    return next((c for c in candidates if c and (Path(c) / "NvInferRuntime.h").is_file()), None)
+
+
+def test_a_plugin_library_built_from_cuda_source(tmp_path: Path) -> None:
+    """--plugins end to end: a library compiled here, loaded by the build and by the backend."""
+    import shutil
+    import subprocess
+
+    from onnx import helper
+
+    from workers.plugins import digest_plugins
+
+    nvcc, include = shutil.which("nvcc"), tensorrt_include()
+    if nvcc is None or include is None:
+        pytest.skip("needs nvcc and TensorRT's headers (set TENSORRT_INCLUDE_DIR)")
+    lib = tmp_path / "libadd_scalar.so"
+    subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", "-I", include, str(PLUGIN_SOURCE),
+                    "-o", str(lib)], check=True, timeout=300)
+    node = helper.make_node("AddScalarPlugin", ["x"], ["y"], name="add", scalar=2.5,
+                            plugin_version="1")
+    graph = helper.make_graph([node], "plugin",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    plugins = digest_plugins([str(lib)])
+    result = build_plan(model.SerializeToString(), BuildConfig.for_batch(8, plugins=plugins))
+    x = np.random.default_rng(6).standard_normal((5, 6)).astype(np.float32)
+    # The same process loaded the library for the build: the backend must not load it twice.
+    with create_backend("tensorrt", result.plan, BackendConfig(plugins=plugins)) as backend:
+        np.testing.assert_allclose(backend.infer({"x": x})["y"], x + 2.5, rtol=1e-6)

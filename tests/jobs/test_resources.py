@@ -54,3 +54,20 @@ def test_the_spec_leaves_them_to_the_cluster_unless_given() -> None:
     assert (spec.cpus_per_worker, spec.readers, spec.preprocess_threads) == (None, None, None)
     spec = spec_from_args([*base, "--cpus-per-worker", "8", "--readers", "6"])
     assert (spec.cpus_per_worker, spec.readers) == (8, 6)
+
+
+def test_short_shards_get_more_shards_in_flight_on_gpu_actors() -> None:
+    """A GPU actor finishes a 4-batch shard before a replacement sent after its commit has read
+    its first batch: shards of few batches get up to 4 in flight; long ones, and CPU actors, 2."""
+    from jobs.driver import default_shards_in_flight
+    from workers.types import Shard
+
+    def shards(rows: int) -> list[Shard]:
+        return [Shard(url=f"f{i}", size=1, version="v", row_groups=(0, 1), rows=rows)
+                for i in range(5)]
+
+    assert default_shards_in_flight(shards(1024), 256, gpus=True) == 4
+    assert default_shards_in_flight(shards(2048), 256, gpus=True) == 2  # 8 batches
+    assert default_shards_in_flight(shards(100_000), 256, gpus=True) == 2
+    assert default_shards_in_flight(shards(1024), 256, gpus=False) == 2
+    assert default_shards_in_flight([], 256, gpus=True) == 2

@@ -40,7 +40,8 @@ from workers.types import WorkerConfig
 
 KEY = "0123456789abcdef0123456789abcdef"
 OTHER_KEY = "fedcba9876543210fedcba9876543210"
-LEAN = [node("a", (8, 6), can_build=False, module="tensorrt_lean")]
+LEAN = [node("a", (8, 6), can_build=False, module="tensorrt_lean", gpu="NVIDIA A10")]
+TARGET = "sm_86-nvidia-a10"  # compute capability and GPU model
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def setup(tmp_path: Path, dataset: Path, **spec: Any) -> tuple[JobSpec, bytes, P
     path = tmp_path / "model.onnx"
     path.write_bytes(source)
     job = job_spec(tmp_path, dataset, path, plan_cache=str(tmp_path / "plans"), **spec)
-    key = PlanKey(digest(source), (), "10.13.0.35", 12, "sm_86", job.build_config())
+    key = PlanKey(digest(source), (), "10.13.0.35", 12, TARGET, job.build_config())
     return job, source, key
 
 
@@ -74,7 +75,7 @@ def worker_host_code(refs: PlanRefs) -> bool:
     """What the actor's TensorRT runtime would be told: may this plan run host code?"""
     config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
                           output_url="unused", bindings=())
-    worker = PlanWorker(config, dataclasses.replace(refs, capability=(8, 6)))
+    worker = PlanWorker(config, dataclasses.replace(refs, capability=(8, 6), gpu_name="NVIDIA A10"))
     try:
         info = worker.load()
         assert info["host_code_allowed"] == worker.backend.config.engine_host_code_allowed
@@ -89,7 +90,7 @@ def test_a_planted_plan_needing_host_code_is_not_loaded_without_a_key(
     job, source, key = setup(tmp_path, dataset, version_compatible=True)
     PlanCache(job.plan_cache).commit(key, two_input_model(seed=66))  # what an attacker writes
     with pytest.raises(SpecError, match=re.escape(
-            "plan sm_86 is not in the cache (") + ".*" + re.escape(
+            f"plan {TARGET} is not in the cache (") + ".*" + re.escape(
             "the cached plan was not used: it is not signed (no plan key is set) and a "
             "version-compatible plan runs host code, which only plans this run built or signed "
             "with the plan key may")):
@@ -99,13 +100,15 @@ def test_a_planted_plan_needing_host_code_is_not_loaded_without_a_key(
 @pytest.mark.ray
 def test_an_unsigned_plan_without_host_code_loads_with_host_code_disallowed(
         ray_cluster: None, tmp_path: Path, dataset: Path) -> None:
-    job, source, key = setup(tmp_path, dataset)
+    # Lean nodes run only version-compatible plans; without the lean runtime inside, one needs
+    # no host code.
+    job, source, key = setup(tmp_path, dataset, version_compatible=True, exclude_lean_runtime=True)
     plan = two_input_model(seed=67)
     PlanCache(job.plan_cache).commit(key, plan)
     shared, log = share(job, source)
-    assert ray.get(dict(shared.refs.refs)["sm_86"]) == plan
+    assert ray.get(dict(shared.refs.refs)[TARGET]) == plan
     assert shared.refs.host_code == ()
-    assert shared.plans["sm_86"]["signature"] == "none (no plan key)"
+    assert shared.plans[TARGET]["signature"] == "none (no plan key)"
     assert "not signed (no plan key): loaded with TensorRT host code disallowed" in log
     assert worker_host_code(shared.refs) is False
 
@@ -120,9 +123,9 @@ def test_a_signed_plan_may_run_host_code(ray_cluster: None, tmp_path: Path, data
     assert signer is not None
     PlanCache(job.plan_cache).commit(key, plan, signer=signer)  # as a job with the key does
     shared, log = share(job, source)
-    assert ray.get(dict(shared.refs.refs)["sm_86"]) == plan
-    assert shared.refs.host_code == ("sm_86",)
-    assert shared.plans["sm_86"]["signature"] == "verified"
+    assert ray.get(dict(shared.refs.refs)[TARGET]) == plan
+    assert shared.refs.host_code == (TARGET,)
+    assert shared.plans[TARGET]["signature"] == "verified"
     assert "signature verified" in log
     assert worker_host_code(shared.refs) is True
 
@@ -155,7 +158,7 @@ def tamper(cache: PlanCache, key: PlanKey, how: str) -> None:
 def test_with_a_key_a_plan_without_a_valid_signature_is_not_used(
         ray_cluster: None, tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch,
         how: str, why: str) -> None:
-    job, source, key = setup(tmp_path, dataset)
+    job, source, key = setup(tmp_path, dataset, version_compatible=True, exclude_lean_runtime=True)
     monkeypatch.setenv(PLAN_KEY_ENV, KEY)
     cache = PlanCache(job.plan_cache)
     cache.commit(key, two_input_model(seed=69), signer=load_signer(None))
@@ -239,3 +242,17 @@ def test_a_bad_plan_key_fails_before_ray_starts(tmp_path: Path, dataset: Path) -
     job, _, _ = setup(tmp_path, dataset, plan_key_file=str(tmp_path / "missing.key"))
     with pytest.raises(SpecError, match="cannot read the plan key file"):
         prepare(job)
+
+
+def test_plans_carrying_plugin_libraries_need_host_code() -> None:
+    """A version-compatible plan serializes the --plugins libraries (plugins_to_serialize):
+    that is host code, even without the lean runtime inside, so only trusted plans carry it."""
+    from jobs.plan_share import needs_host_code
+    from workers.plan_build import BuildConfig
+
+    excluded = BuildConfig(profiles=((1, 8, 8),), version_compatible=True,
+                           exclude_lean_runtime=True)
+    assert needs_host_code(excluded) is False
+    assert needs_host_code(dataclasses.replace(excluded, plugins=(("libx.so", "ab" * 32),)))
+    assert needs_host_code(BuildConfig(profiles=((1, 8, 8),), plugins=(("libx.so", "ab" * 32),))
+                           ) is False  # not version-compatible: nothing serialized

@@ -48,6 +48,16 @@ def test_device_count_is_zero_or_more() -> None:
     assert cuda.device_count() >= 0
 
 
+def test_a_driver_too_old_for_the_runtime_is_named() -> None:
+    """A CUDA 12 driver under cuda-python 13 is not 'no GPU': the message says what to install."""
+    assert cuda.driver_mismatch(13000, 12040) == (
+        "the NVIDIA driver supports CUDA up to 12.4, and cuda-python loads the CUDA 13.0 runtime; "
+        "install the packages for CUDA 12 (pip install '.[tensorrt-cu12]' or "
+        "'cuda-python>=12,<13'), or update the driver")
+    assert cuda.driver_mismatch(13000, 0) is None  # no driver at all: no GPU here
+    assert cuda.driver_mismatch(12060, 13000) is None  # a newer driver runs older runtimes
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the answer on a machine without a GPU")
 def test_without_gpu_set_device_says_how_many() -> None:
     with pytest.raises(cuda.CudaError, match="CUDA device 0 does not exist: this process sees 0"):

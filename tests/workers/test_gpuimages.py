@@ -23,7 +23,16 @@ from workers.preprocess import ImagePrep, Preprocessor
 from workers.tensors import TensorMeta
 
 HAS_GPU = cuda.device_count() > 0
-HAS_NVIMGCODEC = importlib.util.find_spec("nvidia.nvimgcodec") is not None
+
+
+def _has_nvimgcodec() -> bool:
+    try:  # find_spec imports the parent package, and `nvidia` is absent on most CPU machines
+        return importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_NVIMGCODEC = _has_nvimgcodec()
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not HAS_GPU, reason="no CUDA device visible to this process"),

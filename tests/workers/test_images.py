@@ -95,6 +95,34 @@ def test_pillow_formats_decode_the_same_in_processes() -> None:
     np.testing.assert_array_equal(one, many)
 
 
+def test_an_owners_pillow_processes_outlive_each_preprocessor() -> None:
+    """An actor keeps its Pillow processes for every shard (starting them cost ~0.5 s per
+    shard): a Preprocessor given them uses them and leaves them running when it closes; one
+    without them starts its own and stops them."""
+    model = metas(meta("pixels", np.float32, None, 3, 20, 20))
+    spec = resolved_image(model, size=(20, 20), resize=24)
+    rng = np.random.default_rng(4)
+    table = pa.table({"jpeg": pa.array([encode(Image.fromarray(
+        rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "PNG") for _ in range(6)],
+        pa.binary())})
+    shared = PillowProcesses(2)
+    try:
+        pools = []
+        for _ in range(2):  # two shards
+            with Preprocessor([spec], model, threads=2, processes=shared) as prep:
+                prep(table)
+                pools.append(shared._pool)
+        assert pools[0] is not None and pools[0] is pools[1] is shared._pool
+        with Preprocessor([spec], model, threads=2) as own:
+            own(table)
+            started = own._processes
+            assert started is not None and started is not shared
+            assert started._pool is not None
+        assert started._pool is None  # closed with its preprocessor
+    finally:
+        shared.close()
+
+
 @pytest.mark.parametrize("size,resize", [((24, 20), 28), ((224, 224), 224), ((16, 16), 16)])
 @pytest.mark.parametrize("mode,channels", [("RGB", 3), ("L", 1)])
 def test_the_gpu_kernels_arithmetic_is_pillows_within_one_level(

@@ -107,11 +107,15 @@ def test_a_low_precision_conversion_leaves_the_pooling_in_float32(
     kept = next(p.value for p in model.metadata_props if p.key == FP32_NODES_KEY).split(",")
     assert kept == [n.name for n in model.graph.node if n.name.startswith("pool/")]
     converted = onnx.load_model_from_string(convert_float(result.model_bytes, precision))
-    low = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}[precision]
-    nodes = {n.name: n for n in converted.graph.node}
-    for name in kept:  # attributes as written: casts to float32, float32 constants
-        for attr in nodes[name].attribute:
-            assert attr.i != low and attr.t.data_type != low, (name, attr)
+    # Every float the appended nodes make is float32 (float Constants became initializers).
+    inferred = onnx.shape_inference.infer_shapes(converted, strict_mode=True).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info,
+                                                            *inferred.output]}
+    made = [out for n in converted.graph.node if n.name in kept for out in n.output]
+    assert {"pool/Mul", "pool/ReduceSum", "pool/Div"} <= {n.name.rsplit("_node", 1)[0] for n in
+                                                           converted.graph.node if n.name in kept}
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+    assert {types[out] for out in made} & floats == {TensorProto.FLOAT}, made
     assert [o.name for o in converted.graph.output] == ["last_hidden_state_pooled"]
     assert converted.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
     if precision == "bf16":

@@ -33,7 +33,9 @@ from workers.tensors import TensorMeta
 TRT10 = TrtApi("10.13.0.35", precision_flags=True, strongly_typed_flag=True)
 TRT11 = TrtApi("11.1.0.7", precision_flags=False, strongly_typed_flag=True)
 FP32 = ModelTypes(frozenset({"fp32"}), frozenset(), False)
-FP16 = ModelTypes(frozenset({"fp32", "fp16"}), frozenset(), False)
+# An FP32 model with one FP16 tensor (its weights FP32), and one converted offline (FP16 weights).
+MIXED = ModelTypes(frozenset({"fp32", "fp16"}), frozenset(), False, frozenset({"fp32"}))
+FP16 = ModelTypes(frozenset({"fp32", "fp16"}), frozenset(), False, frozenset({"fp16"}))
 INT8 = ModelTypes(frozenset({"fp32"}), frozenset({"int8"}), False)
 FP8 = ModelTypes(frozenset({"fp32"}), frozenset({"fp8"}), False)
 LOOPY = ModelTypes(frozenset({"fp32"}), frozenset(), True)
@@ -88,6 +90,12 @@ def test_target_key() -> None:
     assert target_key((8, 6), False) == "sm_86"
     assert target_key((9, 0), False) == "sm_90"
     assert target_key((9, 0), True) == "ampere_plus"
+    # One plan per device model: A10 and A40 are both 8.6, H100 and H200 both 9.0.
+    assert target_key((8, 6), False, "NVIDIA A10") == "sm_86-nvidia-a10"
+    assert target_key((8, 6), False, "NVIDIA A40") == "sm_86-nvidia-a40"
+    assert (target_key((9, 0), False, "NVIDIA H100 80GB HBM3")
+            != target_key((9, 0), False, "NVIDIA H200"))
+    assert target_key((9, 0), True, "NVIDIA H200") == "ampere_plus"  # shared across models
 
 
 # Profiles ------------------------------------------------------------------------------------
@@ -167,8 +175,10 @@ def test_pick_profile_prefers_the_current_one_and_says_when_none_holds() -> None
     ("bf16", TRT10, FP32, False, ("BF16",), None),
     ("fp16", TRT11, FP32, True, (), "fp16"),      # 11: no flags, convert before parsing
     ("bf16", TRT11, FP32, True, (), "bf16"),
-    ("fp16", TRT11, FP16, True, (), None),        # the model carries fp16 already
+    ("fp16", TRT11, FP16, True, (), None),        # the model computes in fp16 already
     ("fp16", TRT10, FP16, True, (), None),
+    ("fp16", TRT10, MIXED, False, ("FP16",), None),  # one fp16 tensor: still lowered
+    ("fp16", TRT11, MIXED, True, (), "fp16"),
     ("int8", TRT10, INT8, True, (), None),        # explicit quantization, both versions
     ("int8", TRT11, INT8, True, (), None),
     ("fp8", TRT11, FP8, True, (), None),
@@ -229,6 +239,17 @@ def test_gpu_facts_api_and_text() -> None:
     facts = GpuFacts(capability=(8, 6), tensorrt="11.0.0.1", precision_flags=False)
     assert facts.capability_text == "8.6"
     assert facts.api.major == 11 and not facts.api.precision_flags
+
+
+def test_precision_says_what_is_built() -> None:
+    assert plan_precision("fp16", TRT10, MIXED).how == (
+        "BuilderFlag.FP16 over the fp32 model (weakly typed: TensorRT picks fp16 or fp32 per "
+        "layer) (the model carries some fp16 tensors, and its fp32 weights are lowered too)")
+    assert plan_precision("fp16", TRT10, FP16).how == (
+        "the model's own fp16 weights and types (strongly typed)")
+    assert plan_precision("bf16", TRT11, FP32).how.startswith(
+        "model converted to bf16 before parsing (I/O kept fp32, reductions, Pow, Exp, Softmax "
+        "and norms in fp32; TensorRT 11.1.0.7 has no precision flags)")
 
 
 def test_model_types_feed_the_precision_choice() -> None:

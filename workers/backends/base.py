@@ -39,6 +39,14 @@ class BackendConfig:
     #: the lean runtime inside), which then runs in the worker. Set only for plans the driver
     #: trusts: built by this run, or signed with the job's plan key (jobs/plan_share.py).
     engine_host_code_allowed: bool = False
+    #: `--plugins`: (uri, sha256) of each plugin library (TensorRT) or custom-op library (ONNX
+    #: Runtime), loaded before the plan or model (workers/plugins.py), and the storage options
+    #: to fetch them with (frozen, as specs carry them).
+    plugins: tuple[tuple[str, str], ...] = ()
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    #: TensorRT: the plan carries the plugin libraries (version-compatible plans serialize
+    #: them); the runtime loads them from it, where host code is allowed, instead of from `plugins`.
+    plugins_in_plan: bool = False
 
     def __post_init__(self) -> None:
         if self.threads < 1:

@@ -1,17 +1,26 @@
-"""ONNX Runtime backend: CPU, or the CUDA provider when onnxruntime-gpu is installed."""
+"""ONNX Runtime backend: CPU, or the CUDA provider when onnxruntime-gpu is installed.
+
+`--precision fp16|bf16` means what it means on TensorRT: the model is converted with the same
+converter the plan builder uses (`workers.onnx_precision.convert_float`, I/O kept FP32) and the
+CUDA provider runs the converted model. The CPU provider is refused: it computes FP16 graphs in
+FP32 behind inserted Casts, so the run would be neither FP16 nor faster. int8/fp8 need the
+model's own Q/DQ nodes, which ONNX Runtime runs as they are.
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from workers.backends.base import Backend, BackendConfig, Batch, DeviceSlot, Shapes
-from workers.errors import BackendError, MissingDependencyError
+from workers.errors import BackendError, MissingDependencyError, SpecError
 from workers.external_data import refuse_without_directory
+from workers.plugins import local_plugin_files
 from workers.tensors import TensorMeta, describe_onnx, resolve_shape
 
 
@@ -40,12 +49,33 @@ def gpu_visible() -> bool:
     return visible is not None and visible.strip() not in ("", "-1", "NoDevFiles")
 
 
+def check_precision(precision: str, device: str, types: Any, source: str = "the model") -> None:
+    """Refuse a precision ONNX Runtime cannot honour on `device` ("cpu" or "cuda"), naming the fix.
+
+    `types`: the model's `workers.onnx_precision.ModelTypes`.
+    """
+    if precision in ("fp16", "bf16") and device != "cuda":
+        raise SpecError(
+            f"precision {precision} with ONNX Runtime needs its CUDA provider, and this runs on "
+            f"the CPU provider, which computes {precision} models in fp32 behind inserted Casts "
+            f"(neither {precision} nor faster); run on GPU nodes with onnxruntime-gpu "
+            "(pip install '.[gpu]'), or use --precision fp32")
+    if precision in ("int8", "fp8") and not types.carries(precision):
+        raise SpecError(
+            f"precision {precision} needs a model with explicit quantization (QuantizeLinear/"
+            f"DequantizeLinear nodes producing {precision}), and {source} has none; quantize it "
+            "with NVIDIA ModelOpt (python -m modelopt.onnx.quantization --onnx_path MODEL.onnx "
+            f"--quantize_mode {precision}) and pass the quantized model, or use --precision fp32")
+
+
 class OnnxRuntimeBackend(Backend):
     """Runs an ONNX model with ONNX Runtime; `config.device` picks the CPU or CUDA provider."""
 
     name: ClassVar[str] = "onnxruntime"
     supports_slots: ClassVar[bool] = True
     session: Any
+    #: what the sessions load: the model, or its conversion for --precision fp16/bf16
+    _session_model: bytes
 
     def __init__(self, model: bytes, config: BackendConfig | None = None,
                  cuda_options: Mapping[str, str] | None = None,
@@ -79,11 +109,37 @@ class OnnxRuntimeBackend(Backend):
         # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
         info = describe_onnx(self._model)
         refuse_without_directory(self._model, "model", self.external_data)
-        self.session = self._new_session(self._providers())
+        providers = self._providers()
+        # --plugins: custom-op libraries, fetched once per backend (workers/plugins.py).
+        self._plugin_dir = tempfile.TemporaryDirectory(prefix="ort-custom-ops-")
+        self._plugin_files = local_plugin_files(self.config.plugins, self.config.storage_options,
+                                                self._plugin_dir.name)
+        on_cuda = providers[0] != "CPUExecutionProvider"
+        self._session_model = self._precision_model("cuda" if on_cuda else "cpu")
+        self.session = self._new_session(providers)
         self._output_names = [meta.name for meta in info.outputs]
         self.providers = list(self.session.get_providers())
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
         return info.inputs, info.outputs
+
+    def _precision_model(self, device: str) -> bytes:
+        """The model bytes the sessions load: the model itself, or its fp16/bf16 conversion."""
+        from workers.onnx_precision import convert_float, model_types
+
+        precision = self.config.precision
+        if precision == "fp32":
+            return self._model
+        types = model_types(self._model)
+        check_precision(precision, device, types)
+        if precision in ("fp16", "bf16") and not types.computes_in(precision):
+            if self.external_data:
+                raise SpecError(f"--precision {precision} on ONNX Runtime converts the model, "
+                                "and this one keeps its weights in external files, which the "
+                                "conversion does not read; save the model with its weights "
+                                "inline (onnx.save(model, path, save_as_external_data=False), "
+                                "under 2 GiB), or pass --precision fp32")
+            return convert_float(self._model, precision)
+        return self._model
 
     def _new_session(self, providers: list[Any], threads: int | None = None) -> Any:
         ort = import_onnxruntime()
@@ -96,6 +152,12 @@ class OnnxRuntimeBackend(Backend):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        for path in self._plugin_files:
+            try:
+                options.register_custom_ops_library(path)
+            except Exception as exc:  # ORT raises its own Fail for a library it cannot load
+                raise BackendError(f"ONNX Runtime could not load custom-op library '{path}' "
+                                   f"({exc}); check --plugins") from exc
         if self.external_data:
             # ONNX Runtime takes these instead of opening the files, and refuses a model that
             # names any file not among them.
@@ -104,7 +166,7 @@ class OnnxRuntimeBackend(Backend):
                 names, [self.external_data[n] for n in names],
                 [len(self.external_data[n]) for n in names])
         try:
-            return ort.InferenceSession(self._model, options, providers=providers)
+            return ort.InferenceSession(self._session_model, options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise BackendError(f"ONNX Runtime could not load the model: {exc}") from exc
 
@@ -134,6 +196,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _close(self) -> None:
         del self.session
+        self._plugin_dir.cleanup()
 
 
 class OrtCudaSlot(DeviceSlot):

@@ -14,7 +14,10 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import tempfile
+import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -23,12 +26,15 @@ import numpy as np
 
 from workers.backends.base import Backend, Batch, DeviceSlot, Shapes
 from workers.errors import BackendError, MissingDependencyError
+from workers.plugins import local_plugin_files, register_tensorrt_plugins
 from workers.tensors import TensorMeta
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-INSTALL_HINT = ("pip install '.[tensorrt]' on the GPU nodes (tensorrt-lean is enough to run "
+# The extra of the CUDA major the node's driver runs (a CUDA 12 driver cannot run CUDA 13 builds).
+_EXTRAS = "'.[tensorrt-cu12]' or '.[tensorrt-cu13]'"
+INSTALL_HINT = (f"pip install {_EXTRAS} on the GPU nodes (tensorrt-lean is enough to run "
                 "version-compatible plans), or set backend: onnxruntime")
 # numpy has no bfloat16/fp8; ml_dtypes (an onnx dependency) provides them.
 _ML_DTYPES = {"BF16": "bfloat16", "FP8": "float8_e4m3fn"}
@@ -56,7 +62,7 @@ def import_tensorrt(builder: bool = False) -> ModuleType:
         extra = (f" ({lean[0]} is installed: it runs plans but cannot build them)" if lean else "")
         raise MissingDependencyError(
             f"TensorRT is not installed{extra}; building a plan needs the full package: "
-            "pip install '.[tensorrt]' on the node that builds, or set backend: onnxruntime")
+            f"pip install {_EXTRAS} on the node that builds, or set backend: onnxruntime")
     raise MissingDependencyError(f"TensorRT is not installed; {INSTALL_HINT}")
 
 
@@ -74,7 +80,7 @@ def import_cuda() -> ModuleType:
         from workers import cuda
     except ImportError as exc:
         raise MissingDependencyError(
-            f"cuda-python is not installed ({exc}); pip install '.[tensorrt]'") from exc
+            f"cuda-python is not installed ({exc}); pip install {_EXTRAS}") from exc
     return cuda
 
 
@@ -100,30 +106,107 @@ def numpy_dtype(trt_module: Any, dtype: Any, tensor: str = "") -> np.dtype:
                        "make the model's inputs and outputs float, int or bool (cast inside it)")
 
 
-def make_logger(trt_module: Any, echo: bool = True) -> Any:
-    """A TensorRT logger that keeps warnings and errors (for our messages) and echoes them."""
+class LogCapture:
+    """The TensorRT errors and warnings logged while this capture was open.
 
-    class CapturingLogger(trt_module.ILogger):
-        def __init__(self) -> None:
-            trt_module.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
+    Each build and each loaded backend holds one, so its messages name its own failure even
+    though every TensorRT object of the process logs through the one `ProcessLogger`.
+    """
 
-        def log(self, severity: Any, msg: str) -> None:
-            level = int(severity)
-            if level <= int(trt_module.ILogger.ERROR):
-                self.errors.append(msg)
-            elif level == int(trt_module.ILogger.WARNING):
-                self.warnings.append(msg)
-            else:
-                return
-            if echo:
-                print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+    def __init__(self, owner: ProcessLogger) -> None:
+        self._owner = owner
+        self.errors: deque[str] = deque(maxlen=_KEPT_MESSAGES)
+        self.warnings: list[str] = []
 
-        def last_errors(self, count: int = 3) -> str:
-            return "; ".join(self.errors[-count:]) or "no error was logged"
+    def last_errors(self, count: int = 3) -> str:
+        return "; ".join(list(self.errors)[-count:]) or "no error was logged"
 
-    return CapturingLogger()
+    def close(self) -> None:
+        self._owner._captures.discard(self)
+
+    def __enter__(self) -> LogCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProcessLogger:
+    """This process's one TensorRT logger; `capture()` collects messages for one build or load.
+
+    TensorRT keeps the logger of the first Builder or Runtime a process creates and ignores
+    every later one, so a logger per object would leave all but the first empty. Messages go to
+    every open capture (two builds at once in one process each see both: a name in a message
+    says whose it is) and are echoed to stderr from `echo_level` up (WARNING unless changed,
+    e.g. by `python -m jobs.plan build -v/-q`).
+    """
+
+    def __init__(self, trt_module: Any) -> None:
+        self._trt = trt_module
+        self._captures: weakref.WeakSet[LogCapture] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.echo_level = int(trt_module.ILogger.WARNING)
+        owner = self
+
+        class _Logger(trt_module.ILogger):
+            def __init__(self) -> None:
+                trt_module.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                owner._log(int(severity), msg)
+
+        # Kept alive here: TensorRT holds only a raw pointer to it.
+        self.trt_logger = _Logger()
+
+    def capture(self) -> LogCapture:
+        capture = LogCapture(self)
+        with self._lock:
+            self._captures.add(capture)
+        return capture
+
+    def _log(self, level: int, msg: str) -> None:
+        errors = level <= int(self._trt.ILogger.ERROR)
+        warning = level == int(self._trt.ILogger.WARNING)
+        if errors or warning:
+            with self._lock:
+                captures = list(self._captures)
+            for capture in captures:
+                (capture.errors.append if errors else capture.warnings.append)(msg)
+        if level <= self.echo_level:
+            print(f"[TensorRT] {msg}", file=sys.stderr, flush=True)
+
+
+_KEPT_MESSAGES = 50
+_process_loggers: dict[str, ProcessLogger] = {}
+_process_loggers_lock = threading.Lock()
+
+
+def process_logger(trt_module: Any) -> ProcessLogger:
+    """The process's TensorRT logger for `trt_module`, created on first use (see ProcessLogger)."""
+    with _process_loggers_lock:
+        logger = _process_loggers.get(trt_module.__name__)
+        if logger is None:
+            logger = _process_loggers[trt_module.__name__] = ProcessLogger(trt_module)
+        return logger
+
+
+def choose_profile(profiles: Sequence[tuple[int, int]], rows: int) -> tuple[int, int]:
+    """(optimization profile, rows to execute) for a batch of `rows`.
+
+    `profiles` are the (min, max) batch rows of each profile. The first whose range holds
+    `rows` wins; a batch below every minimum runs padded to the nearest minimum (its extra rows
+    are computed and dropped).
+    """
+    for index, (lo, hi) in enumerate(profiles):
+        if lo <= rows <= hi:
+            return index, rows
+    above = [(lo, index) for index, (lo, _) in enumerate(profiles) if lo > rows]
+    if not above:
+        raise BackendError(f"a batch of {rows} rows is larger than every optimization profile of "
+                           f"the plan (batch rows {[list(p) for p in profiles]}); lower "
+                           "--batch-size or rebuild the plan")
+    lo, index = min(above)
+    return index, lo
 
 
 def _shape(dims: trt.Dims) -> tuple[int, ...]:
@@ -165,8 +248,16 @@ class TensorRTBackend(Backend):
         cuda.set_device(self.config.device_id)
         self._trt = trt_module
         self._cuda = cuda
-        self._logger = make_logger(trt_module)
-        runtime: trt.Runtime = trt_module.Runtime(self._logger)
+        logger = process_logger(trt_module)
+        self._logger = logger.capture()
+        self._plugin_dir = tempfile.TemporaryDirectory(prefix="trt-plugins-")
+        # Before deserializing: the plan's plugin layers need their creators registered (the
+        # standard ones always; --plugins libraries unless the plan carries them itself).
+        files = ([] if self.config.plugins_in_plan else
+                 local_plugin_files(self.config.plugins, self.config.storage_options,
+                                    self._plugin_dir.name))
+        self._plugin_handles = register_tensorrt_plugins(trt_module, logger.trt_logger, files)
+        runtime: trt.Runtime = trt_module.Runtime(logger.trt_logger)
         if self.config.engine_host_code_allowed and hasattr(runtime, "engine_host_code_allowed"):
             # Version-compatible plans carry the lean runtime as host code, which runs in this
             # process. The driver sets this only for plans it trusts: built by this run, or
@@ -184,7 +275,8 @@ class TensorRTBackend(Backend):
                 "also needs engine_host_code_allowed): rebuild it for this node")
         self.engine = engine
         inputs, outputs = self._describe(engine)
-        self._max_rows, self._fixed_batch = self._batch_limits(engine, inputs)
+        self._profiles, self._fixed_batch = self._batch_limits(engine, inputs)
+        self._max_rows = max(hi for _, hi in self._profiles)
         self._sync: TensorRTSlot | None = None
         self._slots: weakref.WeakSet[TensorRTSlot] = weakref.WeakSet()
         return inputs, outputs
@@ -217,16 +309,20 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def _batch_limits(engine: trt.ICudaEngine, inputs: tuple[TensorMeta, ...]
-                      ) -> tuple[int, int | None]:
-        """(most rows one execution takes, fixed batch of a static plan or None)."""
+                      ) -> tuple[tuple[tuple[int, int], ...], int | None]:
+        """((min, max) batch rows of each optimization profile, fixed batch of a static plan).
+
+        A profile's range is what every dynamic input accepts in it (the intersection).
+        """
         dynamic = [m for m in inputs if m.shape[0] is None]
         if not dynamic:
-            fixed = inputs[0].shape[0] if inputs else 1
-            return int(fixed or 1), int(fixed or 1)
-        # Text plans have one profile per range of widths (TensorRT 10 lets contexts share a
-        # profile); a batch of the most rows fits the profile of the narrowest widths.
-        return max(min(int(engine.get_tensor_profile_shape(m.name, p)[2][0]) for m in dynamic)
-                   for p in range(engine.num_optimization_profiles)), None
+            fixed = int(inputs[0].shape[0] or 1) if inputs else 1
+            return ((fixed, fixed),), fixed
+        profiles = []
+        for index in range(engine.num_optimization_profiles):
+            shapes = [engine.get_tensor_profile_shape(m.name, index) for m in dynamic]
+            profiles.append((max(int(s[0][0]) for s in shapes), min(int(s[2][0]) for s in shapes)))
+        return tuple(profiles), None
 
     def profile_ranges(self) -> ProfileRanges:
         """Per optimization profile, each dynamic input's (min, max) shape."""
@@ -251,7 +347,7 @@ class TensorRTBackend(Backend):
 
     @property
     def max_rows(self) -> int:
-        """Most rows one execution of the plan takes (its optimization profile's max batch)."""
+        """Most rows one execution of the plan takes (its largest optimization profile's max)."""
         self._require_loaded()
         return self._max_rows
 
@@ -261,7 +357,7 @@ class TensorRTBackend(Backend):
         self._require_loaded()
         if max_rows > self._max_rows:
             raise BackendError(f"the plan runs at most {self._max_rows} rows per batch (its "
-                               f"optimization profile), and a slot of {max_rows} was asked for; "
+                               f"optimization profiles), and a slot of {max_rows} was asked for; "
                                "rebuild the plan with a larger batch size or lower --batch-size")
         slot = TensorRTSlot(self, max_rows, shapes)
         self._slots.add(slot)
@@ -304,6 +400,9 @@ class TensorRTBackend(Backend):
         # Destruction order matters to TensorRT: contexts (slots), then engine, then runtime.
         del self.engine
         del self._runtime
+        self._logger.close()
+        # The libraries stay loaded (TensorRT does not unload plugins); their files can go.
+        self._plugin_dir.cleanup()
 
 
 class TensorRTSlot(DeviceSlot):
@@ -311,9 +410,11 @@ class TensorRTSlot(DeviceSlot):
 
     The slot owns every resource it creates and frees them in `close()`, after its stream's
     work is done. Execution contexts are independent, so K slots can hold K batches at once (the
-    pool decides how many execute at once, through `submit`'s `after` event). With `shapes`
-    (inputs of dynamic widths), buffers hold the largest of them, and each batch picks the
-    optimization profile that holds its shape and sets its own input shapes.
+    pool decides how many execute at once, through `submit`'s `after` event). Each batch runs on
+    the optimization profile that holds it, switched on the slot's stream when it changes: by
+    rows (`choose_profile`; a batch below that profile's minimum runs padded to it), or, with
+    `shapes` (inputs of dynamic widths), by shape (`pick_profile`), buffers then holding the
+    largest of `shapes` and each batch setting its own input shapes.
     """
 
     def __init__(self, backend: TensorRTBackend, max_rows: int,
@@ -329,7 +430,10 @@ class TensorRTSlot(DeviceSlot):
         self._profile = 0  # every context starts on profile 0
         # A plan with a fixed batch always runs it whole (rows past the batch are ignored).
         self._fixed = backend._fixed_batch is not None and not self.dynamic
-        self._exec_rows = backend._fixed_batch or max_rows
+        self._profiles = backend._profiles
+        # Buffers hold the largest execution this slot makes (a padded one may exceed max_rows).
+        self._exec_rows = backend._fixed_batch or (
+            max_rows if self.dynamic else max(max_rows, choose_profile(self._profiles, max_rows)[1]))
         self._inputs = backend.inputs
         self._outputs = backend.outputs
         self._resources: list[Any] = []
@@ -366,6 +470,8 @@ class TensorRTSlot(DeviceSlot):
         if self.dynamic:
             self._open_dynamic(context)
         else:
+            if not self._fixed:
+                self._use_profile(choose_profile(self._profiles, self.max_rows)[0])
             for meta in self._inputs:
                 shape = (self._exec_rows, *(int(d) for d in meta.row_shape if d is not None))
                 if not self._fixed and not context.set_input_shape(meta.name, shape):
@@ -405,6 +511,18 @@ class TensorRTSlot(DeviceSlot):
             if not context.set_tensor_address(name, buffer.ptr):
                 raise BackendError(f"TensorRT refused the device address of tensor '{name}': "
                                    f"{self._logger.last_errors()}")
+
+    def _use_profile(self, index: int) -> None:
+        """Switch the context to optimization profile `index`, ordered on the slot's stream."""
+        context = self._context
+        if index == self._profile or context is None:
+            return
+        if not context.set_optimization_profile_async(index, self.stream.handle):
+            raise BackendError(f"TensorRT refused optimization profile {index} "
+                               f"({self._profiles[index]} rows): {self._logger.last_errors()}")
+        self._profile = index
+        if self._device:
+            self._set_addresses(context)
 
     def _set_shapes(self, context: trt.IExecutionContext, shapes: Shapes, stream: int) -> None:
         """Switch to the profile that holds `shapes` (if it is not the current one), set them."""
@@ -447,7 +565,13 @@ class TensorRTSlot(DeviceSlot):
         filled = self._take_filled()
         cuda = self._cuda
         stream = self.stream.handle
-        exec_rows = self._exec_rows if self._fixed else rows
+        if self._fixed:
+            exec_rows = self._exec_rows
+        elif self.dynamic:
+            exec_rows = rows  # the profile follows the batch's shapes (`_set_shapes`)
+        else:
+            profile, exec_rows = choose_profile(self._profiles, rows)
+            self._use_profile(profile)
         self.timer.mark(0, stream)
         if self.dynamic:
             if shapes is None:
