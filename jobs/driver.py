@@ -19,6 +19,7 @@ from jobs.lease import OutputLock
 from jobs.limits import limited_by
 from jobs.output import (
     INPUTS_FILE,
+    JOB_FILE,
     MANIFEST_FILE,
     SUCCESS_FILE,
     OutputDir,
@@ -30,7 +31,12 @@ from jobs.paths import resolve_paths
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
 from jobs.plan_signing import load_signer
 from jobs.pool import PoolConfig, ShardFailure, ShardPool
-from jobs.processing import Processing, check_preprocess_schema, resolve_processing
+from jobs.processing import (
+    Processing,
+    check_preprocess_schema,
+    pool_embeddings_in_graph,
+    resolve_processing,
+)
 from jobs.progress import Progress
 from jobs.resources import WorkerResources, worker_resources
 from jobs.shards import (
@@ -90,9 +96,9 @@ class PreparedJob:
     """Everything known before any actor starts."""
 
     spec: JobSpec
-    model_bytes: bytes
+    model_bytes: bytes  # what the engines run (the file's bytes, or their rewrite: see below)
     model: ModelInfo
-    model_sha256: str
+    model_sha256: str  # of the model file, as the user has it
     files: list[InputFile]
     bad_files: list[BadFile]
     shards: list[Shard]
@@ -106,6 +112,12 @@ class PreparedJob:
     #: row groups are larger than that (url, rows of the largest); None: cut as the spec says.
     shard_target: int | None = None
     big_row_groups: tuple[tuple[str, int], ...] = ()
+    #: Where embedding pooling runs: a line for the log ('' when nothing pools), and, when the
+    #: graph pools, the manifest's record of the rewrite (`model_bytes` is the rewritten model)
+    #: and the file's own model and processing, which pool on the host (`pooled_on_host`).
+    pooling_note: str = ""
+    graph_pooling: dict[str, Any] | None = None
+    host_pooling: tuple[bytes, ModelInfo, Processing] | None = None
 
     @property
     def keep(self) -> tuple[str, ...]:
@@ -130,6 +142,9 @@ class PreparedJob:
         }
         if self.processing is not None and not self.processing.is_default:
             key["processing"] = self.processing.to_json()
+        if self.graph_pooling is not None:  # the rewrite's bytes vary with the onnx package
+            key["graph_pooling"] = {k: v for k, v in self.graph_pooling.items()
+                                    if k != "model_sha256"}
         if self.spec.weights:
             from jobs.caffe import converter_version
 
@@ -137,6 +152,32 @@ class PreparedJob:
             # what the converter made of them; the converter is named for the record.
             key["converted_by"] = converter_version()
         return {"fingerprint": fingerprint(key), "model": redact(self.spec.model), **key}
+
+    def pooled_on_host(self, why: str) -> PreparedJob:
+        """This job with its embedding pooled on the host, from the model file as it is."""
+        if self.host_pooling is None or self.graph_pooling is None:
+            return self
+        model_bytes, model, processing = self.host_pooling
+        note = (f"{self.graph_pooling['pooling']} pooling of output "
+                f"'{self.graph_pooling['hidden']}' runs on the host: {why}")
+        return replace(self, model_bytes=model_bytes, model=model, processing=processing,
+                       pooling_note=note, graph_pooling=None, host_pooling=None)
+
+
+def as_earlier_run(job: PreparedJob, previous: dict[str, Any] | None) -> PreparedJob:
+    """`job` pooling where the earlier run of it that OUTPUT records (`previous`, its
+    `_job.json`) pooled, so a resumed job's parts are all computed alike.
+
+    A run that pooled on the host (one started before pooling moved into the graph) has the
+    identity of `job.pooled_on_host`; its parts stay, and the rest of the job pools on the
+    host too. Any other earlier run is left to `OutputDir.check`.
+    """
+    if job.graph_pooling is None or not previous:
+        return job
+    host = job.pooled_on_host("the output holds an earlier run of this job that pooled there, "
+                              "so the rest of it pools alike (write to a new --output to pool "
+                              "in the graph)")
+    return host if previous.get("fingerprint") == host.identity["fingerprint"] else job
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:
@@ -200,11 +241,31 @@ def prepare(spec: JobSpec) -> PreparedJob:
             bad.append(BadFile(f.url, problem))
         else:
             good.append(f)
-    return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
-                       model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=good,
-                       bad_files=bad,
+    return PreparedJob(spec=spec, files=good, bad_files=bad,
                        shards=cut_shards(good, spec.rows_per_shard or DEFAULT_ROWS_PER_SHARD),
-                       bindings=bindings, processing=processing, skipped_files=tuple(others))
+                       bindings=bindings, skipped_files=tuple(others),
+                       **_model_fields(spec, model_bytes, model, processing))
+
+
+def _model_fields(spec: JobSpec, model_bytes: bytes, model: ModelInfo,
+                  processing: Processing) -> dict[str, Any]:
+    """The PreparedJob fields that describe the model run: with embedding pooling moved into
+    its graph where it can be. The rewritten bytes are what the plan cache key and the actors
+    see; the job's identity is the file's hash and where the pooling runs."""
+    pooling = pool_embeddings_in_graph(model_bytes, processing)
+    fields: dict[str, Any] = {"model_bytes": model_bytes, "model": model,
+                              "processing": processing,
+                              "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+                              "pooling_note": pooling.note}
+    if pooling.pooled is None:
+        return fields
+    rewritten = pooling.pooled.model_bytes
+    return {**fields, "model_bytes": rewritten, "processing": pooling.processing,
+            "model": describe_onnx(rewritten, source=f"model '{spec.model}' (pooling in its graph)"),
+            "graph_pooling": {"hidden": pooling.pooled.source, "pooling": pooling.pooled.pooling,
+                              "mask": pooling.pooled.mask, "output": pooling.pooled.output,
+                              "model_sha256": hashlib.sha256(rewritten).hexdigest()},
+            "host_pooling": (model_bytes, model, processing)}
 
 
 def _reference_processing(spec: JobSpec, model: ModelInfo, files: list[InputFile]) -> Processing:
@@ -242,13 +303,11 @@ def _prepare_images(spec: JobSpec, model_bytes: bytes, model: ModelInfo, fs: Any
     processing = resolve_processing(spec, model, IMAGE_DIR_SCHEMA, source, resolve_bindings,
                                     images_input=True)
     check_keep(processing.keep, model, IMAGE_DIR_SCHEMA, source, processing.output_columns)
-    return PreparedJob(spec=spec, model_bytes=model_bytes, model=model,
-                       model_sha256=hashlib.sha256(model_bytes).hexdigest(), files=[],
-                       bad_files=[],
+    return PreparedJob(spec=spec, files=[], bad_files=[],
                        shards=cut_file_shards(images,
                                               spec.rows_per_shard or DEFAULT_FILES_PER_SHARD),
-                       bindings=processing.bindings, processing=processing,
-                       skipped_files=tuple(others))
+                       bindings=processing.bindings, skipped_files=tuple(others),
+                       **_model_fields(spec, model_bytes, model, processing))
 
 
 def balance(job: PreparedJob, workers: int, previous: dict[str, Any] | None,
@@ -425,17 +484,23 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_job(spec: JobSpec, stream: TextIO | None = None) -> JobReport:
-    """Run a job to the end; raises RunnerError only for problems found before work starts."""
+def run_job(spec: JobSpec, stream: TextIO | None = None,
+            prepared: PreparedJob | None = None) -> JobReport:
+    """Run a job to the end; raises RunnerError only for problems found before work starts.
+
+    `prepared`: what `prepare(spec)` returned, when the caller has it already (or a variant
+    of it, as `PreparedJob.pooled_on_host`).
+    """
     # Every line the job prints passes through here: URIs in it lose their credentials.
     stream = cast(TextIO, RedactingStream(stream or sys.stderr))
     started, started_at = time.monotonic(), _now()
     spec = resolve_paths(spec)  # one spelling of every path, for the identity and the manifest
     probe_paths(spec)
-    job = prepare(spec)
+    job = prepared or prepare(spec)
     phases = {"prepare": time.monotonic() - started}
     out = OutputDir(spec.output, spec.storage)
     out.require_directory()
+    job = as_earlier_run(job, out.read_json(JOB_FILE))
     lock = OutputLock(spec.output, spec.storage, timeout=spec.lock_timeout,
                       job=job.identity["fingerprint"])
     lock.acquire(takeover=spec.takeover)  # one job at a time writes OUTPUT
@@ -497,6 +562,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     for prep in job.processing.preprocess if job.processing else ():
         if isinstance(prep, TextPrep):
             print(f"text '{prep.column}': {prep.limits_text()}", file=stream, flush=True)
+    if job.pooling_note:
+        print(f"embedding: {job.pooling_note}", file=stream, flush=True)
     try:  # failed rows of shards committed by an earlier run are carried into this manifest
         previous = {e.get("id"): e for e in (out.read_json(MANIFEST_FILE) or {}).get("shards", [])
                     if isinstance(e, dict)}
@@ -605,7 +672,8 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         "shards_in_flight": in_flight,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
                   "inputs": [m.to_json() for m in job.model.inputs],
-                  "outputs": [m.to_json() for m in job.model.outputs]},
+                  "outputs": [m.to_json() for m in job.model.outputs],
+                  **({"graph_pooling": job.graph_pooling} if job.graph_pooling else {})},
         "started": started_at, "finished": _now(), "seconds": round(seconds, 3),
         "rows": done_rows, "shards_total": len(job.shards), "shards_committed": len(results),
         # Rows of done shards that preprocessing failed (on_error: skip): not in the parts.

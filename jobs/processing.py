@@ -23,7 +23,7 @@ import argparse
 import copy
 import posixpath
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -31,11 +31,13 @@ import pyarrow as pa
 from workers.errors import SpecError, StorageError
 from workers.functions import is_function_target
 from workers.images import PATH_COLUMN
+from workers.onnx_pooling import PooledModel, pool_in_graph
 from workers.postprocess import (
     POOLINGS,
     POST_KINDS,
     ArgmaxPost,
     EmbeddingPost,
+    FunctionPost,
     PostSpec,
     RawPost,
     SigmoidPost,
@@ -472,6 +474,57 @@ def resolve_processing(spec: JobSpec, model: ModelInfo, schema: pa.Schema, sourc
             names.append(name)
     return Processing(bindings=bindings, preprocess=(*_tensor_preps(bindings), *preprocess),
                       postprocess=tuple(posts), keep=keep, output_columns=tuple(names))
+
+
+@dataclass(frozen=True)
+class GraphPooling:
+    """What `pool_embeddings_in_graph` did: the model and processing to run, and a line saying
+    where the pooling runs (empty when no postprocessor pools)."""
+
+    model_bytes: bytes
+    processing: Processing
+    pooled: PooledModel | None
+    note: str
+
+
+def pool_embeddings_in_graph(model_bytes: bytes, processing: Processing) -> GraphPooling:
+    """Move the first mean or cls embedding postprocessor's pooling into the model's graph.
+
+    The rewritten model outputs the pooled `[N, D]` vectors in place of the `[N, T, D]` hidden
+    states (see `workers.onnx_pooling`), and that postprocessor then reads them with pooling
+    `none` (normalizing on the host as before). Skipped, with the reason in the note, where
+    another postprocessor reads the hidden states or every output (raw, a function), or where
+    the graph cannot be rewritten (external data, a rank other than 3, no mask input).
+    """
+    posts = processing.postprocess
+    index = next((i for i, p in enumerate(posts)
+                  if isinstance(p, EmbeddingPost) and p.pooling in ("mean", "cls")), None)
+    if index is None:
+        return GraphPooling(model_bytes, processing, None, "")
+    post = posts[index]
+    assert isinstance(post, EmbeddingPost) and post.output is not None  # resolved
+    others = posts[:index] + posts[index + 1:]
+    if any(isinstance(p, FunctionPost) for p in others):
+        result: PooledModel | str = "a postprocess function reads every output"
+    else:
+        keep = {name for p in others for name in _outputs_read(p)}
+        result = pool_in_graph(model_bytes, post.output, post.pooling, post.mask, keep)
+    if isinstance(result, str):
+        return GraphPooling(model_bytes, processing, None,
+                            f"{post.pooling} pooling of output '{post.output}' runs on the host: "
+                            f"{result}")
+    pooled = replace(post, output=result.output, pooling="none", mask=None)
+    processing = replace(processing, postprocess=(*others[:index], pooled, *others[index:]))
+    return GraphPooling(result.model_bytes, processing, result, result.describe())
+
+
+def _outputs_read(post: PostSpec) -> tuple[str, ...]:
+    """The model outputs a resolved postprocessor (not a function) reads."""
+    if isinstance(post, RawPost):
+        return post.outputs  # resolved: all of them, unless told
+    if isinstance(post, FunctionPost):
+        raise ValueError("a postprocess function reads every output")
+    return (post.output,) if post.output else ()
 
 
 def _names_inputs(prep: PrepSpec) -> bool:

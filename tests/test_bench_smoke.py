@@ -61,3 +61,28 @@ def test_e2e_bench_runs_every_mode_on_local_files_and_s3(tmp_path: Path) -> None
     assert all(r["rows"] == 600 and r["rows_per_s"] > 0 for r in runs)
     assert all(r["first_output_s"] is not None for r in runs if r["mode"] != "engine")
     assert (results / raw.name.replace(".json", ".txt")).exists()
+
+
+def test_text_host_bench_measures_every_stage_against_its_baseline(tmp_path: Path) -> None:
+    """bench/text_host.py at a tiny size: every row of its table, each group's baseline first
+    (no timings checked), on the job's own code with the null engine."""
+    from bench.text_host import measure, prepare, table
+
+    job = prepare(tmp_path, 600, None, 1)
+    results = measure(job, repeats=1)
+    groups = [r["group"] for r in results]
+    assert groups == ["shard, null engine"] * 2 + ["read + tokenize", "length batching"] + \
+        ["postprocess + output table"] * 2 + ["Parquet write (zstd)"] * 2
+    assert all(r["seconds"] > 0 and r["rows"] == 600 for r in results)
+    lines = table(results).splitlines()
+    assert len(lines) == 2 + len(results)
+    first = {}
+    for r, line in zip(results, lines[2:], strict=True):
+        first.setdefault(r["group"], line.rsplit("|", 2)[1].strip())
+    assert set(first.values()) == {"1.00"}
+    # The job's real parts ran: the graph variant's engine returns [N, D] only.
+    from workers.tensors import describe_onnx
+
+    graph_model = job["graph"][1]
+    assert [len(m.shape) for m in describe_onnx(graph_model).outputs] == [2]
+    assert pq.read_table(tmp_path / "out").num_rows == 600

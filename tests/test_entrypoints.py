@@ -3,9 +3,11 @@ the repo), each output checked against the model run directly on the same rows."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,17 +87,39 @@ def test_score_features_to_labels(ray_cluster: None, patients: dict[str, Any],
     assert agree == pytest.approx(patients["train_accuracy"])
 
 
+def enrich_args(model: str, reviews: dict[str, Any], out: Path) -> list[str]:
+    return ["--model", model, "--input", reviews["input"], "--output", str(out),
+            "--text-column", "review", "--tokenizer", reviews["tokenizer"], "--max-length", "64",
+            "--keep", "review_id", "--batch-size", "50", "--preprocess-threads", "2"]
+
+
+def enrich(model: str, reviews: dict[str, Any], out: Path) -> int:
+    return ENRICH.main(enrich_args(model, reviews, out))
+
+
+def sha256_of(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def embeddings_of(out: Path) -> np.ndarray:
+    got = pq.read_table(out).sort_by("review_id")
+    return np.stack(got.column("embedding").to_numpy(zero_copy_only=False))
+
+
 def test_enrich_text_to_embeddings(ray_cluster: None, reviews: dict[str, Any],
-                                   tmp_path: Path) -> None:
+                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tokenizers import Tokenizer
 
     out = tmp_path / "embeddings"
-    code = ENRICH.main(["--model", reviews["model"], "--input", reviews["input"],
-                        "--output", str(out), "--text-column", "review",
-                        "--tokenizer", reviews["tokenizer"], "--max-length", "64",
-                        "--keep", "review_id", "--batch-size", "50",
-                        "--preprocess-threads", "2"])
-    assert code == 0
+    assert enrich(reviews["model"], reviews, out) == 0
+    # The mean pooling ran in the model's graph: the engine returned [N, D] only.
+    assert "mean pooling of output 'last_hidden_state' over mask 'attention_mask' runs in the " \
+        "model's graph" in capsys.readouterr().err
+    model_record = manifest(out)["model"]
+    assert [o["name"] for o in model_record["outputs"]] == ["last_hidden_state_pooled"]
+    assert model_record["sha256"] == sha256_of(reviews["model"])  # the file, as the user has it
+    assert model_record["graph_pooling"]["output"] == "last_hidden_state_pooled"
+    assert model_record["graph_pooling"]["model_sha256"] != model_record["sha256"]
     got = pq.read_table(out).sort_by("review_id")
     assert got.num_rows == 600
     assert got.schema.field("embedding").type == pa.list_(pa.float32(), 64)
@@ -113,6 +137,60 @@ def test_enrich_text_to_embeddings(ray_cluster: None, reviews: dict[str, Any],
                                                    "token_type_ids": np.zeros_like(ids)})[0][0]
         want = hidden.mean(axis=0)
         np.testing.assert_allclose(embeddings[i], want / np.linalg.norm(want), atol=2e-5)
+
+
+def test_enrich_pools_on_the_host_where_the_graph_cannot_and_agrees(
+        ray_cluster: None, reviews: dict[str, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A model with external data is not rewritten: the host pools, to the same embeddings."""
+    external = tmp_path / "model" / "encoder.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(reviews["model"]), str(external), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="weights.bin")
+    host, graph = tmp_path / "host", tmp_path / "graph"
+    assert enrich(str(external), reviews, host) == 0
+    err = capsys.readouterr().err
+    assert "mean pooling of output 'last_hidden_state' runs on the host: the model keeps " \
+        "tensors in external data files" in err
+    assert "graph_pooling" not in manifest(host)["model"]
+    assert enrich(reviews["model"], reviews, graph) == 0
+    assert "graph_pooling" in manifest(graph)["model"]
+    np.testing.assert_allclose(embeddings_of(graph), embeddings_of(host), atol=1e-6)
+
+
+def test_an_output_that_pooled_on_the_host_resumes_pooling_there(
+        ray_cluster: None, reviews: dict[str, Any], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that pooled on the host (every run did, before pooling moved into the graph) is
+    resumed, not refused as another job's, and its missing parts pool on the host as well."""
+    from jobs.driver import prepare, run_job
+    from jobs.spec import spec_from_args
+
+    out = tmp_path / "embeddings"
+    spec = spec_from_args(enrich_args(reviews["model"], reviews, out), ENRICH.parser())
+    job = prepare(spec)
+    assert job.graph_pooling is not None
+    earlier = job.pooled_on_host("as before pooling moved into the graph")
+    # The identity runs before pooling in the graph had: the file's hash, host processing.
+    assert earlier.identity["model_sha256"] == sha256_of(reviews["model"])
+    assert "graph_pooling" not in earlier.identity
+    assert earlier.identity["fingerprint"] != job.identity["fingerprint"]
+    assert run_job(spec, prepared=earlier).exit_code == 0
+    whole = embeddings_of(out)
+    parts = sorted(out.glob("part-*.parquet"))
+    for part in parts[:2]:
+        part.unlink()
+    capsys.readouterr()
+    report = run_job(spec)
+    assert (report.exit_code, report.committed, report.skipped) == (0, 2, len(parts) - 2)
+    assert "mean pooling of output 'last_hidden_state' runs on the host: the output holds an " \
+        "earlier run of this job that pooled there" in capsys.readouterr().err
+    assert "graph_pooling" not in manifest(out)["model"]
+    np.testing.assert_array_equal(embeddings_of(out), whole)  # every part pooled alike
+    # A new output pools in the graph.
+    fresh = tmp_path / "fresh"
+    assert run_job(replace(spec, output=str(fresh))).exit_code == 0
+    assert manifest(fresh)["model"]["graph_pooling"]["pooling"] == "mean"
 
 
 def test_relabel_an_image_directory_skipping_a_corrupt_file(ray_cluster: None,

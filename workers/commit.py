@@ -22,6 +22,28 @@ TMP_DIR = "_tmp"  # under the output; the leading underscore keeps Parquet reade
 TMP_PART_RE = re.compile(r"^part-(?:\d+-\d+-)?[0-9a-f]{24}\.parquet\.[0-9a-f]{32}$")
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet leaf columns of `schema` to dictionary-encode: all but the floating-point ones.
+
+    Floats (plain, in lists, fixed-size lists, tensors or structs) are model outputs that
+    seldom repeat, so a dictionary is built, found useless and dropped for every page: measured
+    on 100k rows of a 384-wide float32 embedding with zstd, 0.66 s against 0.54 s, for the same
+    bytes. Ids, keys and labels repeat and keep it. The leaf paths (`emb.list.element`) come
+    from the Parquet schema pyarrow writes for `schema` (an empty file in memory), so nested
+    names follow pyarrow's own rules.
+    """
+    sink = pa.BufferOutputStream()
+    pq.ParquetWriter(sink, schema).close()
+    leaves = pq.read_metadata(pa.BufferReader(sink.getvalue())).schema
+    return [leaves.column(i).path for i in range(len(leaves))
+            if not _is_float(leaves.column(i))]
+
+
+def _is_float(column: pq.ColumnSchema) -> bool:
+    return (column.physical_type in ("FLOAT", "DOUBLE")
+            or str(column.logical_type) == "Float16")
+
+
 def tmp_part_name(name: str) -> str:
     """A fresh temporary name for part `name` (matches `TMP_PART_RE`)."""
     return f"{name}.{uuid.uuid4().hex}"
@@ -60,7 +82,8 @@ class PartWriter:
     def write(self, table: pa.Table) -> None:
         """Append a table (one row group per call)."""
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp_path, table.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self.tmp_path, table.schema, compression="zstd",
+                                            use_dictionary=dictionary_columns(table.schema))
         self._writer.write_table(table)
         self.rows += table.num_rows
 

@@ -59,6 +59,11 @@ CONVERSION_REVISION = 2
 # Most operators accept bfloat16 only from opset 22 on (Conv, Relu, ...): bf16 conversion first
 # upgrades older models with ONNX's version converter, which keeps their semantics.
 BF16_OPSET = 22
+# A model metadata key naming (comma-separated) nodes that `convert_float` leaves in float32
+# (the converter's node block list): the runner's own appended nodes whose float32 arithmetic
+# the host would otherwise do (embedding pooling, see workers.onnx_pooling). Only models the
+# runner rewrote carry it, so CONVERSION_REVISION stays: no earlier conversion changes.
+FP32_NODES_KEY = "trt_batch_runner.fp32_nodes"
 # Attributes that name an element type to produce.
 _DTYPE_ATTRS = {"Cast": "to", "RandomNormal": "dtype", "RandomUniform": "dtype",
                 "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "EyeLike": "dtype",
@@ -370,6 +375,12 @@ def _retype_to_bf16(graph: onnx.GraphProto, originals: dict[str, np.ndarray]) ->
                     low(numpy_helper.to_array(attr.t).astype(np.float32)), attr.t.name))
 
 
+def _fp32_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes the model's metadata (`FP32_NODES_KEY`) keeps in float32."""
+    value = next((p.value for p in proto.metadata_props if p.key == FP32_NODES_KEY), "")
+    return sorted({name for name in value.split(",") if name})
+
+
 def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = "model") -> bytes:
     """The model with its float32 computation in `precision` ("fp16" or "bf16"), I/O kept float32.
 
@@ -379,7 +390,8 @@ def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = 
     like the original. FP16 weights are clamped to +-1e4 and small magnitudes to 1e-7. For bf16
     the model is first upgraded to opset 22, where most operators accept bfloat16. Models with
     control-flow subgraphs or external weights are refused (the error says how to convert them
-    offline). A model that already carries some FP16 tensors is converted too.
+    offline). A model that already carries some FP16 tensors is converted too. Nodes the
+    model's metadata names under `FP32_NODES_KEY` stay FP32 as well.
     """
     if precision not in LOW_TYPES:
         raise SpecError(f"convert_float precision must be one of {sorted(LOW_TYPES)}, "
@@ -413,7 +425,8 @@ def convert_float(model: bytes | onnx.ModelProto, precision: str, source: str = 
             warnings.simplefilter("ignore", UserWarning)
             converted: onnx.ModelProto = float16.convert_float_to_float16(  # type: ignore[attr-defined]
                 proto, min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX_FINITE,
-                keep_io_types=True, op_block_list=sorted(blocked), check_fp16_ready=False)
+                keep_io_types=True, op_block_list=sorted(blocked),
+                node_block_list=_fp32_nodes(proto), check_fp16_ready=False)
         _retarget_float_casts(converted.graph)
         _restore_output_types(converted.graph, float_outputs)
         if precision == "bf16":

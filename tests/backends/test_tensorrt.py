@@ -332,6 +332,35 @@ def test_several_profiles_and_batches_below_a_minimum(model_bytes: bytes) -> Non
         close_to(backend.infer(data), reference(model_bytes, data["image"], data["meta"]), 1e-4)
 
 
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("fp16", 3e-2)])
+def test_embedding_pooled_in_the_graph_at_each_batch_width(precision: str,
+                                                            tolerance: float) -> None:
+    """An encoder with its mean pooling in the graph (`workers.onnx_pooling`) builds with text
+    profiles, and at every batch shape returns what host pooling makes of the hidden states."""
+    from examples.reviews import encoder_model
+    from workers.onnx_pooling import PooledModel, pool_in_graph
+    from workers.postprocess import mean_pool
+
+    encoder = encoder_model(300, seed=4).SerializeToString()
+    pooled = pool_in_graph(encoder, "last_hidden_state", "mean", "attention_mask")
+    assert isinstance(pooled, PooledModel), pooled
+    result = build_plan(pooled.model_bytes, BuildConfig(precision=precision,
+                                                        profiles=((1, 32, 64),),
+                                                        lengths=((8, 32, 64),)))
+    session = ort.InferenceSession(encoder, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng()
+    with create_backend("tensorrt", result.plan) as backend:
+        assert [m.name for m in backend.outputs] == ["last_hidden_state_pooled"]
+        for rows, width in ((5, 8), (33, 40), (64, 64), (1, 24)):
+            lengths = rng.integers(1, width + 1, rows)
+            mask = (np.arange(width) < lengths[:, None]).astype(np.int64)
+            feeds = {"input_ids": rng.integers(0, 300, (rows, width)), "attention_mask": mask,
+                     "token_type_ids": np.zeros((rows, width), np.int64)}
+            hidden = session.run(["last_hidden_state"], feeds)[0]
+            got = backend.infer(feeds)
+            close_to(got, {"last_hidden_state_pooled": mean_pool(hidden, mask)}, tolerance)
+
+
 def test_a_second_gpu(model_bytes: bytes) -> None:
     from workers import cuda
 

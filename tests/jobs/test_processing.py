@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 
 from jobs.presets import ENRICH, RELABEL, SCORE
-from jobs.processing import resolve_processing
+from jobs.processing import Processing, pool_embeddings_in_graph, resolve_processing
 from jobs.shards import cut_file_shards, is_image_listing, list_image_files, list_input
 from jobs.spec import spec_from_args, spec_from_settings
 from jobs.validate import check_keep, resolve_bindings
 from workers.errors import SpecError
-from workers.postprocess import ArgmaxPost, EmbeddingPost, RawPost, TopKPost
+from workers.postprocess import ArgmaxPost, EmbeddingPost, FunctionPost, RawPost, TopKPost
 from workers.preprocess import FeaturesPrep, FunctionPrep, ImagePrep, TensorPrep, TextPrep
 from workers.tensors import ModelInfo, TensorMeta
 
@@ -243,3 +243,52 @@ def test_image_listing_and_content_derived_shards(tmp_path: Path) -> None:
 def test_a_listing_with_parquet_is_not_an_image_directory(tmp_path: Path) -> None:
     write_files(tmp_path, ["a.png", "data.parquet"])
     assert not is_image_listing(list_input(str(tmp_path))[1])
+
+
+def processing_with(*posts: Any) -> Processing:
+    return Processing(bindings=(), preprocess=(), postprocess=posts, keep=(),
+                      output_columns=())
+
+
+@pytest.fixture(scope="module")
+def encoder() -> bytes:
+    from examples.reviews import encoder_model
+
+    return encoder_model(50, seed=1).SerializeToString()
+
+
+def test_embedding_pooling_moves_into_the_graph(encoder: bytes) -> None:
+    post = EmbeddingPost(output="last_hidden_state", mask="attention_mask", normalize=False,
+                         prefix="p_")
+    argmax = ArgmaxPost(output="pooler_output")
+    done = pool_embeddings_in_graph(encoder, processing_with(argmax, post))
+    assert done.pooled is not None and done.model_bytes == done.pooled.model_bytes
+    assert done.processing.postprocess == (
+        argmax, EmbeddingPost(output="last_hidden_state_pooled", pooling="none", mask=None,
+                              normalize=False, prefix="p_"))
+    assert "runs in the model's graph" in done.note
+    import onnx
+
+    outputs = [o.name for o in onnx.load_model_from_string(done.model_bytes).graph.output]
+    assert outputs == ["last_hidden_state_pooled", "pooler_output"]  # argmax still reads it
+
+
+@pytest.mark.parametrize("other,why", [
+    (RawPost(outputs=("last_hidden_state", "pooler_output")),
+     "another postprocessor reads output 'last_hidden_state' as it is"),
+    (FunctionPost(function="tests.user_functions:total"),
+     "a postprocess function reads every output"),
+])
+def test_embedding_pooling_stays_on_the_host_when_others_read_the_output(
+        encoder: bytes, other: Any, why: str) -> None:
+    processing = processing_with(EmbeddingPost(output="last_hidden_state"), other)
+    done = pool_embeddings_in_graph(encoder, processing)
+    assert done.pooled is None and done.model_bytes == encoder
+    assert done.processing == processing
+    assert done.note == f"mean pooling of output 'last_hidden_state' runs on the host: {why}"
+
+
+def test_nothing_to_pool_leaves_the_model_alone(encoder: bytes) -> None:
+    processing = processing_with(EmbeddingPost(output="pooler_output", pooling="none"))
+    done = pool_embeddings_in_graph(encoder, processing)
+    assert (done.model_bytes, done.processing, done.note) == (encoder, processing, "")
