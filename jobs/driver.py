@@ -26,6 +26,7 @@ from jobs.output import (
     diff_inputs,
     fingerprint,
     inputs_record,
+    is_record_of,
 )
 from jobs.paths import resolve_paths
 from jobs.plan_share import GpuNode, choose_backend, probe_gpu_nodes, share_plans
@@ -177,7 +178,7 @@ def as_earlier_run(job: PreparedJob, previous: dict[str, Any] | None) -> Prepare
     host = job.pooled_on_host("the output holds an earlier run of this job that pooled there, "
                               "so the rest of it pools alike (write to a new --output to pool "
                               "in the graph)")
-    return host if previous.get("fingerprint") == host.identity["fingerprint"] else job
+    return host if is_record_of(previous, host.identity) else job
 
 
 def load_model(spec: JobSpec) -> tuple[bytes, ModelInfo]:

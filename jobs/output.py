@@ -65,6 +65,13 @@ def canonical_identity(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def is_record_of(record: Mapping[str, Any], identity: Mapping[str, Any]) -> bool:
+    """Whether `record` (a `_job.json`) is `identity`'s, as written now or by an earlier
+    version (`canonical_identity`)."""
+    return identity["fingerprint"] in (record.get("fingerprint"),
+                                       canonical_identity(record)["fingerprint"])
+
+
 def _show(name: str, record: Mapping[str, Any]) -> str:
     value = record.get(name)
     if name == "model_sha256":
@@ -283,14 +290,12 @@ class OutputDir:
                 "parts: choose another --output, or pass --overwrite to remove them")
         parts = self.committed()
         previous = self.read_json(JOB_FILE)
-        same = previous is not None and previous.get("fingerprint") == identity["fingerprint"]
-        if previous is not None and not same:
+        same = previous is not None and is_record_of(previous, identity)
+        if previous is not None and previous.get("fingerprint") != identity["fingerprint"]:
             # Written by an earlier version, with the input as it was typed?
-            migrated = canonical_identity(previous)
-            same = migrated["fingerprint"] == identity["fingerprint"]
             if same:
                 self.earlier_fingerprints.add(str(previous.get("fingerprint")))
-            previous = migrated
+            previous = canonical_identity(previous)
         if parts and not same:
             if not overwrite:
                 whose = (identity_differences(previous, identity) if previous

@@ -193,6 +193,28 @@ def test_an_output_that_pooled_on_the_host_resumes_pooling_there(
     assert manifest(fresh)["model"]["graph_pooling"]["pooling"] == "mean"
 
 
+def test_a_host_pooled_record_written_by_an_earlier_version_is_recognized(
+        reviews: dict[str, Any], tmp_path: Path) -> None:
+    """Runs from before pooling moved into the graph wrote `_job.json` the old way too (the
+    input as typed): such a record still resumes pooling on the host, as `OutputDir.check`
+    accepts it, instead of being refused as another job's."""
+    from jobs.driver import as_earlier_run, prepare
+    from jobs.output import canonical_identity
+    from jobs.spec import spec_from_args
+
+    spec = spec_from_args(enrich_args(reviews["model"], reviews, tmp_path / "out"),
+                          ENRICH.parser())
+    job = prepare(spec)
+    host = job.pooled_on_host("as before").identity
+    old = {**host, "input": host["input"] + "/"}  # as typed, with a trailing separator
+    old["fingerprint"] = "written-by-an-earlier-version"
+    assert canonical_identity(old)["fingerprint"] == host["fingerprint"]
+    resumed = as_earlier_run(job, old)
+    assert resumed.graph_pooling is None and resumed.identity["fingerprint"] == host["fingerprint"]
+    other = {**old, "model_sha256": "0" * 64}  # another model: left to OutputDir.check
+    assert as_earlier_run(job, other).graph_pooling is not None
+
+
 def test_relabel_an_image_directory_skipping_a_corrupt_file(ray_cluster: None,
                                                             digits: dict[str, Any],
                                                             tmp_path: Path,
