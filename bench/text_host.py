@@ -14,7 +14,9 @@ CPUs do around the engine, on the job's own code:
   the embedding pooled on the host (the engine returns `[N, T, D]`) against pooled in the
   model's graph (`[N, D]`; `jobs.processing.pool_embeddings_in_graph` rewrites the model);
 - its stages alone on the same rows: reading and tokenizing (`workers.sources.ShardInputs`,
-  `--threads` tokenizer threads), length batching (`workers.batching.length_batches`),
+  on `--threads` threads as before, against as many helper processes, `workers.helpers`, as
+  the job now does; the shard above uses the helpers, kept across runs as an actor keeps
+  them), length batching (`workers.batching.length_batches`),
   postprocessing into the output table (host against graph pooling), and the Parquet write
   (`workers.commit.PartWriter`, floats without a dictionary, against the dictionary on every
   column, pyarrow's default).
@@ -138,6 +140,7 @@ def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
     """Every row of the table: group, variant, median seconds, rows; the baseline first."""
     from workers.batching import length_batches, token_budget
     from workers.commit import PartWriter
+    from workers.helpers import HelperProcesses
     from workers.pipeline import _joined, process_shard
     from workers.postprocess import Postprocessor
     from workers.sources import ShardInputs
@@ -152,19 +155,28 @@ def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
     def add(group: str, variant: str, seconds: float) -> None:
         results.append({"group": group, "variant": variant, "seconds": seconds, "rows": rows})
 
+    # The actor's helper processes, started once and kept for every shard, as an actor does.
+    helpers = HelperProcesses(job["host"][0].preprocess_threads)
     for kind, label in (("host", "pooled on the host, engine returns [N, T, D]"),
                         ("graph", "pooled in the graph, engine returns [N, D]")):
         config = job[kind][0]
-        add("shard, null engine", label,
-            median_seconds(partial(process_shard, shard, config, backends[kind]), repeats))
+        add("shard, null engine", label, median_seconds(
+            partial(process_shard, shard, config, backends[kind], processes=helpers), repeats))
 
     # The stages alone, on the host variant's pieces (they carry the attention mask).
     config, backend = job["host"][0], backends["host"]
     host_post = Postprocessor(config.postprocess)
-    inputs = ShardInputs(shard, config, backend.inputs, host_post.needs, StageTimes())
+    threaded = ShardInputs(shard, config, backend.inputs, host_post.needs, StageTimes())
+    threaded.prep._processes = None  # the baseline: tokenizing on threads, as before helpers
+    inputs = ShardInputs(shard, config, backend.inputs, host_post.needs, StageTimes(),
+                         processes=helpers)
     try:
-        add("read + tokenize", f"{config.preprocess_threads} tokenizer thread(s)",
-            median_seconds(lambda: list(inputs.pieces()), repeats))
+        threads = config.preprocess_threads
+        add("read + tokenize", f"{threads} tokenizer thread(s)",
+            median_seconds(lambda: list(threaded.pieces()), repeats))
+        if threads > 1:
+            add("read + tokenize", f"{threads} helper processes",
+                median_seconds(lambda: list(inputs.pieces()), repeats))
         pieces = list(inputs.pieces())
         budget = token_budget(config, backend.inputs)
         assert budget is not None
@@ -173,7 +185,9 @@ def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
             median_seconds(lambda: list(length_batches(iter(pieces), budget, pads)), repeats))
         batches = [_joined(b) for b in length_batches(iter(pieces), budget, pads)]
     finally:
+        threaded.close()
         inputs.close()
+        helpers.close()
 
     tables: list[pa.Table] = []
     for kind, label in (("host", "host pooling of [N, T, D]"), ("graph", "[N, D] as it is")):

@@ -14,8 +14,9 @@ from typing import Any
 from workers.backends import ModelFiles, create_backend
 from workers.batching import token_budget
 from workers.gpuimages import GpuImages, open_gpu_images
-from workers.images import PillowProcesses
+from workers.helpers import HelperProcesses
 from workers.pipeline import process_shard
+from workers.preprocess import uses_helpers
 from workers.redact import install_log_redaction
 from workers.slots import SlotPool
 from workers.spool import Spool
@@ -49,9 +50,12 @@ class ShardWorker:
         # how the images decode, in words, for the manifest.
         self.images: GpuImages | None = None
         self.image_decode = "cpu"
-        # Worker processes for the images Pillow decodes (PNG, WebP, ...), started at the first
-        # such image and kept for every shard: starting them costs ~0.5 s, once per shard before.
-        self.processes = PillowProcesses(config.preprocess_threads)
+        # Worker processes for the host work that holds the GIL (tokenizing text; decoding PNG,
+        # WebP, ... with Pillow), kept for every shard: starting them costs ~0.5 s. Text jobs
+        # start them now, while the model loads; image jobs at the first such image.
+        self.processes = HelperProcesses(config.preprocess_threads)
+        if config.preprocess_threads > 1 and uses_helpers(config.preprocess):
+            self.processes.start()
         self._loaded = False
         #: Seconds the slots' warm-up batch took (0 on the CPU path).
         self.warmup_seconds = 0.0

@@ -3,19 +3,17 @@
 JPEG, the format of nearly every photo set, decodes through libjpeg-turbo (simplejpeg), which
 releases the GIL and can decode at 1/8 .. 8/8 scale (DCT scaling) when the target is smaller
 than the image; everything else decodes through Pillow, in worker processes when several are
-given (`PillowProcesses`). GPU decoding (nvImageCodec) is `workers.gpuimages`.
+given (`workers.helpers.HelperProcesses`). GPU decoding (nvImageCodec) is `workers.gpuimages`.
 """
 
 from __future__ import annotations
 
 import io
-import multiprocessing
 import posixpath
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +21,9 @@ import pyarrow as pa
 from workers.errors import DataError, MissingDependencyError
 from workers.storage import filesystem, storage_errors
 from workers.types import Shard
+
+if TYPE_CHECKING:
+    from workers.helpers import HelperProcesses
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: The columns an image-directory input presents, as if it were a table.
@@ -220,32 +221,6 @@ def _decode_pillow_rows(values: Sequence[bytes], mode: str, size: tuple[int, int
     return out
 
 
-class PillowProcesses:
-    """Worker processes for the images Pillow decodes (not JPEG): Pillow holds the GIL for most
-    of a decode, so threads would take turns; started at first use, one owner closes them.
-
-    `forkserver`: the actor's own threads (Ray's, the pipeline's) are not forked into them.
-    """
-
-    def __init__(self, processes: int) -> None:
-        self.processes = max(1, processes)
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def pool(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                context = multiprocessing.get_context("forkserver")
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
-            return self._pool
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-
-
 def _affine(mean: Sequence[float], std: Sequence[float], dtype: np.dtype
             ) -> tuple[np.ndarray, np.ndarray]:
     """`scale`, `shift` with `pixels * scale + shift == (pixels / 255 - mean) / std`."""
@@ -272,7 +247,7 @@ class ImageDecoder:
                  pool: Executor | None = None, threads: int = 1, *,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  layout: str = "NHWC", dtype: np.dtype | None = None,
-                 max_pixels: int | None = None, processes: PillowProcesses | None = None
+                 max_pixels: int | None = None, processes: HelperProcesses | None = None
                  ) -> None:
         self.mode, self.size, self.resize, self.draft = mode, size, resize, draft
         self.max_pixels = max_pixels

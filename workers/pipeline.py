@@ -31,7 +31,7 @@ from workers.types import Shard, ShardResult, StageTimes, WorkerConfig
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
-    from workers.images import PillowProcesses
+    from workers.helpers import HelperProcesses
 
 __all__ = ["MAX_ROW_FAILURES", "SlotPool", "process_shard"]
 
@@ -116,7 +116,7 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
 
 def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: str = "",
                   slots: SlotPool | None = None, images: GpuImages | None = None,
-                  spool_dir: str | None = None, processes: PillowProcesses | None = None,
+                  spool_dir: str | None = None, processes: HelperProcesses | None = None,
                   on_rows: Callable[[int], None] | None = None) -> ShardResult:
     """Run one shard through `backend` and commit its part; raises on any failure, committing nothing.
 

@@ -23,11 +23,11 @@ from workers.convert import check_feed, column_to_tensor
 from workers.errors import DataError, SpecError
 from workers.functions import is_function_target, load_function
 from workers.tensors import TensorMeta
-from workers.text import TOKEN_COUNTS
+from workers.text import TOKEN_COUNTS, TokenizerFile
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
-    from workers.images import PillowProcesses
+    from workers.helpers import HelperProcesses
 
 Batch = dict[str, np.ndarray]
 NULL_POLICIES = ("fail", "fill")
@@ -586,12 +586,13 @@ class Preprocessor:
 
     def __init__(self, specs: Sequence[PrepSpec], metas: Mapping[str, TensorMeta],
                  threads: int = 1, images: GpuImages | None = None,
-                 processes: PillowProcesses | None = None) -> None:
+                 processes: HelperProcesses | None = None) -> None:
         """`images`: the actor's GPU image decoding; inputs it decodes become device fills.
-        `processes`: Pillow decoding processes its owner keeps (an actor's, for all its shards);
-        without them, this preprocessor starts its own at its first such image and closes them.
+        `processes`: helper processes its owner keeps (an actor's, for all its shards), which
+        tokenize text and decode the images Pillow decodes when `threads` > 1; without them,
+        this preprocessor starts its own at first use and closes them.
         """
-        from workers.images import PillowProcesses
+        from workers.helpers import HelperProcesses
 
         self.specs = tuple(specs)
         self.metas = dict(metas)
@@ -604,10 +605,12 @@ class Preprocessor:
         self.token_pads: dict[str, int] = {}
         self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
                                        if self.expands and self.threads > 1 else None)
-        # Formats Pillow decodes (not JPEG) go to processes: it holds the GIL while decoding.
-        decodes = self._pool is not None and any(isinstance(s, ImagePrep) for s in self.specs)
-        self._own_processes = decodes and processes is None
-        self._processes = (processes or PillowProcesses(self.threads)) if decodes else None
+        # Tokenizing and the formats Pillow decodes (not JPEG) go to helper processes: both
+        # hold the GIL for most of their work (`workers.helpers`).
+        helped = self._pool is not None and uses_helpers(self.specs)
+        self._own_processes = helped and processes is None
+        self._processes = (processes or HelperProcesses(self.threads)) if helped else None
+        self._token_files: list[TokenizerFile] = []
         self._steps: list[Step] = [self._build(spec) for spec in self.specs]
 
     def _build(self, spec: PrepSpec) -> Step:
@@ -660,6 +663,11 @@ class Preprocessor:
             # Rows of any length: the batcher may sort them and cut each batch at its own width.
             self.token_pads.update({n: pads[k] for k, n in names.items() if n is not None})
         dtype = metas[spec.input_ids].dtype
+        helper = None
+        if self._processes is not None:
+            helper = TokenizerFile(text, f"'{spec.tokenizer}'", encoder.max_length,
+                                   spec.truncation, length)
+            self._token_files.append(helper)
 
         def run(table: pa.Table, offset: int) -> tuple[Batch, dict[int, tuple[str, str]]]:
             column = table.column(spec.column)
@@ -671,7 +679,7 @@ class Preprocessor:
                                     "fill or filter them, or set nulls: fill (--nulls fill) to "
                                     "tokenize them as empty strings")
                 column = pc.fill_null(column, "")
-            ragged = self._encode(encoder, column.to_pylist(), spec.column, offset, keys)
+            ragged = self._encode(encoder, helper, column.to_pylist(), spec.column, offset, keys)
             feeds = {names[k]: v for k, v in ragged.padded(encoder.width(ragged.lengths), pads,
                                                            dtype).items()}
             out = {n: v.astype(metas[n].dtype, copy=False) for n, v in feeds.items()
@@ -681,18 +689,27 @@ class Preprocessor:
             return out, {}
         return run
 
-    def _encode(self, encoder: Any, texts: list[str], column: str, offset: int,
-                keys: tuple[str, ...]) -> Any:
-        """Rows tokenized unpadded; in chunks on the pool, so one chunk's conversion to arrays
-        (which holds the GIL) overlaps the next chunk's tokenization (which does not)."""
-        from workers.text import Ragged
+    def _encode(self, encoder: Any, helper: TokenizerFile | None, texts: list[str], column: str,
+                offset: int, keys: tuple[str, ...]) -> Any:
+        """Rows tokenized unpadded, in chunks: on the helper processes when there are some
+        (`workers.helpers`: tokenizing holds the GIL for most of a short row's cost), else on
+        the thread pool, so one chunk's conversion to arrays (which holds the GIL) at least
+        overlaps the next chunk's tokenizing (which does not)."""
+        from workers.text import Ragged, encode_in_helper
 
         step = max(64, -(-len(texts) // self.threads))
-        if self._pool is None or len(texts) <= step:
+        if len(texts) <= step or (self._processes is None and self._pool is None):
             return encoder.encode_ragged(texts, column, offset, keys)
-        futures = [self._pool.submit(encoder.encode_ragged, texts[lo:lo + step], column,
-                                     offset + lo, keys)
-                   for lo in range(0, len(texts), step)]
+        if self._processes is not None and helper is not None:
+            pool = self._processes.pool()
+            futures = [pool.submit(encode_in_helper, *helper.args, texts[lo:lo + step], column,
+                                   offset + lo, keys)
+                       for lo in range(0, len(texts), step)]
+        else:
+            assert self._pool is not None
+            futures = [self._pool.submit(encoder.encode_ragged, texts[lo:lo + step], column,
+                                         offset + lo, keys)
+                       for lo in range(0, len(texts), step)]
         return Ragged.concat([f.result() for f in futures])
 
     def _image(self, spec: ImagePrep) -> Step:
@@ -771,6 +788,8 @@ class Preprocessor:
         return prepared
 
     def close(self) -> None:
+        for file in self._token_files:
+            file.close()
         if self._processes is not None and self._own_processes:
             self._processes.close()
         if self._pool is not None:
@@ -781,6 +800,11 @@ class Preprocessor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def uses_helpers(specs: Sequence[PrepSpec]) -> bool:
+    """True when these specs send work to helper processes (text; images Pillow decodes)."""
+    return any(isinstance(s, ImagePrep | TextPrep) for s in specs)
 
 
 def tensor_preps(bindings: Sequence[tuple[str, str]]) -> tuple[TensorPrep, ...]:

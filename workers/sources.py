@@ -26,7 +26,7 @@ from workers.types import Shard, StageTimes, WorkerConfig
 
 if TYPE_CHECKING:
     from workers.gpuimages import GpuImages
-    from workers.images import PillowProcesses
+    from workers.helpers import HelperProcesses
 
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
@@ -46,7 +46,7 @@ class ShardInputs:
 
     def __init__(self, shard: Shard, config: WorkerConfig, metas: Sequence[TensorMeta],
                  carry: tuple[str, ...], times: StageTimes, images: GpuImages | None = None,
-                 processes: PillowProcesses | None = None) -> None:
+                 processes: HelperProcesses | None = None) -> None:
         self.shard = shard
         self.config = config
         self.carry = carry

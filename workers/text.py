@@ -7,8 +7,12 @@ per padded one; padding happens once, to whatever width the batch being built ne
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
+import os
+import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -173,3 +177,43 @@ class TextEncoder:
         """`keys` of `{"ids", "attention_mask", "type_ids"}`, each int64 `[len(texts), L]`."""
         ragged = self.encode_ragged(texts, column, offset, keys)
         return ragged.padded(self.width(ragged.lengths), self.pads)
+
+
+class TokenizerFile:
+    """A tokenizer's JSON in a file of this node, for helper processes (`encode_in_helper`) to
+    load once each; a key names the encoder (the JSON's digest and the encoder's settings).
+    `close()` removes the file."""
+
+    def __init__(self, tokenizer_json: str, source: str, max_length: int, truncation: bool,
+                 length: int | None) -> None:
+        digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16]
+        self.key = f"{digest}:{max_length}:{truncation}:{length}"
+        fd, self.path = tempfile.mkstemp(prefix="trt-batch-runner-tokenizer-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(tokenizer_json)
+        self.args = (self.key, self.path, source, max_length, truncation, length)
+
+    def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+#: The encoders a helper process has loaded, by `TokenizerFile.key` (the last few kept).
+_HELPER_ENCODERS: dict[str, TextEncoder] = {}
+
+
+def encode_in_helper(key: str, path: str, source: str, max_length: int, truncation: bool,
+                     length: int | None, texts: Sequence[str], column: str, offset: int,
+                     keys: Collection[str]) -> Ragged:
+    """Runs in a helper process (`workers.helpers`): `TextEncoder.encode_ragged` of `texts`
+    with the encoder `key` names, loaded from `path` at this process's first use of it."""
+    encoder = _HELPER_ENCODERS.get(key)
+    if encoder is None:
+        # The pool's processes are the parallelism: each tokenizes its own rows on one core.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        with open(path, encoding="utf-8") as f:
+            encoder = TextEncoder(f.read(), source, max_length, truncation, length)
+        while len(_HELPER_ENCODERS) >= 4:
+            _HELPER_ENCODERS.pop(next(iter(_HELPER_ENCODERS)))
+        _HELPER_ENCODERS[key] = encoder
+    return encoder.encode_ragged(texts, column, offset, keys)

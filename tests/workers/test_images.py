@@ -14,10 +14,10 @@ from PIL import Image
 from tests.workers.test_preprocess import encode, meta, metas, pil_pixels, resolved_image
 from workers.errors import DataError
 from workers.gpuimages import fit_reference, fit_row
+from workers.helpers import HelperProcesses
 from workers.images import (
     ImageDecoder,
     ImageLimitError,
-    PillowProcesses,
     default_max_pixels,
     import_simplejpeg,
     load_image,
@@ -82,7 +82,7 @@ def test_pillow_formats_decode_the_same_in_processes() -> None:
     one, bad1 = ImageDecoder("RGB", (20, 20), 24).decode(images)
     from concurrent.futures import ThreadPoolExecutor
 
-    processes = PillowProcesses(2)
+    processes = HelperProcesses(2)
     try:
         with ThreadPoolExecutor(2) as pool:
             decoder = ImageDecoder("RGB", (20, 20), 24, pool=pool, threads=2, processes=processes)
@@ -105,7 +105,7 @@ def test_an_owners_pillow_processes_outlive_each_preprocessor() -> None:
     table = pa.table({"jpeg": pa.array([encode(Image.fromarray(
         rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)), "PNG") for _ in range(6)],
         pa.binary())})
-    shared = PillowProcesses(2)
+    shared = HelperProcesses(2)
     try:
         pools = []
         for _ in range(2):  # two shards

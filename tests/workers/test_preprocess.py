@@ -230,6 +230,48 @@ def test_text_preprocessor_feeds_the_models_token_inputs(tokenizer_json: str, th
     np.testing.assert_array_equal(feeds["token_type_ids"], want["type_ids"])
 
 
+def test_text_tokenizes_in_helper_processes_shared_across_preprocessors(tokenizer_json: str
+                                                                         ) -> None:
+    import os
+
+    import workers.text
+    from workers.helpers import HelperProcesses
+
+    texts = review_sample(400, seed=11)
+    texts[200] = "Ünïcödé façade — naïve café 😀 " * 3
+    model = text_model()
+    helpers = HelperProcesses(3)
+    try:
+        files = []
+        for max_length in (24, 12):  # two encoders in the same processes, each its own
+            spec = resolved_text(tokenizer_json, model, max_length=max_length)
+            with Preprocessor([spec], model, threads=3, processes=helpers) as prep:
+                feeds = prep(pa.table({"review": texts})).feeds
+                files += [f.path for f in prep._token_files]
+                assert all(os.path.exists(path) for path in files[-1:])
+            want = reference_encoding(tokenizer_json, texts, max_length)
+            np.testing.assert_array_equal(feeds["input_ids"], want["ids"])
+            np.testing.assert_array_equal(feeds["token_type_ids"], want["type_ids"])
+            np.testing.assert_array_equal(feeds[TOKEN_COUNTS], want["attention_mask"].sum(axis=1))
+        assert len(files) == 2 and not any(os.path.exists(path) for path in files)
+        # Every chunk ran in a helper: this process loaded no helper encoder of its own.
+        assert workers.text._HELPER_ENCODERS == {}
+    finally:
+        helpers.close()
+
+
+def test_text_too_long_in_a_helper_process_names_the_shard_row(tokenizer_json: str) -> None:
+    texts = [f"a short review {i}" for i in range(300)]
+    texts[250] = " ".join(review_sample(40, seed=12)[3:])  # in the last of the three chunks
+    model = text_model()
+    spec = resolved_text(tokenizer_json, model, max_length=16, truncation=False)
+    with Preprocessor([spec], model, threads=3) as prep, \
+            pytest.raises(DataError, match=r"column 'review' row 1250 has \d+ tokens, more than "
+                                           r"max_length 16, and truncation is off; turn "
+                                           r"truncation on or raise max_length"):
+        prep(pa.table({"review": texts}), offset=1000)
+
+
 def test_text_resolve_fills_defaults_from_the_model(tokenizer_json: str) -> None:
     spec = resolved_text(tokenizer_json, text_model(length=48, types=False))
     assert (spec.max_length, spec.attention_mask, spec.token_type_ids) == (48, "attention_mask",
