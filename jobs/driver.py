@@ -436,9 +436,19 @@ def default_shards_in_flight(shards: Sequence[Shard], batch_size: int, gpus: boo
     return max(2, min(4, math.ceil(16 / batches)))
 
 
-def _pool_config(spec: JobSpec, todo: Sequence[Shard], resources: WorkerResources) -> PoolConfig:
+def batch_rows(spec: JobSpec, job: PreparedJob, resources: WorkerResources) -> int:
+    """Rows per batch for this job on this cluster (`JobSpec.batch_rows`)."""
+    from workers.preprocess import TextPrep
+
+    text = job.processing is not None and any(isinstance(p, TextPrep)
+                                              for p in job.processing.preprocess)
+    return spec.batch_rows(bool(resources.gpus), text)
+
+
+def _pool_config(spec: JobSpec, todo: Sequence[Shard], resources: WorkerResources,
+                 batch_size: int) -> PoolConfig:
     workers = max(1, min(spec.workers or resources.default_workers, len(todo)))
-    in_flight = spec.shards_in_flight or default_shards_in_flight(todo, spec.batch_size,
+    in_flight = spec.shards_in_flight or default_shards_in_flight(todo, batch_size,
                                                                   bool(resources.gpus))
     return PoolConfig(workers=workers, num_gpus=1 if resources.gpus else 0,
                       num_cpus=resources.cpus, shards_in_flight=in_flight,
@@ -459,7 +469,7 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
                                                       and spec.version_compatible
                                                       and bool(spec.plugins))),
         output_url=spec.output, bindings=job.bindings, keep=job.keep,
-        batch_size=spec.batch_size, storage_options=spec.storage_options,
+        batch_size=batch_rows(spec, job, resources), storage_options=spec.storage_options,
         slots=spec.slots, readers=resources.readers,
         concurrent_batches=spec.concurrent_batches,
         preprocess=job.processing.preprocess if job.processing else (),
@@ -575,8 +585,9 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
     worker_info: dict[str, Any] = {}
     plans: dict[str, Any] = {}
     in_flight: int | None = None  # shards queued per actor, as resolved
+    batch_size = batch_rows(spec, job, resources)
     if todo:
-        pool_config = _pool_config(spec, todo, resources)
+        pool_config = _pool_config(spec, todo, resources, batch_size)
         in_flight = pool_config.shards_in_flight
         config = worker_config(spec, job, backend, resources)
         model_ref: Any
@@ -597,6 +608,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         startup["actors"] = time.monotonic() - mark
         print(f"workers: {pool_config.workers} x {worker_info['backend']} on "
               f"{worker_info['device']}, {resources.describe()}, "
+              f"batches of {config.batch_size} rows, "
               f"{pool_config.shards_in_flight} shard(s) in flight each", file=stream, flush=True)
         progress = Progress(sum(s.rows for s in todo), len(todo), live=spec.progress,
                             stream=stream)
@@ -604,9 +616,10 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         def on_result(result: ShardResult | None, failure: ShardFailure | None) -> None:
             if result is not None:
                 # Rows a preprocessor dropped count as processed: the bar's total has them.
-                progress.update(rows=result.rows + result.rows_failed, shards=1)
-            else:
-                progress.update(failed=1)
+                progress.update(rows=result.rows + result.rows_failed, shards=1,
+                                shard_id=result.shard_id)
+            elif failure is not None:
+                progress.update(failed=1, shard_id=failure.shard.id)
 
         def on_tick() -> None:
             lock.check()  # stop if another job took OUTPUT over
@@ -670,7 +683,7 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
                     if e["status"] != "failed")
     manifest = {
         "job": job.identity, "spec": spec.to_json(), "backend": backend, "plans": plans,
-        "shards_in_flight": in_flight,
+        "shards_in_flight": in_flight, "batch_size": batch_size,
         "model": {"uri": spec.model, "sha256": job.model_sha256,
                   "inputs": [m.to_json() for m in job.model.inputs],
                   "outputs": [m.to_json() for m in job.model.outputs],

@@ -101,8 +101,9 @@ class RowsPoll:
         self.latest.pop(index, None)
         self.pending = {ref: i for ref, i in self.pending.items() if i != index}
 
-    def tick(self, actors: Sequence[Any], ready: Sequence[bool], finished: Collection[str]) -> int:
-        """Collect the answers that came; ask again; rows of shards not in `finished`."""
+    def tick(self, actors: Sequence[Any], ready: Sequence[bool], finished: Collection[str]
+             ) -> dict[str, int]:
+        """Collect the answers that came; ask again; rows of each shard not in `finished`."""
         if self.pending:
             done, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
             for ref in done:
@@ -116,8 +117,8 @@ class RowsPoll:
             if ready[index] and index not in asked:
                 ref = actor.progress.options(concurrency_group=PROGRESS_GROUP).remote()
                 self.pending[ref] = index
-        return sum(rows for counts in self.latest.values() for sid, rows in counts.items()
-                   if sid not in finished)
+        return {sid: rows for counts in self.latest.values() for sid, rows in counts.items()
+                if sid not in finished}
 
 
 def error_text(exc: BaseException) -> str:
@@ -235,11 +236,11 @@ class ShardPool:
     def run(self, shards: list[Shard],
             on_result: Callable[[ShardResult | None, ShardFailure | None], None],
             on_tick: Callable[[], None] | None = None, tick_seconds: float = 1.0,
-            on_progress: Callable[[int], None] | None = None) -> PoolOutcome:
+            on_progress: Callable[[dict[str, int]], None] | None = None) -> PoolOutcome:
         """Process every shard; returns committed results and failures (never raises for a shard).
 
         `on_tick` runs at least every `tick_seconds`; an exception it raises stops the run.
-        `on_progress(rows)` runs as often, with the rows the actors have written of the shards
+        `on_progress(rows)` runs as often, with the rows the actors have written of each shard
         still running (see `RowsPoll`: the answers of the tick before).
         """
         outcome = PoolOutcome()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 from tqdm import tqdm
@@ -30,7 +30,11 @@ class Progress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.total_rows, self.total_shards = total_rows, total_shards
-        self.done_rows = self.running_rows = self.shards = self.failed = 0
+        self.done_rows = self.shards = self.failed = 0
+        #: Rows the actors have written per running shard; a finished shard's leave it, and a
+        #: poll answered before it finished cannot bring them back (they would count twice).
+        self._running: dict[str, int] = {}
+        self._finished: set[str] = set()
         self.every = every
         self.clock = clock
         self.started = clock()
@@ -46,20 +50,29 @@ class Progress:
             self._bar.set_postfix_str(self._shards(), refresh=False)
 
     @property
+    def running_rows(self) -> int:
+        """Rows written so far by shards still running."""
+        return sum(self._running.values())
+
+    @property
     def rows(self) -> int:
         """Rows processed: of finished shards, and written so far by shards still running."""
         return self.done_rows + self.running_rows
 
-    def update(self, rows: int = 0, shards: int = 0, failed: int = 0) -> None:
-        """A shard finished: `rows` of it committed (`shards=1`), or it failed (`failed=1`)."""
+    def update(self, rows: int = 0, shards: int = 0, failed: int = 0, shard_id: str = "") -> None:
+        """Shard `shard_id` finished: `rows` of it committed (`shards=1`), or it failed
+        (`failed=1`); its running rows leave the count."""
         self.done_rows += rows
         self.shards += shards
         self.failed += failed
+        if shard_id:
+            self._finished.add(shard_id)
+            self._running.pop(shard_id, None)
         self.render()
 
-    def running(self, rows: int) -> None:
-        """The rows the actors have written of the shards that are still running."""
-        self.running_rows = rows
+    def running(self, rows: Mapping[str, int]) -> None:
+        """The rows the actors have written of each shard they are running."""
+        self._running = {sid: n for sid, n in rows.items() if sid not in self._finished}
         self.render()
 
     def _shards(self) -> str:

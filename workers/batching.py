@@ -33,8 +33,9 @@ TOKENS_PER_ROW = 64
 #: Default rows sorted together: this many batches of `--batch-size`, and at least `MIN_WINDOW`.
 WINDOW_BATCHES = 16
 MIN_WINDOW = 8192
-#: Batch widths are rounded up to a multiple of this: tensor cores work in multiples of 8, and
-#: fewer distinct shapes mean fewer plans for ONNX Runtime and TensorRT to pick kernels for.
+#: Batch widths on GPUs are rounded up to a multiple of this: tensor cores work in multiples of
+#: 8, and fewer distinct shapes mean fewer plans for ONNX Runtime and TensorRT to pick kernels
+#: for. On CPUs each padded token is work and nothing is gained: widths stay exact there.
 WIDTH_MULTIPLE = 8
 
 Shapes = dict[str, tuple[int, ...]]
@@ -69,9 +70,10 @@ def exact_batches(pieces: Iterator[Piece], batch_size: int) -> Iterator[list[Pie
 class TokenBudget:
     """How text batches are cut: at most `rows` rows and `tokens` padded tokens (rows x width).
 
-    A batch's width is its longest row rounded up to `WIDTH_MULTIPLE`, never past
-    `max_length`. `inputs` are the token inputs (their second axis is the width); rows are
-    sorted within windows of `window` rows, so memory stays bounded however long the shard.
+    A batch's width is its longest row rounded up to `multiple` (`WIDTH_MULTIPLE` on GPUs,
+    1 on CPUs), never past `max_length`. `inputs` are the token inputs (their second axis is
+    the width); rows are sorted within windows of `window` rows, so memory stays bounded
+    however long the shard.
     A single row wider than the budget still makes a batch of its own.
     """
 
@@ -80,15 +82,16 @@ class TokenBudget:
     window: int
     max_length: int
     inputs: tuple[str, ...]
+    multiple: int = WIDTH_MULTIPLE
 
     def __post_init__(self) -> None:
-        for name in ("rows", "tokens", "window", "max_length"):
+        for name in ("rows", "tokens", "window", "max_length", "multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TokenBudget.{name} must be >= 1, got {getattr(self, name)}")
 
     def width(self, longest: int) -> int:
         """The width of a batch whose longest row has `longest` tokens."""
-        rounded = -(-max(1, longest) // WIDTH_MULTIPLE) * WIDTH_MULTIPLE
+        rounded = -(-max(1, longest) // self.multiple) * self.multiple
         return max(1, min(rounded, self.max_length))
 
     def rows_at(self, width: int) -> int:
@@ -116,7 +119,7 @@ class TokenBudget:
         Device slots are sized for the largest of each tensor over these, so they hold every
         batch whatever its outputs' shapes make of rows and width.
         """
-        widths = {*range(WIDTH_MULTIPLE, self.max_length + 1, WIDTH_MULTIPLE), self.max_length}
+        widths = {*range(self.multiple, self.max_length + 1, self.multiple), self.max_length}
         return [(self.rows_at(w), w) for w in sorted(widths)]
 
     def warm_up(self) -> list[tuple[int, int]]:
@@ -167,8 +170,10 @@ class TokenBudget:
         return out
 
 
-def token_budget(config: WorkerConfig, metas: Sequence[TensorMeta]) -> TokenBudget | None:
-    """The job's text batching, or None when no input's width follows its rows."""
+def token_budget(config: WorkerConfig, metas: Sequence[TensorMeta], gpu: bool = True
+                 ) -> TokenBudget | None:
+    """The job's text batching, or None when no input's width follows its rows; `gpu`: for
+    device slots (widths rounded to `WIDTH_MULTIPLE`), else for a CPU engine (exact widths)."""
     from workers.preprocess import TextPrep
 
     by_name = {m.name: m for m in metas}
@@ -180,7 +185,8 @@ def token_budget(config: WorkerConfig, metas: Sequence[TensorMeta]) -> TokenBudg
     return TokenBudget(rows=config.batch_size,
                        tokens=config.max_batch_tokens or TOKENS_PER_ROW * config.batch_size,
                        window=window, max_length=max(width for _, width in texts),
-                       inputs=tuple(n for spec, _ in texts for n in spec.inputs))
+                       inputs=tuple(n for spec, _ in texts for n in spec.inputs),
+                       multiple=WIDTH_MULTIPLE if gpu else 1)
 
 
 def _join(window: list[Piece], budget: TokenBudget, pads: Mapping[str, int]

@@ -134,7 +134,7 @@ def process_shard(shard: Shard, config: WorkerConfig, backend: Backend, worker: 
     images = images if backend.uses_slots else None
     inputs = ShardInputs(shard, config, backend.inputs, post.needs, times, images, processes)
     writer = PartWriter(config.output_url, shard.part_name, config.storage, spool_dir=spool_dir)
-    budget = token_budget(config, backend.inputs)
+    budget = token_budget(config, backend.inputs, gpu=backend.uses_slots)
     # Sorted batches are written back in input order.
     sink = InputOrder(writer.write) if budget is not None else None
 

@@ -59,7 +59,7 @@ def test_the_live_bar_fits_an_80_column_terminal() -> None:
     progress = Progress(1_234_567, 1_000, live=True, stream=stream, clock=clock)
     for step in range(1, 40):
         clock.now += 0.5
-        progress.running(step * 1_000)
+        progress.running({"s": step * 1_000})
         if step % 10 == 0:
             progress.update(rows=10_000, shards=1, failed=1)
         progress.render()
@@ -78,12 +78,17 @@ def test_the_bar_counts_rows_of_shards_still_running() -> None:
     clock = Clock()
     progress = Progress(1_000, 4, live=False, stream=stream, clock=clock)
     clock.now += 2
-    progress.running(300)  # written by the actors, their shards not yet committed
+    progress.running({"a": 250, "b": 50})  # written by the actors, not yet committed
     assert progress.rows == 300
     assert progress.line().startswith("[#######                 ]  30.0% 300/1,000 rows  150 rows/s")
-    progress.update(rows=250, shards=1)  # one of those shards committed: 250 of its rows
-    progress.running(50)
+    progress.update(rows=250, shards=1, shard_id="a")  # shard a committed: its 250 rows
     assert progress.rows == 300 and "shards 1/4" in progress.line()
+    # A poll answered before shard a finished still has its rows: they count once, not twice
+    # (3,237 of 3,000 rows at the end of a run, before).
+    progress.running({"a": 250, "b": 50})
+    assert progress.rows == 300
+    progress.update(failed=1, shard_id="b")  # a failed shard's written rows drop out
+    assert progress.rows == 250
 
 
 def test_logs_get_a_line_every_ten_seconds() -> None:
@@ -92,7 +97,7 @@ def test_logs_get_a_line_every_ten_seconds() -> None:
     progress = Progress(1_000, 4, live=False, stream=stream, clock=clock)
     for _ in range(25):
         clock.now += 1
-        progress.running(progress.running_rows + 10)
+        progress.running({"s": progress.running_rows + 10})
         progress.render()
     progress.close()
     lines = stream.getvalue().splitlines()

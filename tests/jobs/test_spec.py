@@ -36,11 +36,16 @@ def test_yaml_config_and_flags_override(tmp_path: Path) -> None:
 
 def test_defaults() -> None:
     spec = spec_from_args(BASE)
-    assert spec.backend == "auto" and spec.workers is None and spec.batch_size == 256
+    assert spec.backend == "auto" and spec.workers is None and spec.batch_size is None
     # None: resolved once the workers are known (shards balanced over them, CPUs per GPU).
     assert spec.rows_per_shard is None and spec.cpus_per_worker is None
     assert spec.max_failed_shards == 0 and not spec.overwrite
     assert spec.max_batch_tokens is None and spec.sort_window is None
+    # Batches: 256 rows, except text on CPU engines (16: ONNX Runtime on CPUs gains nothing
+    # from more rows, and a batch spanning more lengths pads more); --batch-size always wins.
+    assert [spec.batch_rows(gpus, text) for gpus, text in
+            ((True, True), (True, False), (False, False), (False, True))] == [256, 256, 256, 16]
+    assert spec_from_args([*BASE, "--batch-size", "100"]).batch_rows(False, True) == 100
 
 
 @pytest.mark.parametrize(("argv", "message"), [

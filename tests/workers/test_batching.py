@@ -175,6 +175,10 @@ def test_token_budget_comes_from_the_config_and_only_for_text_of_any_width() -> 
         inputs=("input_ids", "attention_mask"))
     assert token_budget(config(max_batch_tokens=1000, sort_window=500), metas) == TokenBudget(
         rows=32, tokens=1000, window=500, max_length=128, inputs=("input_ids", "attention_mask"))
+    # A CPU engine: every padded token is work, so widths stay exact (37 is 37, not 40).
+    cpu = token_budget(config(), metas, gpu=False)
+    assert cpu is not None and cpu.multiple == 1 and cpu.width(37) == 37 and cpu.width(200) == 128
+    assert token_budget(config(), metas, gpu=True).width(37) == 40  # type: ignore[union-attr]
     fixed = [TensorMeta(m.name, m.dtype, (None, 128)) for m in metas]
     assert token_budget(config(), fixed) is None  # one width: batches need no sorting
     assert token_budget(WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(),
