@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One short GPU window (one device call, under 600 s) after the wheels are staged in /tmp/site
+# (shared/device/README.md): the text benchmark in a compact form, then bench.gpu_inputs with
+# what is left of the window. Full logs under $OUT; the two tables last.
+#   WINDOW (default 570): seconds for the whole script; TEXT_SECONDS (default 45): the text
+#   job's long phase.
+set -uo pipefail
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/device_window_out}
+mkdir -p "$OUT"
+began=$(date +%s)
+WINDOW=${WINDOW:-570}
+TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd 'A-Za-z0-9' | cut -c1-12)
+{ nvidia-smi -L; nproc; } > "$OUT/gpu.txt" 2>&1
+timeout 330 python3 -m bench.text gpu --out "$OUT" --tag "$TAG" --seconds "${TEXT_SECONDS:-45}" \
+  --engine-seconds 5 --ray-data-timeout 100 --long-timeout 150 > "$OUT/text_stdout.log" 2>&1
+echo "text: rc=$?"
+left=$(( WINDOW - ($(date +%s) - began) - 15 ))
+echo "gpu_inputs budget: $left s"
+if [ "$left" -gt 90 ]; then
+  timeout "$((left + 10))" python3 -m bench.gpu_inputs --out "$OUT" --tag "$TAG" --budget "$left" \
+    --seconds 30 --repeats 2 > "$OUT/gpu_inputs_stdout.txt" 2>&1
+  echo "gpu_inputs: rc=$?"
+fi
+cat "$OUT"/text_gpu_*.md 2>/dev/null
+tail -8 "$OUT/gpu_inputs_stdout.txt" 2>/dev/null
