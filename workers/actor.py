@@ -16,7 +16,7 @@ from workers.batching import token_budget
 from workers.gpuimages import GpuImages, open_gpu_images
 from workers.helpers import HelperProcesses
 from workers.pipeline import process_shard
-from workers.preprocess import uses_helpers
+from workers.preprocess import tokenizes
 from workers.redact import install_log_redaction
 from workers.slots import SlotPool
 from workers.spool import Spool
@@ -52,9 +52,10 @@ class ShardWorker:
         self.image_decode = "cpu"
         # Worker processes for the host work that holds the GIL (tokenizing text; decoding PNG,
         # WebP, ... with Pillow), kept for every shard: starting them costs ~0.5 s. Text jobs
-        # start them now, while the model loads; image jobs at the first such image.
+        # start them now, while the model loads (every row goes to them); image jobs at the
+        # first image Pillow decodes (JPEGs never need them).
         self.processes = HelperProcesses(config.preprocess_threads)
-        if config.preprocess_threads > 1 and uses_helpers(config.preprocess):
+        if config.preprocess_threads > 1 and tokenizes(config.preprocess):
             self.processes.start()
         self._loaded = False
         #: Seconds the slots' warm-up batch took (0 on the CPU path).

@@ -1,9 +1,11 @@
 """Helper processes for the host work that holds the GIL: Pillow decoding and tokenizing.
 
-Threads take turns on the GIL. Pillow holds it for most of a decode, and `tokenizers` holds it
-while it turns a batch's Rust encodings into Python objects and lists, which is most of a short
-row's cost: two tokenizing threads on two cores ran 1.1x one; two processes 1.9x
-(`bench/text_host.py`). One owner (the actor, for all its shards) keeps the processes.
+Threads take turns on the GIL. Pillow holds it for most of a decode. `tokenizers` releases it
+while it tokenizes but holds it while it turns each row's encoding into Python objects and
+lists, about a sixth of a ~28-token review's work (a Python thread kept 84% of its speed beside
+one tokenizing thread), so tokenizing threads stop scaling near six cores; processes do not
+share a GIL (`bench/text_host.py` and `bench/text.py` (b) measure threads against them). One
+owner (the actor, for all its shards) keeps the processes.
 """
 
 from __future__ import annotations

@@ -803,8 +803,13 @@ class Preprocessor:
 
 
 def uses_helpers(specs: Sequence[PrepSpec]) -> bool:
-    """True when these specs send work to helper processes (text; images Pillow decodes)."""
+    """True when these specs may send work to helper processes (text; images Pillow decodes)."""
     return any(isinstance(s, ImagePrep | TextPrep) for s in specs)
+
+
+def tokenizes(specs: Sequence[PrepSpec]) -> bool:
+    """True when these specs tokenize text (all of it goes to helper processes, given some)."""
+    return any(isinstance(s, TextPrep) for s in specs)
 
 
 def tensor_preps(bindings: Sequence[tuple[str, str]]) -> tuple[TensorPrep, ...]:
