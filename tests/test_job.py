@@ -159,7 +159,11 @@ def test_the_pool_reports_rows_of_a_shard_before_it_commits(ray_cluster: None,
     seen: list[tuple[int, int]] = []
     done: list[int] = []
 
-    def on_progress(rows: int) -> None:
+    keys: set[str] = set()
+
+    def on_progress(running: dict[str, int]) -> None:
+        rows = sum(running.values())
+        keys.update(running)
         seen.append((rows, len(done)))
         if rows and not done:
             gate.open.remote()
@@ -173,6 +177,7 @@ def test_the_pool_reports_rows_of_a_shard_before_it_commits(ray_cluster: None,
         ray.kill(gate)
     assert len(outcome.results) == 1, outcome.failures
     assert (64, 0) in seen  # the first batch, while the shard was still running
+    assert keys == {job.shards[0].id}  # counted per shard, so a finished one counts once
 
 
 def test_rerun_skips_committed_parts(ray_cluster: None, two_input_onnx: Path, dataset: Path,
