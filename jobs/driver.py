@@ -438,10 +438,9 @@ def default_shards_in_flight(shards: Sequence[Shard], batch_size: int, gpus: boo
 
 def batch_rows(spec: JobSpec, job: PreparedJob, resources: WorkerResources) -> int:
     """Rows per batch for this job on this cluster (`JobSpec.batch_rows`)."""
-    from workers.preprocess import TextPrep
+    from workers.preprocess import tokenizes
 
-    text = job.processing is not None and any(isinstance(p, TextPrep)
-                                              for p in job.processing.preprocess)
+    text = job.processing is not None and tokenizes(job.processing.preprocess)
     return spec.batch_rows(bool(resources.gpus), text)
 
 

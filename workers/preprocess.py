@@ -698,15 +698,14 @@ class Preprocessor:
         from workers.text import Ragged, encode_in_helper
 
         step = max(64, -(-len(texts) // self.threads))
-        if len(texts) <= step or (self._processes is None and self._pool is None):
+        if self._pool is None or len(texts) <= step:
             return encoder.encode_ragged(texts, column, offset, keys)
-        if self._processes is not None and helper is not None:
+        if self._processes is not None and helper is not None:  # helpers imply the pool
             pool = self._processes.pool()
             futures = [pool.submit(encode_in_helper, *helper.args, texts[lo:lo + step], column,
                                    offset + lo, keys)
                        for lo in range(0, len(texts), step)]
         else:
-            assert self._pool is not None
             futures = [self._pool.submit(encoder.encode_ragged, texts[lo:lo + step], column,
                                          offset + lo, keys)
                        for lo in range(0, len(texts), step)]
