@@ -160,9 +160,13 @@ class SlotPool:
 
     def release(self, slot: DeviceSlot) -> None:
         """Give back a slot whose submitted batch was collected."""
-        # Put first: a shard that sees the count drop must find the slot (see `_run_slots`).
-        self.free.put(slot)
+        # Both under the submit lock: a shard that takes this slot from `free` submits on it
+        # (and counts it again) only after the count dropped here. Counted the other way round,
+        # `in_flight` could exceed the slots, and the shard holding them all would wait in
+        # `run_slots` for another shard's slot that was not there (a deadlock at a shard
+        # boundary; tests/workers/test_pipeline.py's text shards tokenizing ahead found it).
         with self._submit_lock:
+            self.free.put(slot)
             self.in_flight -= 1
 
     def ticket(self) -> int:
@@ -289,7 +293,12 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                     # The previous shard's last batches, submitted before any of ours, hold the
                     # other slots: the first of them to finish frees one, sooner than our own
                     # oldest would (waiting on ours left the GPU idle at each shard boundary).
-                    return pool.free.get()
+                    # Looked at again every so often, so this can never wait on a count that
+                    # is out of date.
+                    try:
+                        return pool.free.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
                 if pool.free.empty():
                     collect()
 

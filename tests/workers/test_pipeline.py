@@ -722,3 +722,55 @@ def test_text_on_slots_warms_up_at_the_largest_batches(text_job: tuple[str, byte
             assert len(slot.host_inputs["input_ids"]) == 160  # the most tokens any batch has
     finally:
         worker.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_text_shards_tokenize_ahead_of_their_turn_on_a_shared_pool(
+        threads: int, text_job: tuple[str, bytes], tmp_path: Path) -> None:
+    """Three text shards at once (an actor's shards in flight): each tokenizes before its turn
+    on the slots, on the actor's helper processes when it has some; all right, in order."""
+    import pyarrow as pa
+
+    from workers.batching import token_budget
+    from workers.helpers import HelperProcesses
+
+    tokenizer_json, model_bytes = text_job
+    paths = []
+    for i in range(3):
+        texts = text_rows(400)
+        path = tmp_path / f"text-{i}.parquet"
+        pq.write_table(pa.table({"uid": np.arange(400) + 1000 * i, "review": texts}), path,
+                       row_group_size=50)
+        paths.append(str(path))
+    backend = ThreadSlotBackend(model_bytes)
+    config = text_config(tmp_path / "out", tokenizer_json, sort_window=64,
+                         preprocess_threads=threads)
+    plain = text_config(tmp_path / "plain", tokenizer_json, sort_window=16)
+    results: dict[str, object] = {}
+    helpers = HelperProcesses(threads)
+
+    def run(path: str) -> None:
+        try:
+            results[path] = process_shard(whole_file_shard(path), config, backend, slots=pool,
+                                          processes=helpers)
+        except BaseException as exc:  # reported below, in the test's thread
+            results[path] = exc
+
+    try:
+        with backend, SlotPool.for_job(backend, config, token_budget(config, backend.inputs)
+                                       ) as pool, ThreadPoolExecutor(3) as shards:
+            list(shards.map(run, paths))
+    finally:
+        helpers.close()
+    with OnnxRuntimeBackend(model_bytes, BackendConfig(device="cpu")) as cpu:
+        for i, path in enumerate(paths):
+            result = results[path]
+            assert not isinstance(result, BaseException), result
+            part = pq.read_table(result.part_url)  # type: ignore[attr-defined]
+            want = pq.read_table(process_shard(whole_file_shard(path), plain, cpu).part_url)
+            np.testing.assert_array_equal(part.column("uid").to_numpy(),
+                                          np.arange(400) + 1000 * i)
+            np.testing.assert_allclose(
+                np.stack(part.column("embedding").to_numpy(zero_copy_only=False)),
+                np.stack(want.column("embedding").to_numpy(zero_copy_only=False)),
+                rtol=1e-5, atol=1e-5)
