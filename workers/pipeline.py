@@ -10,6 +10,7 @@ on the GPU path in `workers.slots`), `workers.outputs` builds each batch's outpu
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,8 +57,18 @@ def _batches(pieces: Callable[[], Iterator[Piece]], inputs: ShardInputs,
             yield exact_batches(iter(ahead), config.batch_size)
     else:
         pads = inputs.prep.token_pads
-        with Prefetcher(lambda: length_batches(pieces(), budget, pads), config.prefetch) as ahead:
+        # Tokenizing runs on its own thread, up to two sort windows ahead: were it the thread
+        # that sorts and cuts, it would tokenize the next window only once the engine had
+        # taken this window's batches, and tokenizing and the engine would take turns.
+        with Prefetcher(pieces, converted_ahead(budget, inputs.step)) as converted, \
+                Prefetcher(lambda: length_batches(iter(converted), budget, pads),
+                           config.prefetch) as ahead:
             yield iter(ahead)
+
+
+def converted_ahead(budget: TokenBudget, step: int) -> int:
+    """Converted text pieces (of `step` rows) kept ahead of the sorting: two windows' worth."""
+    return max(2, -(-2 * budget.window // max(1, step)))
 
 
 def _joined(pieces: list[Piece]) -> tuple[Batch, pa.Table]:
@@ -105,9 +116,15 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
                                 config.prefetch, config.storage,
                                 pool=pool.read_pool(config.readers), priority=ticket,
                                 max_row_group_bytes=config.max_row_group_bytes)
-        with reader, pool.turn(ticket), \
-                _batches(lambda: inputs.row_group_pieces(reader), inputs, budget,
-                         config) as batches:
+        pieces = functools.partial(inputs.row_group_pieces, reader)
+        if budget is not None:
+            # Text: tokenizing starts now too (it needs no slot), so this shard's first
+            # windows are sorted and cut when its turn comes; the GPU does not wait for them.
+            with reader, _batches(pieces, inputs, budget, config) as batches, \
+                    pool.turn(ticket):
+                return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
+                                 lambda: pool.done(ticket), ticket, images)
+        with reader, pool.turn(ticket), _batches(pieces, inputs, budget, config) as batches:
             return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
                              lambda: pool.done(ticket), ticket, images)
     finally:
