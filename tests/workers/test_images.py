@@ -52,6 +52,18 @@ def test_libjpeg_turbo_gives_pillows_pixels_without_draft(mode: str, subsampling
 
 
 @needs_turbo
+@pytest.mark.parametrize("draft", [False, True])
+def test_images_at_the_models_size_skip_pillow_with_its_pixels(draft: bool) -> None:
+    # Nothing to resize: the decoded array is cropped as it is (no round trip through Pillow).
+    for seed, (w, h) in enumerate([(224, 224), (240, 224), (224, 300), (1792, 1792)]):
+        data = jpeg(w, h, seed)
+        got = load_image(data, "RGB", (224, 224), min(w, h) if w < 1792 else 224, draft=draft)
+        if w < 1792:
+            np.testing.assert_array_equal(got, pil_pixels(data, (224, 224), min(w, h)))
+        assert got.shape == (224, 224, 3)
+
+
+@needs_turbo
 def test_dct_scaled_decoding_stays_close_to_a_full_decode() -> None:
     # 500x375 to 224: libjpeg decodes at 5/8 scale (313x235), then resizes to 298x224.
     for seed in range(3):
@@ -196,3 +208,4 @@ def test_the_image_directory_row_is_named_when_the_shard_fails() -> None:
             pytest.raises(DataError, match=r"row 0 of the shard \('file:///images/a.png'\): "
                                            r"cannot decode image"):
         prep(table)
+
