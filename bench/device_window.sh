@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU window (one device call, under 600 s) after the wheels are staged in /tmp/site
 # (shared/device/README.md): the text benchmark in a compact form, then bench.gpu_inputs with
-# what is left of the window. Full logs under $OUT; the two tables last.
+# what is left of the window. Full logs under $OUT (8 files: what one call brings back); the
+# two tables last.
 #   WINDOW (default 570): seconds for the whole script; TEXT_SECONDS (default 45): the text
 #   job's long phase.
 set -uo pipefail
@@ -22,5 +23,8 @@ if [ "$left" -gt 90 ]; then
     --seconds 30 --repeats 2 > "$OUT/gpu_inputs_stdout.txt" 2>&1
   echo "gpu_inputs: rc=$?"
 fi
+# A call brings back at most 8 files: fold the stdout logs into the benchmarks' own logs.
+for f in "$OUT"/text_gpu_*.log; do cat "$OUT/gpu.txt" "$OUT/text_stdout.log" >> "$f"; done
+rm -f "$OUT/gpu.txt" "$OUT/text_stdout.log"
 cat "$OUT"/text_gpu_*.md 2>/dev/null
 tail -8 "$OUT/gpu_inputs_stdout.txt" 2>/dev/null

@@ -5,7 +5,10 @@ Plain Python; the driver wraps it with `ray.remote`, so this package never impor
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
+import signal
 import socket
 import threading
 import time
@@ -31,6 +34,9 @@ class ShardWorker:
         # cause the driver can report, instead of an actor-creation failure.
         self.config = config
         install_log_redaction()  # storage clients in this actor log request URLs
+        # `kill -USR1 <pid>` writes every thread's stack to the worker's log (a stuck shard).
+        with contextlib.suppress(ValueError, AttributeError, OSError):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
         # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
