@@ -36,7 +36,7 @@ class ShardWorker:
         install_log_redaction()  # storage clients in this actor log request URLs
         # `kill -USR1 <pid>` writes every thread's stack to the worker's log (a stuck shard).
         with contextlib.suppress(ValueError, AttributeError, OSError):
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
+            faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
         # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
