@@ -105,11 +105,15 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
                   times: StageTimes, images: GpuImages | None) -> int:
     """The GPU path: this shard's batches through `pool`, in its turn among the actor's shards."""
     ticket = pool.ticket()
+
+    def run(batches: Iterator[list[Piece]]) -> int:
+        return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
+                         lambda: pool.done(ticket), ticket, images)
+
     try:
         if shard.files:  # image files: one reading thread fetches them concurrently
             with pool.turn(ticket), _batches(inputs.pieces, inputs, budget, config) as batches:
-                return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
-                                 lambda: pool.done(ticket), ticket, images)
+                return run(batches)
         # Reading starts now, on the threads the shard holding the slots leaves idle, so this
         # shard's batches are ready when its turn comes.
         reader = RowGroupReader(shard, config.columns, _as_piece, config.readers,
@@ -122,11 +126,9 @@ def _run_on_slots(shard: Shard, config: WorkerConfig, pool: SlotPool, inputs: Sh
             # windows are sorted and cut when its turn comes; the GPU does not wait for them.
             with reader, _batches(pieces, inputs, budget, config) as batches, \
                     pool.turn(ticket):
-                return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
-                                 lambda: pool.done(ticket), ticket, images)
+                return run(batches)
         with reader, pool.turn(ticket), _batches(pieces, inputs, budget, config) as batches:
-            return run_slots(pool, batches, write_outputs, times, time.perf_counter(),
-                             lambda: pool.done(ticket), ticket, images)
+            return run(batches)
     finally:
         pool.done(ticket)
 

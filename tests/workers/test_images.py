@@ -208,4 +208,3 @@ def test_the_image_directory_row_is_named_when_the_shard_fails() -> None:
             pytest.raises(DataError, match=r"row 0 of the shard \('file:///images/a.png'\): "
                                            r"cannot decode image"):
         prep(table)
-
