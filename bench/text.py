@@ -224,11 +224,14 @@ def engine_alone(model: bytes, batches: list[dict[str, Any]], seconds: float,
 
 
 def tokenize_alone(tokenizer_text: str, texts: list[str], threads: int, max_length: int,
-                   helpers: bool = True) -> dict[str, float]:
-    """Rows/s of the job's text preprocessor, 2048 rows at a time: on `threads` helper
+                   helpers: bool = True, concurrent: bool = True) -> dict[str, float]:
+    """Rows/s of the job's text preprocessor on tables of the job's size: on `threads` helper
     processes, as the job does (started by the warm-up, as an actor starts them before its
-    first shard), or with `helpers` off on `threads` threads, as before helpers."""
-    from workers.preprocess import Preprocessor, TextPrep
+    first shard), `concurrent`ly as the job does (`Preprocessor.concurrency` tables at once)
+    or one table at a time as before; or with `helpers` off on `threads` threads."""
+    from workers.prefetch import ordered_map
+    from workers.preprocess import TASK_ROWS, Preprocessor, TextPrep
+    from workers.sources import TEXT_ROWS
     from workers.tensors import TensorMeta
 
     metas = {n: TensorMeta(n, np.dtype(np.int64), (None, None))
@@ -236,15 +239,19 @@ def tokenize_alone(tokenizer_text: str, texts: list[str], threads: int, max_leng
     spec = TextPrep(column="text", tokenizer="t.json", tokenizer_json=tokenizer_text,
                     max_length=max_length)
     table = pa.table({"text": texts})
+    step = max(256, TEXT_ROWS, TASK_ROWS * threads)  # `ShardInputs.step` at batch size 256
     with Preprocessor([spec], metas, threads) as prep:
         if not helpers:
             prep._processes = None  # tokenize on the thread pool
+        depth = prep.concurrency if helpers and concurrent else 1
         prep(table.slice(0, 4096))
         t0 = time.perf_counter()
-        for lo in range(0, len(texts), 2048):
-            prep(table.slice(lo, 2048))
+        for _ in ordered_map(prep, (table.slice(lo, step) for lo in range(0, len(texts), step)),
+                             depth):
+            pass
         elapsed = time.perf_counter() - t0
-    return {"rows_per_s": len(texts) / elapsed, "seconds": elapsed}
+    return {"rows_per_s": len(texts) / elapsed, "seconds": elapsed, "tables_at_once": depth,
+            "table_rows": step}
 
 
 def tokenize_in_ray_actor(tokenizer_text: str, texts: list[str], cpus: int, max_length: int
@@ -395,6 +402,9 @@ def gpu(args: argparse.Namespace) -> None:
     # (b) tokenization alone, every CPU; in this process and in a Ray actor.
     results["b_threads"] = tokenize_alone(text, base, cpus, max_length, helpers=False)
     log(f"(b) tokenization on {cpus} threads: {results['b_threads']['rows_per_s']:,.0f}")
+    results["b_process_serial"] = tokenize_alone(text, base, cpus, max_length, concurrent=False)
+    log(f"(b) tokenization on {cpus} helper processes, one table at a time: "
+        f"{results['b_process_serial']['rows_per_s']:,.0f}")
     results["b_process"] = tokenize_alone(text, base, cpus, max_length)
     log(f"(b) tokenization on {cpus} helper processes, as the job: "
         f"{results['b_process']['rows_per_s']:,.0f}")
@@ -468,7 +478,10 @@ def write_gpu_table(results: dict[str, Any], log: RunLog) -> None:
              f"{results.get('a_engine_padded_128', {}).get('rows_per_s', 0):,.0f} |",
              f"| (b) tokenization alone, {results.get('cpus')} threads | "
              f"{results.get('b_threads', {}).get('rows_per_s', 0):,.0f} |",
-             f"| (b) tokenization alone, {results.get('cpus')} helper processes (the job's way) | "
+             f"| (b) tokenization alone, {results.get('cpus')} helper processes, one table at "
+             f"a time | {results.get('b_process_serial', {}).get('rows_per_s', 0):,.0f} |",
+             f"| (b) tokenization alone, {results.get('cpus')} helper processes (the job's way: "
+             f"{results.get('b_process', {}).get('tables_at_once')} tables at once) | "
              f"{results.get('b_process', {}).get('rows_per_s', 0):,.0f} |",
              f"| (b) helper processes in a Ray actor | "
              f"{results.get('b_ray_actor', {}).get('rows_per_s', 0):,.0f} |",

@@ -175,8 +175,13 @@ def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
         add("read + tokenize", f"{threads} tokenizer thread(s)",
             median_seconds(lambda: list(threaded.pieces()), repeats))
         if threads > 1:
-            add("read + tokenize", f"{threads} helper processes",
+            concurrency = inputs.prep.concurrency
+            inputs.prep.concurrency = 1  # one table at a time, as before
+            add("read + tokenize", f"{threads} helper processes, one table at a time",
                 median_seconds(lambda: list(inputs.pieces()), repeats))
+            inputs.prep.concurrency = concurrency
+            add("read + tokenize", f"{threads} helper processes, {concurrency} tables at once "
+                "(the job)", median_seconds(lambda: list(inputs.pieces()), repeats))
         pieces = list(inputs.pieces())
         budget = token_budget(config, backend.inputs)
         assert budget is not None

@@ -1,13 +1,17 @@
-"""Running an iterator on a background thread a bounded number of items ahead of its consumer."""
+"""Running an iterator on a background thread a bounded number of items ahead of its consumer,
+and mapping a function over an iterator on a few threads with the results in order."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 _DONE = object()
 
 
@@ -62,3 +66,27 @@ class Prefetcher(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterator[T], depth: int) -> Iterator[R]:
+    """`fn` of each item, in the items' order, computed on `depth` threads with at most `depth`
+    items in flight (`depth` <= 1: on the calling thread, one at a time).
+
+    Items are taken from `items` on the calling thread. An exception from `fn` is raised where
+    its result would have been yielded; closing early waits for the calls already running.
+    """
+    if depth <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(depth, thread_name_prefix="ordered") as pool:
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -18,7 +19,8 @@ from workers.convert import NullValueError
 from workers.errors import DataError
 from workers.images import read_image_files
 from workers.outputs import carry_inputs
-from workers.preprocess import Preprocessor, tensor_preps
+from workers.prefetch import ordered_map
+from workers.preprocess import TASK_ROWS, Prepared, Preprocessor, tensor_preps
 from workers.reader import read_batches
 from workers.rowgroups import Piece, RowGroupReader
 from workers.tensors import TensorMeta
@@ -30,8 +32,19 @@ if TYPE_CHECKING:
 
 #: Failed rows listed per shard in the manifest; the count of all of them is always exact.
 MAX_ROW_FAILURES = 1000
-#: Rows of text tokenized at once (split over the preprocessing threads).
+#: Rows of text tokenized at once (split over the preprocessing threads), at least
+#: `TASK_ROWS` (the least rows a helper process is sent at once) per thread.
 TEXT_ROWS = 2048
+
+
+@dataclass
+class _Prepared:
+    """A table's preprocessed rows and kept columns, and when preparing it started and ended."""
+
+    kept: pa.Table
+    prepared: Prepared
+    started: float
+    finished: float
 
 
 class ShardInputs:
@@ -57,23 +70,35 @@ class ShardInputs:
         #: The first `MAX_ROW_FAILURES` failed rows, and the count of all of them.
         self.failures: list[dict[str, Any]] = []
         self.rows_failed = 0
-        #: Rows of the shard converted so far: both paths convert in order, on one thread.
+        #: Rows of the shard given to conversion so far (in order, by one thread).
         self.converted = 0
         self._lock = threading.Lock()
 
     def convert(self, table: pa.Table) -> Piece:
-        """Model inputs and kept columns of `table`; both paths convert through here.
+        """Model inputs and kept columns of `table`, the shard's next rows; both paths convert
+        through here (`_converted`), in order.
 
         A null in a tensor column fails the shard naming the file, the shard row and the row's
         kept values, so the user can find it.
         """
+        offset, self.converted = self.converted, self.converted + table.num_rows
+        return self._accept(self._prepare(table, offset))
+
+    def _prepare(self, table: pa.Table, offset: int) -> _Prepared:
+        """`table` (the shard's rows from `offset`) preprocessed; no side effects, so several
+        tables may be prepared at once (`_converted`)."""
+        started = time.perf_counter()
         kept = table.select(list(self.config.keep))
         try:
-            prepared = self.prep(table, self.converted)
+            prepared = self.prep(table, offset)
         except NullValueError as exc:
-            raise DataError(f"{self.shard.describe()}, row {self.converted + exc.row} of the "
+            raise DataError(f"{self.shard.describe()}, row {offset + exc.row} of the "
                             f"shard (kept values: {key_text(kept, exc.row)}): {exc}") from None
-        self.converted += table.num_rows
+        return _Prepared(kept, prepared, started, time.perf_counter())
+
+    def _accept(self, done: _Prepared) -> Piece:
+        """A prepared table as a piece, its failed rows recorded: in the shard's order."""
+        kept, prepared = done.kept, done.prepared
         if prepared.failed:
             records = [{"key": row_key(kept, row), "column": column, "reason": reason}
                        for row, (column, reason) in sorted(prepared.failed.items())]
@@ -83,6 +108,29 @@ class ShardInputs:
             kept = kept.take(pa.array(prepared.good_rows()))
         return prepared.feeds, carry_inputs(kept, prepared.feeds, self.carry)
 
+    def _converted(self, tables: Iterator[pa.Table]) -> Iterator[Piece]:
+        """`tables` (the shard's rows, in order) converted, yielded in order without the pieces
+        whose every row failed.
+
+        Text on helper processes is prepared `prep.concurrency` tables at once, so the helpers
+        always have the next table's rows queued: one table at a time, they would idle while
+        its slowest helper finished and while it was gathered and padded. `times.convert` is
+        the time some table was being prepared (the union of their spans), not their sum.
+        """
+        def offsets() -> Iterator[tuple[pa.Table, int]]:
+            for table in tables:
+                offset, self.converted = self.converted, self.converted + table.num_rows
+                yield table, offset
+
+        busy_until = 0.0
+        for done in ordered_map(lambda item: self._prepare(*item), offsets(),
+                                self.prep.concurrency):
+            self.times.convert += max(0.0, done.finished - max(done.started, busy_until))
+            busy_until = max(busy_until, done.finished)
+            piece = self._accept(done)
+            if piece[1].num_rows:  # every row of the table failed: nothing to infer
+                yield piece
+
     @property
     def step(self) -> int:
         """Rows converted at once where inputs are much larger than their columns.
@@ -91,8 +139,9 @@ class ShardInputs:
         batch at a time (text: `TEXT_ROWS` at a time, so its tokenizer threads get work
         enough), so a large row group never lives converted all at once.
         """
-        return max(self.config.batch_size, TEXT_ROWS) if self.prep.token_pads else \
-            self.config.batch_size
+        if self.prep.token_pads:
+            return max(self.config.batch_size, TEXT_ROWS, TASK_ROWS * self.prep.threads)
+        return self.config.batch_size
 
     def pieces(self) -> Iterator[Piece]:
         """The shard read on this thread, a batch of rows at a time, converted."""
@@ -101,33 +150,27 @@ class ShardInputs:
                   if shard.files else
                   read_batches(shard, config.columns, self.step, config.storage,
                                max_row_group_bytes=config.max_row_group_bytes))
-        while True:
-            t0 = time.perf_counter()
-            table = next(tables, None)
-            t1 = time.perf_counter()
-            self.times.read += t1 - t0
-            if table is None:
-                return
-            piece = self.convert(table)
-            self.times.convert += time.perf_counter() - t1
-            if piece[1].num_rows:  # every row of the table failed: nothing to infer
-                yield piece
+
+        def timed() -> Iterator[pa.Table]:
+            while True:
+                t0 = time.perf_counter()
+                table = next(tables, None)
+                self.times.read += time.perf_counter() - t0
+                if table is None:
+                    return
+                yield table
+        return self._converted(timed())
 
     def row_group_pieces(self, reader: RowGroupReader) -> Iterator[Piece]:
-        """The row groups `reader` decodes on its threads, converted here, in order.
-
-        Conversion runs on one thread and in order, so its side effects (skipped rows' records)
-        keep the shard's order.
-        """
-        for _, table, read_seconds, _ in reader:
-            self.times.read += read_seconds
-            step = self.step if self.prep.expands else max(1, table.num_rows)
-            for start in range(0, table.num_rows, step):
-                t0 = time.perf_counter()
-                piece = self.convert(table.slice(start, step))
-                self.times.convert += time.perf_counter() - t0
-                if piece[1].num_rows:  # every row of the table failed: nothing to infer
-                    yield piece
+        """The row groups `reader` decodes on its threads, converted here, in order (so the
+        records of skipped rows keep the shard's order)."""
+        def tables() -> Iterator[pa.Table]:
+            for _, table, read_seconds, _ in reader:
+                self.times.read += read_seconds
+                step = self.step if self.prep.expands else max(1, table.num_rows)
+                for start in range(0, table.num_rows, step):
+                    yield table.slice(start, step)
+        return self._converted(tables())
 
     def check_rows(self, written: int) -> None:
         """Raise DataError unless the rows written and failed add up to the shard's rows."""

@@ -774,3 +774,73 @@ def test_text_shards_tokenize_ahead_of_their_turn_on_a_shared_pool(
                 np.stack(part.column("embedding").to_numpy(zero_copy_only=False)),
                 np.stack(want.column("embedding").to_numpy(zero_copy_only=False)),
                 rtol=1e-5, atol=1e-5)
+
+
+def test_text_tables_tokenized_at_once_give_the_pieces_of_one_at_a_time(
+        text_job: tuple[str, bytes], tmp_path: Path) -> None:
+    """Text on helper processes is prepared several tables at once (`Preprocessor.concurrency`):
+    the pieces, their order and the time counted as converting match one table at a time."""
+    import time
+
+    import pyarrow as pa
+
+    from workers.backends.onnxruntime import OnnxRuntimeBackend as Cpu
+    from workers.helpers import HelperProcesses
+    from workers.pipeline import _as_piece
+    from workers.preprocess import CONCURRENT_TABLES
+    from workers.rowgroups import RowGroupReader
+    from workers.sources import ShardInputs
+    from workers.types import StageTimes
+
+    tokenizer_json, model_bytes = text_job
+    texts: list[str | None] = list(text_rows(600))
+    texts[77] = None  # filled as ""
+    path = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"uid": np.arange(600), "review": texts}), path, row_group_size=40)
+    config = text_config(tmp_path / "out", tokenizer_json, preprocess_threads=2)
+    helpers = HelperProcesses(2)
+    runs = {}
+    try:
+        with Cpu(model_bytes, BackendConfig(device="cpu")) as backend:
+            for depth in (1, CONCURRENT_TABLES):
+                times = StageTimes()
+                inputs = ShardInputs(whole_file_shard(str(path)), config, backend.inputs, (),
+                                     times, processes=helpers)
+                assert inputs.prep.concurrency == CONCURRENT_TABLES
+                inputs.prep.concurrency = depth
+                t0 = time.perf_counter()
+                try:
+                    with RowGroupReader(inputs.shard, config.columns, _as_piece, 2) as reader:
+                        runs[depth] = list(inputs.row_group_pieces(reader))
+                finally:
+                    inputs.close()
+                assert 0 < times.convert <= time.perf_counter() - t0
+                assert inputs.converted == 600
+    finally:
+        helpers.close()
+    serial, concurrent = runs[1], runs[CONCURRENT_TABLES]
+    assert len(serial) == len(concurrent) == 15
+    for (feeds_a, kept_a), (feeds_b, kept_b) in zip(serial, concurrent, strict=True):
+        assert kept_a.equals(kept_b)
+        assert sorted(feeds_a) == sorted(feeds_b)
+        for name in feeds_a:
+            np.testing.assert_array_equal(feeds_a[name], feeds_b[name])
+    assert np.concatenate([k.column("uid").to_numpy() for _, k in concurrent]).tolist() == \
+        list(range(600))
+
+
+def test_only_text_with_helper_processes_is_prepared_several_tables_at_once(
+        text_job: tuple[str, bytes], tmp_path: Path) -> None:
+    from workers.preprocess import CONCURRENT_TABLES, Preprocessor, TensorPrep
+    from workers.tensors import TensorMeta
+
+    tokenizer_json, _ = text_job
+    metas = {n: TensorMeta(n, np.dtype(np.int64), (None, None))
+             for n in ("input_ids", "attention_mask", "token_type_ids")}
+    (text,) = text_config(tmp_path, tokenizer_json).preprocess
+    with Preprocessor([text], metas, threads=2) as prep:
+        assert prep.concurrency == CONCURRENT_TABLES
+    with Preprocessor([text], metas, threads=1) as prep:  # no helpers: nothing to overlap
+        assert prep.concurrency == 1
+    with Preprocessor([TensorPrep(column="ids", input="input_ids")], metas, threads=2) as prep:
+        assert prep.concurrency == 1  # no text: converted as it is read
