@@ -35,6 +35,10 @@ For each layout:
   Pillow, CPU tasks) -> map_batches(predict, num_gpus=1) -> write_parquet) and the job, both
   as whole processes on the same `--ray-data-rows` rows.
 
+`--contention` also times the GPU decode beside the engine running back to back on the same GPU,
+with the decoder's stream at high priority (the job's) and at the default, and the engine's rows/s
+meanwhile: how the two share the GPU. `--variant FLAGS` runs each job a second time with FLAGS.
+
 Targets (issue 12): (c) >= 0.85 x min((a), (b)) per layout; job >= 3x (d) for JPEG. A table is
 printed last; a log, JSON and the table go to `--out`.
 """
@@ -52,6 +56,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -190,40 +195,53 @@ def linked_input(sources: list[Path], folder: Path, files: int) -> Path:
 
 
 # (a) the engine alone ---------------------------------------------------------------------------
-def engine_alone(model: bytes, batch: int, seconds: float, repeats: int, cpu: bool,
-                 log: RunLog) -> dict[str, Any]:
-    """Rows/s of back-to-back batches on inputs already in place (two CUDA slots alternating)."""
+def _engine_loop(model: bytes, batch: int, cpu: bool) -> tuple[Any, Callable[[], None],
+                                                                   Callable[[], None],
+                                                                   Callable[[], None]]:
+    """The model's input meta, `run()` (one batch of inputs already in place: two CUDA slots
+    alternating), `sync()` and `close()`."""
     from workers.backends.base import BackendConfig
     from workers.backends.onnxruntime import OnnxRuntimeBackend, OrtCudaSlot
 
     rng = np.random.default_rng(1)
     backend = OnnxRuntimeBackend(model, BackendConfig(device="cpu" if cpu else "cuda"))
     backend.load()
+    meta = backend.inputs[0]
+    shape = (batch, *(int(d) for d in meta.row_shape if d is not None))
+    x = (rng.integers(0, 256, shape).astype(meta.dtype) if meta.dtype.kind == "u"
+         else rng.standard_normal(shape).astype(meta.dtype))
+    if cpu:
+        return (meta, lambda: backend.infer({meta.name: x}) and None, lambda: None,
+                backend.close)
+    slots = [backend.open_slot(batch) for _ in range(2)]
+    for slot in slots:
+        assert isinstance(slot, OrtCudaSlot)
+        slot.host_inputs[meta.name][:] = x
+        slot.submit(batch)
+        slot.wait()
+    turn = [0]
+
+    def run() -> None:
+        slot = slots[turn[0] % 2]
+        turn[0] += 1
+        slot.execute(batch)  # type: ignore[attr-defined]
+
+    def sync() -> None:
+        for slot in slots:
+            slot.stream.synchronize()
+
+    def close() -> None:
+        for slot in slots:
+            slot.close()
+        backend.close()
+    return meta, run, sync, close
+
+
+def engine_alone(model: bytes, batch: int, seconds: float, repeats: int, cpu: bool,
+                 log: RunLog) -> dict[str, Any]:
+    """Rows/s of back-to-back batches on inputs already in place (two CUDA slots alternating)."""
+    meta, run, sync, close = _engine_loop(model, batch, cpu)
     try:
-        meta = backend.inputs[0]
-        shape = (batch, *(int(d) for d in meta.row_shape if d is not None))
-        x = (rng.integers(0, 256, shape).astype(meta.dtype) if meta.dtype.kind == "u"
-             else rng.standard_normal(shape).astype(meta.dtype))
-        if cpu:
-            run: Callable[[], None] = lambda: backend.infer({meta.name: x}) and None  # noqa: E731
-            sync: Callable[[], None] = lambda: None  # noqa: E731
-        else:
-            slots = [backend.open_slot(batch) for _ in range(2)]
-            for slot in slots:
-                assert isinstance(slot, OrtCudaSlot)
-                slot.host_inputs[meta.name][:] = x
-                slot.submit(batch)
-                slot.wait()
-            turn = [0]
-
-            def run() -> None:
-                slot = slots[turn[0] % 2]
-                turn[0] += 1
-                slot.execute(batch)  # type: ignore[attr-defined]
-
-            def sync() -> None:
-                for slot in slots:
-                    slot.stream.synchronize()
         for _ in range(4):  # warm-up: algorithm search, arena growth
             run()
         sync()
@@ -236,16 +254,12 @@ def engine_alone(model: bytes, batch: int, seconds: float, repeats: int, cpu: bo
                 count += 4
                 sync()
             rates.append(count * batch / (time.perf_counter() - t0))
-        if not cpu:
-            for slot in slots:
-                slot.close()
-        result = {"rows_per_s": statistics.median(rates), "runs": rates,
-                  "providers": backend.providers}
+        result = {"rows_per_s": statistics.median(rates), "runs": rates}
         log(f"(a) engine alone, {meta.describe()}: {result['rows_per_s']:.0f} rows/s "
             f"(runs {[round(r) for r in rates]})")
         return result
     finally:
-        backend.close()
+        close()
 
 
 # (b) the host ceiling ---------------------------------------------------------------------------
@@ -313,8 +327,15 @@ class BenchSlot:
 
 
 def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, threads: int,
-                       repeats: int, log: RunLog, label: str) -> dict[str, Any]:
-    """Rows/s of nvImageCodec and the fit kernel alone, into a device buffer (no model)."""
+                       repeats: int, log: RunLog, label: str, beside: bytes | None = None,
+                       high_priority: bool = True) -> dict[str, Any]:
+    """Rows/s of nvImageCodec and the fit kernel alone, into a device buffer (no model).
+
+    `beside`: a model that runs back to back on the same GPU meanwhile (as the job's engine
+    does), on default-priority streams; the decoder's stream has high priority (the job's) or,
+    with `high_priority` off, the default. Its rows/s meanwhile are reported too.
+    """
+    from workers import cuda
     from workers.gpuimages import open_gpu_images
     from workers.images import ImageDecoder
 
@@ -322,14 +343,35 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
     spec = image_spec(size, "gpu", meta)
     images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, threads)
     assert images is not None, how
+    if not high_priority:
+        images._stream.close()
+        images._stream = cuda.Stream()
     cpu = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, max_pixels=spec.max_pixels)
     row_bytes = int(np.prod([d for d in meta.row_shape if d is not None])) * meta.dtype.itemsize
     slots = [BenchSlot(meta.name, batch, row_bytes) for _ in range(2)]
+    engine_rows, stop, engine = [0], threading.Event(), None
+    if beside is not None:
+        _, run, sync, close = _engine_loop(beside, batch, False)
+
+        def loop() -> None:
+            try:
+                while not stop.is_set():
+                    for _ in range(2):
+                        run()
+                    sync()
+                    engine_rows[0] += 2 * batch
+            finally:
+                close()
+        for _ in range(4):
+            run()
+        sync()
+        engine = threading.Thread(target=loop, daemon=True)
+        engine.start()
     try:
         values = table.column("jpeg").to_pylist()
-        rates = []
+        rates, engine_rates = [], []
         for r in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0, e0 = time.perf_counter(), engine_rows[0]
             for i, lo in enumerate(range(0, len(values), batch)):
                 slot = slots[i % 2]
                 slot.stream.synchronize()  # its last batch is done: it may be refilled
@@ -340,14 +382,24 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
             for slot in slots:
                 slot.stream.synchronize()
             if r:  # the first pass warms nvImageCodec and the kernel up
-                rates.append(len(values) / (time.perf_counter() - t0))
-        result = {"rows_per_s": statistics.median(rates), "runs": rates,
-                  "gpu_rows": images.gpu_rows, "cpu_rows": images.cpu_rows}
-        log(f"(b) {label}: GPU decode alone (nvImageCodec + fit kernel): "
+                elapsed = time.perf_counter() - t0
+                rates.append(len(values) / elapsed)
+                engine_rates.append((engine_rows[0] - e0) / elapsed)
+        result: dict[str, Any] = {"rows_per_s": statistics.median(rates), "runs": rates,
+                                  "gpu_rows": images.gpu_rows, "cpu_rows": images.cpu_rows}
+        what = "alone"
+        if beside is not None:
+            result["engine_rows_per_s"] = statistics.median(engine_rates)
+            what = (f"beside the engine ({result['engine_rows_per_s']:.0f} rows/s meanwhile), "
+                    f"decode stream priority {'high' if high_priority else 'default'}")
+        log(f"(b) {label}: GPU decode {what} (nvImageCodec + fit kernel): "
             f"{result['rows_per_s']:.0f} rows/s (runs {[round(x) for x in rates]}; rows decoded "
             f"on the GPU {images.gpu_rows}, on the CPU {images.cpu_rows})")
         return result
     finally:
+        stop.set()
+        if engine is not None:
+            engine.join()
         for slot in slots:
             slot.close()
         images.close()
@@ -579,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="", metavar="FLAGS",
                    help="also run each layout's job with these job flags on the same rows "
                    "(e.g. '--shards-in-flight 2'), in the same run: an A/B against the default")
+    p.add_argument("--contention", action="store_true",
+                   help="also time the GPU decode beside the engine, at each stream priority")
     p.add_argument("--ray-data", default="jpeg224", help="layouts with a Ray Data run (d)")
     p.add_argument("--ray-data-rows", type=int, default=32768)
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (a smoke run)")
@@ -706,6 +760,12 @@ def main(argv: list[str] | None = None) -> int:
                     ceiling["gpu_decode"] = step(f"(b) {layout} gpu", gpu_decode_ceiling, path,
                                                  meta, size, args.batch, cpus, args.repeats, log,
                                                  layout)
+                    if args.contention:  # how decode and engine share the GPU, by priority
+                        for high in (True, False):
+                            ceiling[f"gpu_decode_beside_{'high' if high else 'default'}"] = step(
+                                f"(b) {layout} gpu beside", gpu_decode_ceiling, path, meta, size,
+                                args.batch, cpus, 1, log, layout, beside=models[kind].read_bytes(),
+                                high_priority=high)
             else:
                 ceiling["read"] = step(f"(b) {layout}", read_ceiling, path, meta, cpus,
                                        args.repeats, log, layout)

@@ -371,7 +371,10 @@ class GpuImages:
         self._kernel: _Kernel | None = None
         cuda.set_device(device_id)
         try:
-            self._stream = cuda.Stream()
+            # High priority: a batch's decode kernels start ahead of the engine's blocks
+            # queued on the slots' streams, so the next batch is decoded while the engine runs
+            # this one instead of waiting for the GPU to drain.
+            self._stream = cuda.Stream(high_priority=True)
             kinds = nvimgcodec.BackendKind
             # GPU decoders only (the hardware JPEG decoder where the GPU has one, then CUDA,
             # then CUDA with the CPU's Huffman decoding): what none of them decodes goes to

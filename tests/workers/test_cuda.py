@@ -115,6 +115,16 @@ def test_round_trip_through_the_device_on_a_stream() -> None:
 
 @pytest.mark.gpu
 @needs_gpu
+def test_a_high_priority_stream_has_the_devices_greatest_priority() -> None:
+    cuda.set_device(0)
+    _least, greatest = cuda.check(cuda.runtime().cudaDeviceGetStreamPriorityRange())
+    with cuda.Stream(high_priority=True) as high, cuda.Stream() as plain:
+        assert (high.priority, plain.priority) == (greatest, 0)
+        assert greatest < 0  # every GPU since Kepler has priorities
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_events_time_work_and_memset_writes() -> None:
     cuda.set_device(0)
     nbytes = 64 << 20
