@@ -403,6 +403,10 @@ class GpuImages:
         target = self.targets[name]
         out = np.empty(len(values), dtype=object)
         streams, rows, on_cpu = [], [], []
+        # JPEGs already at the model's size decode on the CPU when it has threads enough
+        # (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
+        # CPU faster than the engine runs, and nvImageCodec would take GPU time from the engine.
+        cpu_at_size = cpu.fast_at_size
         for i, data in enumerate(values):
             if data is None or not is_jpeg(data):
                 # The GPU decoders installed (nvJPEG, its hardware engine) take JPEG only: a PNG
@@ -414,8 +418,12 @@ class GpuImages:
                 continue
             try:
                 stream = self._nv.CodeStream(data)
-                check_pixels(int(stream.width), int(stream.height), target.max_pixels)
+                width, height = int(stream.width), int(stream.height)
+                check_pixels(width, height, target.max_pixels)
             except Exception:  # not an image it parses, or too large: the CPU path says which
+                on_cpu.append(i)
+                continue
+            if cpu_at_size and resized_size(width, height, target.resize) == (width, height):
                 on_cpu.append(i)
                 continue
             streams.append(stream)

@@ -57,6 +57,11 @@ def import_simplejpeg() -> Any | None:
     return simplejpeg
 
 
+#: Threads from which JPEGs at the model's size decode on the CPU on the GPU path: on a lent
+#: H100's 16-CPU host, 16 threads decoded 224-px JPEGs at 18,300-19,600 rows/s (~1,150 a
+#: thread), 3x a ResNet-50's 6,300 rows/s, while nvImageCodec beside that engine decoded 3,100
+#: (bench/results/session25); 8 threads still outpace such an engine.
+FAST_THREADS = 8
 #: Per side, how many times larger than `resize` an image may be by default (see `max_pixels`).
 MAX_SCALE = 32
 
@@ -275,6 +280,14 @@ class ImageDecoder:
         height, width = size
         self.row_shape = ((self.channels, height, width) if layout == "NCHW"
                           else (height, width, self.channels))
+
+    @property
+    def fast_at_size(self) -> bool:
+        """True when JPEGs stored at the target's size decode here fast enough to leave the GPU
+        to the engine: through libjpeg-turbo straight into an array (nothing to resize, no
+        Pillow), on at least `FAST_THREADS` threads (`workers.gpuimages` routes them here)."""
+        return self._turbo and self.mode == "RGB" and self.pool is not None and \
+            self.threads >= FAST_THREADS
 
     def put(self, pixels: np.ndarray, target: np.ndarray) -> None:
         """Write uint8 `[h, w, c]` pixels into one row of the batch, normalized and laid out."""

@@ -153,6 +153,41 @@ def test_gpu_decode_matches_the_cpu_decode_and_the_labels(digits: dict[str, Any]
     assert results[False]["same_top1"] >= 0.995 and results[True]["same_top1"] >= 0.99
 
 
+def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
+    """With `FAST_THREADS` CPU threads, JPEGs stored at the model's size decode on the CPU
+    (libjpeg-turbo, nothing to resize) and larger ones on the GPU, in one batch, rows in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from workers.gpuimages import open_gpu_images
+    from workers.images import FAST_THREADS
+
+    rng = np.random.default_rng(5)
+    meta = TensorMeta("x", np.dtype(np.uint8), (None, 32, 32, 3))
+    spec = resolve(meta, decode="gpu")
+
+    def jpeg(w: int, h: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(buffer, "JPEG")
+        return buffer.getvalue()
+
+    values = [jpeg(32, 32) if i % 2 else jpeg(64, 48) for i in range(12)]
+    images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, FAST_THREADS)
+    assert images is not None, how
+    try:
+        with ThreadPoolExecutor(FAST_THREADS) as pool:
+            cpu = ImageDecoder("RGB", (32, 32), 32, pool=pool, threads=FAST_THREADS)
+            part, bad = images.decode(meta.name, values, cpu)
+        assert not bad and (images.gpu_rows, images.cpu_rows) == (6, 6)
+        for i, item in enumerate(part):
+            assert isinstance(item, np.ndarray) == bool(i % 2)  # CPU pixels; DeviceImage
+            if i % 2:
+                np.testing.assert_array_equal(item, cpu.load(values[i]))
+    finally:
+        images.close()
+
+
 def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:
     from PIL import Image
 

@@ -64,6 +64,21 @@ def test_images_at_the_models_size_skip_pillow_with_its_pixels(draft: bool) -> N
 
 
 @needs_turbo
+def test_only_rgb_decoders_with_threads_enough_take_at_size_jpegs_from_the_gpu() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from workers.images import FAST_THREADS, ImageDecoder
+
+    with ThreadPoolExecutor(2) as pool:
+        assert ImageDecoder("RGB", (224, 224), 224, pool=pool, threads=FAST_THREADS).fast_at_size
+        assert not ImageDecoder("RGB", (224, 224), 224, pool=pool,
+                                threads=FAST_THREADS - 1).fast_at_size
+        assert not ImageDecoder("L", (224, 224), 224, pool=pool,
+                                threads=FAST_THREADS).fast_at_size
+    assert not ImageDecoder("RGB", (224, 224), 224, threads=FAST_THREADS).fast_at_size  # no pool
+
+
+@needs_turbo
 def test_dct_scaled_decoding_stays_close_to_a_full_decode() -> None:
     # 500x375 to 224: libjpeg decodes at 5/8 scale (313x235), then resizes to 298x224.
     for seed in range(3):
