@@ -66,6 +66,13 @@ def limited_by(workers: Sequence[Mapping[str, Any]], convert_is: str = "converti
                  "columns (fixed_size_binary, docs/tensor-columns.md) to read them as a copy")
     elif stage == "read":
         line += "; give each GPU more CPUs (--cpus-per-worker, --readers)"
+    elif stage == "convert" and convert_is == "decoding images" and any(
+            str(w.get("image_decode", "")).startswith("gpu") for w in gpu):
+        # nvImageCodec shares the GPU with the engine: beside a ResNet-50 it decoded at half
+        # its speed alone (bench/results/session25).
+        line += ("; the GPU decoded them, beside the engine: decode on the CPU instead "
+                 "(--image-decode cpu) where each GPU has CPUs enough, or give it more "
+                 "(--cpus-per-worker, --preprocess-threads)")
     elif stage == "convert" and convert_is == "decoding images":
         line += ("; decode on the GPU (--image-decode gpu, pip install '.[gpu]') or give each "
                  "GPU more CPUs (--cpus-per-worker, --preprocess-threads)")

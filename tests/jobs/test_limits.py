@@ -44,6 +44,16 @@ def test_decoding_images_advises_the_gpu_decoder() -> None:
     assert "--image-decode gpu" in line
 
 
+def test_decoding_on_the_gpu_advises_the_cpu_decoder() -> None:
+    worker = {**gpu_worker(0.4, convert=99.0), "image_decode": "gpu"}
+    line = limited_by([worker], convert_is="decoding images")
+    assert line is not None
+    assert line.startswith("limited by: decoding images (busy 99% of the time); GPU busy 40%")
+    assert line.endswith("; the GPU decoded them, beside the engine: decode on the CPU instead "
+                         "(--image-decode cpu) where each GPU has CPUs enough, or give it more "
+                         "(--cpus-per-worker, --preprocess-threads)")
+
+
 def test_an_idle_gpu_with_idle_stages_says_so() -> None:
     line = limited_by([gpu_worker(0.3, read=16 * 10.0, convert=10, write=5)])
     assert line is not None and line.startswith("limited by: not the host's stages (GPU busy 30%")
