@@ -372,8 +372,9 @@ class GpuImages:
         cuda.set_device(device_id)
         try:
             # High priority: a batch's decode kernels start ahead of the engine's blocks
-            # queued on the slots' streams, so the next batch is decoded while the engine runs
-            # this one instead of waiting for the GPU to drain.
+            # queued on the slots' streams rather than after them. (Beside a ResNet-50 it still
+            # decoded at a sixth of its speed alone; the default priority's run crashed inside
+            # nvImageCodec, so the gain is not measured: bench/results/session25.)
             self._stream = cuda.Stream(high_priority=True)
             kinds = nvimgcodec.BackendKind
             # GPU decoders only (the hardware JPEG decoder where the GPU has one, then CUDA,

@@ -74,19 +74,13 @@ class ShardInputs:
         self.converted = 0
         self._lock = threading.Lock()
 
-    def convert(self, table: pa.Table) -> Piece:
-        """Model inputs and kept columns of `table`, the shard's next rows; both paths convert
-        through here (`_converted`), in order.
+    def _prepare(self, table: pa.Table, offset: int) -> _Prepared:
+        """`table` (the shard's rows from `offset`) preprocessed; no side effects, so several
+        tables may be prepared at once (`_converted`: both paths convert through it).
 
         A null in a tensor column fails the shard naming the file, the shard row and the row's
         kept values, so the user can find it.
         """
-        offset, self.converted = self.converted, self.converted + table.num_rows
-        return self._accept(self._prepare(table, offset))
-
-    def _prepare(self, table: pa.Table, offset: int) -> _Prepared:
-        """`table` (the shard's rows from `offset`) preprocessed; no side effects, so several
-        tables may be prepared at once (`_converted`)."""
         started = time.perf_counter()
         kept = table.select(list(self.config.keep))
         try:
