@@ -221,6 +221,9 @@ class FitTarget:
     layout: str
     dtype: np.dtype
     max_pixels: int | None
+    #: `decode: auto`: JPEGs at the model's size may decode on the CPU (`GpuImages.decode`);
+    #: `decode: gpu` asks for the GPU, and gets it.
+    cpu_at_size: bool = False
 
     @property
     def channels(self) -> int:
@@ -404,10 +407,10 @@ class GpuImages:
         target = self.targets[name]
         out = np.empty(len(values), dtype=object)
         streams, rows, on_cpu = [], [], []
-        # JPEGs already at the model's size decode on the CPU when it has threads enough
-        # (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
+        # With decode auto, JPEGs already at the model's size decode on the CPU when it has
+        # threads enough (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
         # CPU faster than the engine runs, and nvImageCodec would take GPU time from the engine.
-        cpu_at_size = cpu.fast_at_size
+        cpu_at_size = target.cpu_at_size and cpu.fast_at_size
         for i, data in enumerate(values):
             if data is None or not is_jpeg(data):
                 # The GPU decoders installed (nvJPEG, its hardware engine) take JPEG only: a PNG
@@ -604,7 +607,8 @@ def fit_targets(specs: Sequence[Any], metas: Mapping[str, Any]) -> dict[str, Fit
         targets[spec.input] = FitTarget(
             input=spec.input, mode=spec.mode, size=spec.size, resize=spec.resize,
             mean=tuple(spec.mean or ()), std=tuple(spec.std or ()), layout=spec.layout,
-            dtype=np.dtype(meta.dtype), max_pixels=spec.max_pixels)
+            dtype=np.dtype(meta.dtype), max_pixels=spec.max_pixels,
+            cpu_at_size=spec.decode == "auto")
     return targets
 
 

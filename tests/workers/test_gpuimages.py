@@ -154,8 +154,9 @@ def test_gpu_decode_matches_the_cpu_decode_and_the_labels(digits: dict[str, Any]
 
 
 def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
-    """With `FAST_THREADS` CPU threads, JPEGs stored at the model's size decode on the CPU
-    (libjpeg-turbo, nothing to resize) and larger ones on the GPU, in one batch, rows in order."""
+    """With decode auto and `FAST_THREADS` CPU threads, JPEGs stored at the model's size decode
+    on the CPU (libjpeg-turbo, nothing to resize) and larger ones on the GPU, in one batch, rows
+    in order; decode gpu decodes them all on the GPU."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -165,7 +166,6 @@ def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
 
     rng = np.random.default_rng(5)
     meta = TensorMeta("x", np.dtype(np.uint8), (None, 32, 32, 3))
-    spec = resolve(meta, decode="gpu")
 
     def jpeg(w: int, h: int) -> bytes:
         buffer = io.BytesIO()
@@ -173,19 +173,22 @@ def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
         return buffer.getvalue()
 
     values = [jpeg(32, 32) if i % 2 else jpeg(64, 48) for i in range(12)]
-    images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, FAST_THREADS)
-    assert images is not None, how
-    try:
-        with ThreadPoolExecutor(FAST_THREADS) as pool:
-            cpu = ImageDecoder("RGB", (32, 32), 32, pool=pool, threads=FAST_THREADS)
-            part, bad = images.decode(meta.name, values, cpu)
-        assert not bad and (images.gpu_rows, images.cpu_rows) == (6, 6)
-        for i, item in enumerate(part):
-            assert isinstance(item, np.ndarray) == bool(i % 2)  # CPU pixels; DeviceImage
-            if i % 2:
-                np.testing.assert_array_equal(item, cpu.load(values[i]))
-    finally:
-        images.close()
+    for decode, on_cpu in (("auto", 6), ("gpu", 0)):
+        images, how = open_gpu_images([resolve(meta, decode=decode)], {meta.name: meta}, True, 0,
+                                      FAST_THREADS)
+        assert images is not None, how
+        try:
+            with ThreadPoolExecutor(FAST_THREADS) as pool:
+                cpu = ImageDecoder("RGB", (32, 32), 32, pool=pool, threads=FAST_THREADS)
+                part, bad = images.decode(meta.name, values, cpu)
+            assert not bad and (images.gpu_rows, images.cpu_rows) == (12 - on_cpu, on_cpu)
+            for i, item in enumerate(part):
+                # CPU pixels where the CPU decoded; DeviceImage where the GPU did.
+                assert isinstance(item, np.ndarray) == (on_cpu > 0 and i % 2 == 1)
+                if isinstance(item, np.ndarray):
+                    np.testing.assert_array_equal(item, cpu.load(values[i]))
+        finally:
+            images.close()
 
 
 def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:

@@ -78,6 +78,16 @@ def test_only_rgb_decoders_with_threads_enough_take_at_size_jpegs_from_the_gpu()
     assert not ImageDecoder("RGB", (224, 224), 224, threads=FAST_THREADS).fast_at_size  # no pool
 
 
+def test_only_decode_auto_lets_jpegs_at_the_models_size_leave_the_gpu() -> None:
+    from workers.gpuimages import fit_targets
+
+    model = metas(meta("x", np.uint8, None, 24, 24, 3))
+    for decode, cpu_at_size in (("auto", True), ("gpu", False)):
+        (target,) = fit_targets([resolved_image(model, decode=decode)], model).values()
+        assert target.cpu_at_size is cpu_at_size
+    assert fit_targets([resolved_image(model, decode="cpu")], model) == {}
+
+
 @needs_turbo
 def test_dct_scaled_decoding_stays_close_to_a_full_decode() -> None:
     # 500x375 to 224: libjpeg decodes at 5/8 scale (313x235), then resizes to 298x224.
