@@ -31,6 +31,14 @@ def stage_loads(worker: Mapping[str, Any]) -> dict[str, float]:
             "write": float(seconds.get("write", 0.0)) / working}
 
 
+def gpu_decoded_most(worker: Mapping[str, Any]) -> bool:
+    """True when the worker's GPU decoded most of its images (all, without row counts)."""
+    if not str(worker.get("image_decode", "")).startswith("gpu"):
+        return False
+    rows = worker.get("image_rows") or {}
+    return not rows or int(rows.get("gpu", 0)) >= int(rows.get("cpu", 0))
+
+
 def limited_by(workers: Sequence[Mapping[str, Any]], convert_is: str = "converting columns",
                list_columns: Sequence[str] = ()) -> str | None:
     """The summary's line when reading, decoding or writing held the GPUs back, else None.
@@ -67,7 +75,7 @@ def limited_by(workers: Sequence[Mapping[str, Any]], convert_is: str = "converti
     elif stage == "read":
         line += "; give each GPU more CPUs (--cpus-per-worker, --readers)"
     elif stage == "convert" and convert_is == "decoding images" and any(
-            str(w.get("image_decode", "")).startswith("gpu") for w in gpu):
+            gpu_decoded_most(w) for w in gpu):
         # nvImageCodec shares the GPU with the engine: beside a ResNet-50 it decoded at half
         # its speed alone (bench/results/session25).
         line += ("; the GPU decoded them, beside the engine: decode on the CPU instead "

@@ -52,6 +52,10 @@ def test_decoding_on_the_gpu_advises_the_cpu_decoder() -> None:
     assert line.endswith("; the GPU decoded them, beside the engine: decode on the CPU instead "
                          "(--image-decode cpu) where each GPU has CPUs enough, or give it more "
                          "(--cpus-per-worker, --preprocess-threads)")
+    # A GPU actor that sent most rows to the CPU (JPEGs at the model's size): more CPUs.
+    cpu_most = {**worker, "image_rows": {"gpu": 10, "cpu": 990}}
+    line = limited_by([cpu_most], convert_is="decoding images")
+    assert line is not None and "--image-decode gpu" in line and "instead" not in line
 
 
 def test_an_idle_gpu_with_idle_stages_says_so() -> None:
