@@ -230,8 +230,8 @@ def tokenize_alone(tokenizer_text: str, texts: list[str], threads: int, max_leng
     first shard), `concurrent`ly as the job does (`Preprocessor.concurrency` tables at once)
     or one table at a time as before; or with `helpers` off on `threads` threads."""
     from workers.prefetch import ordered_map
-    from workers.preprocess import TASK_ROWS, Preprocessor, TextPrep
-    from workers.sources import TEXT_ROWS
+    from workers.preprocess import Preprocessor, TextPrep
+    from workers.sources import text_rows
     from workers.tensors import TensorMeta
 
     metas = {n: TensorMeta(n, np.dtype(np.int64), (None, None))
@@ -239,7 +239,7 @@ def tokenize_alone(tokenizer_text: str, texts: list[str], threads: int, max_leng
     spec = TextPrep(column="text", tokenizer="t.json", tokenizer_json=tokenizer_text,
                     max_length=max_length)
     table = pa.table({"text": texts})
-    step = max(256, TEXT_ROWS, TASK_ROWS * threads)  # `ShardInputs.step` at batch size 256
+    step = text_rows(256, threads)  # `ShardInputs.step` at batch size 256
     with Preprocessor([spec], metas, threads) as prep:
         if not helpers:
             prep._processes = None  # tokenize on the thread pool

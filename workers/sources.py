@@ -37,6 +37,12 @@ MAX_ROW_FAILURES = 1000
 TEXT_ROWS = 2048
 
 
+def text_rows(batch_size: int, threads: int) -> int:
+    """Rows of text tokenized at once: `TEXT_ROWS`, at least a batch, and at least `TASK_ROWS`
+    for each of the `threads` helpers."""
+    return max(batch_size, TEXT_ROWS, TASK_ROWS * threads)
+
+
 @dataclass
 class _Prepared:
     """A table's preprocessed rows and kept columns, and when preparing it started and ended."""
@@ -134,7 +140,7 @@ class ShardInputs:
         enough), so a large row group never lives converted all at once.
         """
         if self.prep.token_pads:
-            return max(self.config.batch_size, TEXT_ROWS, TASK_ROWS * self.prep.threads)
+            return text_rows(self.config.batch_size, self.prep.threads)
         return self.config.batch_size
 
     def pieces(self) -> Iterator[Piece]:
