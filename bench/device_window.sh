@@ -8,7 +8,8 @@
 #   test in its own process (a crash inside nvImageCodec then loses only its own report), for
 #   at most GPU_TESTS seconds, into gpu_tests.log. PARTS (default "text,inputs"): which
 #   benchmarks run; INPUTS_ARGS: more arguments for bench.gpu_inputs (--layouts, --variant,
-#   --contention, ...).
+#   --contention, ...) and TEXT_ARGS for bench.text (--variant), each parsed as shell words
+#   (quotes group: --variant "BATCH_HELPER_NICE=0 --readers 8"); TEXT_TIMEOUT (default 330).
 set -uo pipefail
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_window_out}
@@ -29,17 +30,19 @@ if [ "${GPU_TESTS:-0}" -gt 0 ]; then
   grep -c "== rc=0" "$OUT/gpu_tests.log" | sed 's/^/gpu tests with rc 0 (passed or skipped): /'
 fi
 PARTS=${PARTS:-text,inputs}
+eval "inputs_args=(${INPUTS_ARGS:-})"
+eval "text_args=(${TEXT_ARGS:-})"
 if [[ $PARTS == *text* ]]; then
-timeout 330 python3 -m bench.text gpu --out "$OUT" --tag "$TAG" --seconds "${TEXT_SECONDS:-45}" \
-  --engine-seconds 5 --ray-data-timeout 100 --long-timeout 150 > "$OUT/text_stdout.log" 2>&1
+timeout "${TEXT_TIMEOUT:-330}" python3 -m bench.text gpu --out "$OUT" --tag "$TAG" --seconds "${TEXT_SECONDS:-45}" \
+  --engine-seconds 5 --ray-data-timeout 100 --long-timeout 150 "${text_args[@]}" \
+  > "$OUT/text_stdout.log" 2>&1
 echo "text: rc=$?"
 fi
 left=$(( WINDOW - ($(date +%s) - began) - 15 ))
 echo "gpu_inputs budget: $left s"
 if [[ $PARTS == *inputs* ]] && [ "$left" -gt 90 ]; then
-  # shellcheck disable=SC2086  # INPUTS_ARGS is a list of arguments
   timeout "$((left + 10))" python3 -m bench.gpu_inputs --out "$OUT" --tag "$TAG" --budget "$left" \
-    --seconds 30 --repeats 2 ${INPUTS_ARGS:-} > "$OUT/gpu_inputs_stdout.txt" 2>&1
+    --seconds 30 --repeats 2 "${inputs_args[@]}" > "$OUT/gpu_inputs_stdout.txt" 2>&1
   echo "gpu_inputs: rc=$?"
 fi
 # A call brings back at most 8 files: fold the stdout logs into the benchmarks' own logs.

@@ -37,7 +37,9 @@ For each layout:
 
 `--contention` also times the GPU decode beside the engine running back to back on the same GPU,
 with the decoder's stream at high priority (the job's) and at the default, and the engine's rows/s
-meanwhile: how the two share the GPU. `--variant FLAGS` runs each job a second time with FLAGS.
+meanwhile: how the two share the GPU. `--variant FLAGS` runs each job again with FLAGS (repeat
+it for more variants; leading `NAME=VALUE` words set the job's environment, e.g.
+`--variant "BATCH_HELPER_NICE=0 --readers 8"`).
 
 Targets (issue 12): (c) >= 0.85 x min((a), (b)) per layout; job >= 3x (d) for JPEG. A table is
 printed last; a log, JSON and the table go to `--out`.
@@ -51,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -484,9 +487,9 @@ def job_command(layout: str, model: Path, data: Path, out: Path, cpu: bool,
 
 
 def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
-                    label: str) -> dict[str, Any]:
+                    label: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """The job as a new process: its wall time, rows/s between first shard and last commit, fixed costs."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": os.pathsep.join(
         [REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
     log(f"(c) {label}: {' '.join(command[1:])}")
     t_start = time.time()
@@ -628,9 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "at once, one process each); a job's input links to them in turn")
     p.add_argument("--file-rows", type=int, default=1024)
     p.add_argument("--row-group", type=int, default=256)
-    p.add_argument("--variant", default="", metavar="FLAGS",
+    p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                    help="also run each layout's job with these job flags on the same rows "
-                   "(e.g. '--shards-in-flight 2'), in the same run: an A/B against the default")
+                   "(e.g. '--shards-in-flight 2'; leading NAME=VALUE words: its environment), "
+                   "in the same run: an A/B against the default; repeat for more")
     p.add_argument("--contention", action="store_true",
                    help="also time the GPU decode beside the engine, at each stream priority")
     p.add_argument("--ray-data", default="jpeg224", help="layouts with a Ray Data run (d)")
@@ -641,10 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def table(results: dict[str, Any]) -> str:
+    variants = results.get("variants") or []
     lines = [f"{results['device']}, {results['host']['cpus']} CPUs; batch {results['batch']}; "
              f"ResNet-50, uint8 NHWC input (float32 NCHW for float32_binary)",
              "| layout | (a) engine | (b) host ceiling | (c) job | (c)/min(a,b) | GPU busy | "
-             "fixed costs | (d) Ray Data | job/(d) | (c') variant |",
+             "fixed costs | (d) Ray Data | job/(d) | (c') variants |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for layout in results["layouts"]:
         r = results["by_layout"].get(layout, {})
@@ -669,8 +674,19 @@ def table(results: dict[str, Any]) -> str:
             f"{', '.join(f'{x:.2f}' for x in busy if x is not None) or '-'} | "
             f"{fmt(job.get('start_seconds'), '.1f')} + {fmt(job.get('finish_seconds'), '.1f')} s"
             f" | {fmt(d)} | {fmt(same / d if same and d else None, '.2f')} | "
-            f"{fmt((r.get('job_variant') or {}).get('rows_per_s'))} |")
+            f"{' / '.join(fmt(v.get('rows_per_s')) for v in r.get('job_variants', [])) or '-'} |")
+    lines += [f"(c') variant {k + 1}: {v}" for k, v in enumerate(variants)]
     return "\n".join(lines)
+
+
+def split_variant(text: str) -> tuple[dict[str, str], list[str]]:
+    """A `--variant`'s leading NAME=VALUE words (the job's environment) and its job flags."""
+    words = shlex.split(text)
+    env: dict[str, str] = {}
+    while words and re.fullmatch(r"[A-Z][A-Z0-9_]*=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    return env, words
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -685,13 +701,13 @@ def main(argv: list[str] | None = None) -> int:
     size = 32 if args.cpu else 224
     photo_size = (72, 54) if args.cpu else (500, 375)
     blocks = (1, 1, 1, 1) if args.cpu else BLOCKS
-    variant = shlex.split(args.variant)
+    variants = [(text, *split_variant(text)) for text in args.variant]
     results: dict[str, Any] = {
         "command": "python -m bench.gpu_inputs " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
         "host": {"cpus": cpus, "platform": platform.platform(), "python": platform.python_version()},
         "batch": args.batch, "layouts": [x for x in args.layouts.split(",") if x],
-        "by_layout": {}, "device": "cpu"}
+        "by_layout": {}, "device": "cpu", "variants": list(args.variant)}
     json_path = args.out / f"{log.stem}.json"
 
     def save() -> None:
@@ -790,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             host = max([r for r in rates if r != engine], default=engine)
             expected = min(engine, host)
             # Fixed costs per job (Ray, actors, model load, warm-up): 12 s until one is measured.
-            runs = 2 if variant else 1  # the default job, and the variant's
+            runs = 1 + len(variants)  # the default job, and the variants'
             share = (left() - reserve) / (len(pending) - index) / runs - fixed
             seconds = max(5.0, min(args.seconds, share))
             if share < 5.0:
@@ -804,12 +820,14 @@ def main(argv: list[str] | None = None) -> int:
                                 job_command(layout, models[kind], data, out, args.cpu, []), out,
                                 work / f"job-{layout}.log", log, layout)
             shutil.rmtree(out, ignore_errors=True)
-            if variant:
-                entry["job_variant"] = step(
-                    f"(c') {layout} {args.variant}", run_job_process,
-                    job_command(layout, models[kind], data, out, args.cpu, variant), out,
-                    work / f"job-variant-{layout}.log", log, f"{layout} {args.variant}")
-                entry["job_variant"]["flags"] = args.variant
+            entry["job_variants"] = []
+            for k, (text, env, flags) in enumerate(variants):
+                run = step(f"(c') {layout} {text}", run_job_process,
+                           job_command(layout, models[kind], data, out, args.cpu, flags), out,
+                           work / f"job-variant{k + 1}-{layout}.log", log, f"{layout} {text}",
+                           env)
+                run["flags"] = text
+                entry["job_variants"].append(run)
                 shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(data, ignore_errors=True)
             if entry["job"].get("fixed_seconds"):

@@ -301,14 +301,20 @@ def run_process(argv: list[str], log: RunLog, timeout: float, env: dict[str, str
     return wall, code, output
 
 
-def run_job(model: Path, data: Path, out: Path, tokenizer: Path, log: RunLog, timeout: float
-            ) -> dict[str, Any]:
-    """`python -m jobs.enrich` at default flags, as a user runs it; the manifest's timings."""
+def run_job(model: Path, data: Path, out: Path, tokenizer: Path, log: RunLog, timeout: float,
+            variant: str = "") -> dict[str, Any]:
+    """`python -m jobs.enrich` at default flags, as a user runs it; the manifest's timings.
+
+    `variant`: more job flags, after leading NAME=VALUE words for its environment
+    (`bench.gpu_inputs.split_variant`)."""
+    from bench.gpu_inputs import split_variant
+
+    env, flags = split_variant(variant)
     shutil.rmtree(out, ignore_errors=True)
     argv = [sys.executable, "-m", "jobs.enrich", "--model", str(model), "--input", str(data),
             "--output", str(out), "--text-column", "text", "--tokenizer", str(tokenizer),
-            "--keep", "id", "--no-progress"]
-    wall, code, _ = run_process(argv, log, timeout)
+            "--keep", "id", "--no-progress", *flags]
+    wall, code, _ = run_process(argv, log, timeout, env)
     manifest = json.loads((out / "_manifest.json").read_text()) if code == 0 else {}
     timings = manifest.get("timings", {})
     rows = int(manifest.get("rows", 0))
@@ -460,6 +466,13 @@ def gpu(args: argparse.Namespace) -> None:
     results["c_long"] = run_job(model, long, work / "out-long", tokenizer, log, args.long_timeout)
     log(f"(c) job: {results['c_long']}")
     save()
+    results["c_variants"] = []
+    for text in args.variant:
+        run = run_job(model, long, work / "out-long", tokenizer, log, args.long_timeout, text)
+        run["flags"] = text
+        results["c_variants"].append(run)
+        log(f"(c') job, {text}: {run}")
+        save()
     write_gpu_table(results, log)
     save()
     log.close()
@@ -487,7 +500,9 @@ def write_gpu_table(results: dict[str, Any], log: RunLog) -> None:
              f"{results.get('b_ray_actor', {}).get('rows_per_s', 0):,.0f} |",
              f"| (c) the job, first shard start to last commit ({c.get('rows', 0):,} rows) | "
              f"{c.get('phase_rows_per_s', 0):,.0f} |",
-             f"| (c) the job, whole process | {c.get('process_rows_per_s', 0):,.0f} |"]
+             f"| (c) the job, whole process | {c.get('process_rows_per_s', 0):,.0f} |",
+             *(f"| (c') the job with `{v['flags']}`, first shard start to last commit | "
+               f"{v.get('phase_rows_per_s', 0):,.0f} |" for v in results.get("c_variants", []))]
     if a and b and c.get("phase_rows_per_s"):
         lines.append(f"\n(c) / min(a, b) = {c['phase_rows_per_s'] / min(a, b):.3f} (target 0.8)")
     if d.get("wall") and cs.get("wall") and d.get("exit") == 0:
@@ -629,6 +644,9 @@ def main() -> None:
     parser.add_argument("--engine-seconds", type=float, default=8.0)
     parser.add_argument("--ray-data-timeout", type=float, default=150.0)
     parser.add_argument("--long-timeout", type=float, default=240.0)
+    parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                        help="GPU: also run (c) with these job flags (leading NAME=VALUE words: "
+                             "its environment), on the same rows; repeat for more")
     parser.add_argument("--cpu-rows", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true",

@@ -1,7 +1,7 @@
 """The host side of a text embedding job, with the engine taken out (issue 13).
 
     python -m bench.text_host [--rows 20000] [--repeats 5] [--threads N] [--tokenizer FILE]
-                              [--out DIR]
+                              [--sim-engine 0.75] [--launch-ms 2] [--out DIR]
 
 HOST ONLY: the engine is a null backend that computes nothing. Each batch it returns outputs of
 the model's own shapes at the batch's width, copied out of a buffer of random values filled
@@ -13,6 +13,11 @@ CPUs do around the engine, on the job's own code:
   batching, the null engine, postprocessing, input order restored, Parquet write, commit), with
   the embedding pooled on the host (the engine returns `[N, T, D]`) against pooled in the
   model's graph (`[N, D]`; `jobs.processing.pool_embeddings_in_graph` rewrites the model);
+- the shard on the GPU path (`workers.slots.run_slots`: device slots, K batches in flight,
+  per-batch shapes) with a simulated GPU (`SimGpuBackend`: batches execute one after another,
+  each for its padded tokens at a set rate, as sleeps that hold no CPU; each launch costs the
+  submitting thread `--launch-ms`), set `--sim-engine` times as fast as read + tokenize: what
+  the pipeline gives of an engine slower than its host stages, on any machine;
 - its stages alone on the same rows: reading and tokenizing (`workers.sources.ShardInputs`,
   on `--threads` threads as before, against as many helper processes, `workers.helpers`, as
   the job now does; the shard above uses the helpers, kept across runs as an actor keeps
@@ -33,8 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -46,7 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.text import MINILM, ROW_GROUP, sentences, tokenizer_json
-from workers.backends.base import Backend, Batch
+from workers.backends.base import Backend, Batch, DeviceSlot
+from workers.batching import Shapes
 from workers.tensors import TensorMeta, describe_onnx
 
 MAX_LENGTH = 128
@@ -75,6 +83,92 @@ class NullBackend(Backend):
 
     def _close(self) -> None:
         pass
+
+
+class SimDevice:
+    """One simulated GPU: batches execute one after another, each for its padded tokens over
+    `tokens_per_s` seconds (a sleep: it holds no CPU and no GIL, as a GPU kernel does not)."""
+
+    def __init__(self, tokens_per_s: float) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.busy = 0.0
+        self._queue: queue.Queue[tuple[float, threading.Event] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="sim-gpu")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            seconds, done = job
+            time.sleep(seconds)
+            self.busy += seconds
+            done.set()
+
+    def enqueue(self, tokens: int) -> threading.Event:
+        done = threading.Event()
+        self._queue.put((tokens / self.tokens_per_s, done))
+        return done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class SimSlot(DeviceSlot):
+    """A device slot on a `SimDevice`: pinned-like host buffers, a launch that costs the
+    submitting thread `launch_s` (ONNX Runtime's host side; a sleep, so no GIL), outputs `[N, D]`
+    copied from random values when the batch is done."""
+
+    def __init__(self, backend: SimGpuBackend, max_rows: int, shapes: list[Shapes]) -> None:
+        self.backend, self.max_rows = backend, max_rows
+        self.host_inputs = {m.name: np.zeros(max(int(np.prod(s[m.name])) for s in shapes),
+                                             m.dtype) for m in backend.inputs}
+        [out] = backend.outputs
+        self._out = backend.values[:max_rows * int(out.shape[-1])].reshape(max_rows, -1)
+        self._name = out.name
+        self._done: threading.Event | None = None
+
+    def submit(self, rows: int, after: object = None, shapes: Shapes | None = None) -> None:
+        self._check_submit(rows)
+        assert shapes is not None
+        width = max(shape[1] for shape in shapes.values() if len(shape) > 1)
+        time.sleep(self.backend.launch_s)
+        self._done = self.backend.device.enqueue(rows * width)
+        self._rows = rows
+
+    def wait(self) -> Batch:
+        assert self._done is not None and self._rows is not None
+        self._done.wait()
+        rows, self._rows, self._done = self._rows, None, None
+        return {self._name: self._out[:rows]}
+
+    def close(self) -> None:
+        pass
+
+
+class SimGpuBackend(NullBackend):
+    """`NullBackend` through device slots on one `SimDevice`: the GPU path of `run_slots`
+    (K batches in flight, per-batch shapes) with a GPU of a chosen speed, on any machine.
+    Only for a model whose one output is pooled (`[N, D]`)."""
+
+    name = "sim-gpu"
+    supports_slots = True
+
+    def __init__(self, model: bytes, values: np.ndarray, tokens_per_s: float,
+                 launch_s: float) -> None:
+        super().__init__(model, values)
+        self.tokens_per_s, self.launch_s = tokens_per_s, launch_s
+        self.device = SimDevice(tokens_per_s)
+
+    @property
+    def uses_slots(self) -> bool:
+        return True
+
+    def open_slot(self, max_rows: int, shapes: list[Shapes] | None = None) -> DeviceSlot:
+        assert shapes is not None, "text slots are opened with their largest shapes"
+        return SimSlot(self, max_rows, shapes)
+
+    def _close(self) -> None:
+        self.device.close()
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -136,7 +230,8 @@ def prepare(workdir: Path, rows: int, tokenizer: str | None, threads: int) -> di
             "host": (config(host), model), "graph": (config(graph.processing), graph.model_bytes)}
 
 
-def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+def measure(job: dict[str, Any], repeats: int, sim_engine: float = 0.75,
+            launch_s: float = 0.002) -> list[dict[str, Any]]:
     """Every row of the table: group, variant, median seconds, rows; the baseline first."""
     from workers.batching import length_batches, token_budget
     from workers.commit import PartWriter
@@ -189,6 +284,22 @@ def measure(job: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
         add("length batching", "sorted windows cut to the token budget",
             median_seconds(lambda: list(length_batches(iter(pieces), budget, pads)), repeats))
         batches = [_joined(b) for b in length_batches(iter(pieces), budget, pads)]
+        if sim_engine > 0:
+            # The GPU path with a simulated GPU slower than the host's stages: the shard
+            # should run at the engine's pace if the stages overlap.
+            tokenized = [r for r in results if r["group"] == "read + tokenize"][-1]["seconds"]
+            token_input = budget.inputs[0]
+            tokens = sum(int(np.prod(feeds[token_input].shape)) for feeds, _ in batches)
+            engine_s = tokenized / sim_engine
+            sim = SimGpuBackend(job["graph"][1], values, tokens / engine_s, launch_s).load()
+            try:
+                add("shard, simulated GPU", f"the engine alone: {sim_engine:.2f} x read + "
+                    f"tokenize, {launch_s * 1e3:.1f} ms launch per batch", engine_s)
+                add("shard, simulated GPU", "process_shard on device slots (pooled in graph)",
+                    median_seconds(partial(process_shard, shard, job["graph"][0], sim,
+                                           processes=helpers), repeats))
+            finally:
+                sim.close()
     finally:
         threaded.close()
         inputs.close()
@@ -246,11 +357,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="tokenizer threads (default: every CPU)")
     parser.add_argument("--tokenizer", help="a tokenizer.json (default: MiniLM's, or trained)")
+    parser.add_argument("--sim-engine", type=float, default=0.75,
+                        help="the simulated GPU's rows/s as a fraction of read + tokenize "
+                             "(0: skip the simulated GPU)")
+    parser.add_argument("--launch-ms", type=float, default=2.0,
+                        help="the simulated engine's host time per batch (ONNX Runtime's launch)")
     parser.add_argument("--out", help="directory for text_host.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="text-host-") as tmp:
         job = prepare(Path(tmp), args.rows, args.tokenizer, args.threads)
-        results = measure(job, args.repeats)
+        results = measure(job, args.repeats, args.sim_engine, args.launch_ms / 1e3)
     print(f"HOST ONLY (the engine computes nothing): {args.rows:,} rows, {os.cpu_count()} CPUs, "
           f"median of {args.repeats}")
     print(table(results))

@@ -57,6 +57,7 @@ from jobs.shards import (
 from jobs.spec import JobSpec
 from jobs.text_profiles import text_profiles
 from jobs.validate import check_keep, resolve_bindings, schema_problem
+from workers import sched
 from workers.backends import BackendConfig
 from workers.errors import ClusterError, SpecError, StorageError
 from workers.external_data import ModelFiles, check_model_directory, read_external_files
@@ -457,6 +458,7 @@ def _pool_config(spec: JobSpec, todo: Sequence[Shard], resources: WorkerResource
 def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
                   resources: WorkerResources) -> WorkerConfig:
     """What every actor of this job is given."""
+    switch_interval_ms, nice = sched.from_env()
     return WorkerConfig(
         backend=backend,
         # TensorRT host code is allowed per plan, for trusted ones only (PlanRefs.host_code);
@@ -475,7 +477,8 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
         postprocess=job.processing.postprocess if job.processing else (),
         preprocess_threads=resources.preprocess_threads,
         max_row_group_bytes=spec.max_row_group_bytes,
-        max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window)
+        max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window,
+        switch_interval_ms=switch_interval_ms, helper_nice=nice)
 
 
 def probe_paths(spec: JobSpec) -> None:

@@ -72,7 +72,8 @@ def test_text_host_bench_measures_every_stage_against_its_baseline(tmp_path: Pat
     results = measure(job, repeats=1)
     groups = [r["group"] for r in results]
     assert groups == ["shard, null engine"] * 2 + ["read + tokenize", "length batching"] + \
-        ["postprocess + output table"] * 2 + ["Parquet write (zstd)"] * 2
+        ["shard, simulated GPU"] * 2 + ["postprocess + output table"] * 2 + \
+        ["Parquet write (zstd)"] * 2
     assert all(r["seconds"] > 0 and r["rows"] == 600 for r in results)
     lines = table(results).splitlines()
     assert len(lines) == 2 + len(results)

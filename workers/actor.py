@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from workers import sched
 from workers.backends import ModelFiles, create_backend
 from workers.batching import token_budget
 from workers.gpuimages import GpuImages, open_gpu_images
@@ -38,6 +39,8 @@ class ShardWorker:
         with contextlib.suppress(ValueError, AttributeError, OSError):
             faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+        # Before any pool starts: the GIL's switch interval, the bulk work's priority.
+        sched.configure(config.switch_interval_ms, config.helper_nice)
         # tokenizers runs a batch on Rayon's pool, sized when first used from this variable
         # (Ray sets OMP_NUM_THREADS for an actor, not this): size it to the CPUs it reserves.
         os.environ.setdefault("RAYON_NUM_THREADS", str(config.preprocess_threads))

@@ -26,6 +26,7 @@ numpy, which the CPU tests compare with Pillow.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from workers.images import (
     ImageDecoder,
     check_pixels,
     crop_origin,
+    import_simplejpeg,
     is_jpeg,
     jpeg_complete,
     resized_size,
@@ -238,14 +240,34 @@ class FitTarget:
         return scale + [1.0] * (3 - len(scale)), shift + [0.0] * (3 - len(shift))
 
 
+class _DecodeResources:
+    """The decoder and its stream, freed when the last holder lets go: `GpuImages` and every
+    image it decoded. An image's memory is freed on the stream it was decoded on, so neither
+    may go before the images do (a second decoder in one process crashed inside nvImageCodec
+    after the first one's stream was destroyed under images still alive)."""
+
+    def __init__(self, decoder: Any, stream: Any) -> None:
+        self.decoder, self.stream = decoder, stream
+
+    def __del__(self) -> None:
+        self.decoder = None
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):  # interpreter exit: CUDA may be gone
+                stream.synchronize()
+                stream.close()
+
+
 class DeviceImage:
-    """One decoded image in device memory (nvImageCodec's), HWC uint8; holds it alive."""
+    """One decoded image in device memory (nvImageCodec's), HWC uint8; holds it (and the
+    decoder's resources, `owner`) alive."""
 
-    __slots__ = ("height", "image", "pitch", "ptr", "width")
+    __slots__ = ("height", "image", "owner", "pitch", "ptr", "width")
 
-    def __init__(self, image: Any) -> None:
+    def __init__(self, image: Any, owner: Any = None) -> None:
         face = image.__cuda_array_interface__
         self.image = image
+        self.owner = owner
         self.ptr = int(face["data"][0])
         self.height, self.width, channels = (int(d) for d in face["shape"])
         strides = face.get("strides")
@@ -347,6 +369,22 @@ class _SlotBuffers:
             self._own.pop().close()
 
 
+def _turbo_header() -> Any | None:
+    """simplejpeg's `decode_jpeg_header`, or None without simplejpeg."""
+    simplejpeg = import_simplejpeg()
+    return None if simplejpeg is None else simplejpeg.decode_jpeg_header
+
+
+def _at_size(header: Any, data: bytes, resize: int) -> bool:
+    """True for a JPEG whose shorter side is already `resize` (False where its header does not
+    parse: nvImageCodec and then the CPU path decide about it)."""
+    try:
+        height, width = (int(v) for v in header(data)[:2])
+    except Exception:  # simplejpeg raises ValueError for a header it cannot read
+        return False
+    return resized_size(width, height, resize) == (width, height)
+
+
 class GpuImages:
     """nvImageCodec decoding and the fit kernel for a GPU actor's image inputs; close it when done.
 
@@ -392,6 +430,8 @@ class GpuImages:
                 apply_exif_orientation=False,  # as Pillow's and libjpeg's decodes
                 color_spec=nvimgcodec.ColorSpec.SRGB, allow_any_depth=False,
                 sample_format=nvimgcodec.SampleFormat.I_RGB)
+            self._owner: _DecodeResources | None = _DecodeResources(self._decoder,
+                                                                    self._stream)
             self._kernel = _Kernel(device_id)
         except BaseException:
             self.close()
@@ -411,6 +451,7 @@ class GpuImages:
         # threads enough (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
         # CPU faster than the engine runs, and nvImageCodec would take GPU time from the engine.
         cpu_at_size = target.cpu_at_size and cpu.fast_at_size
+        header = _turbo_header() if cpu_at_size else None
         for i, data in enumerate(values):
             if data is None or not is_jpeg(data):
                 # The GPU decoders installed (nvJPEG, its hardware engine) take JPEG only: a PNG
@@ -419,6 +460,11 @@ class GpuImages:
                 continue
             if not jpeg_complete(data):
                 on_cpu.append(i)  # truncated: nvJPEG may decode what it has; the CPU refuses
+                continue
+            if header is not None and _at_size(header, data, target.resize):
+                # libjpeg-turbo's header parse (microseconds, as much as a row's decode costs
+                # the converting thread) rather than nvImageCodec's, for rows it never sees.
+                on_cpu.append(i)
                 continue
             try:
                 stream = self._nv.CodeStream(data)
@@ -438,7 +484,7 @@ class GpuImages:
             if image is None:  # no GPU decoder took it, or it is corrupt: the CPU decides
                 on_cpu.append(i)
             else:
-                out[i] = DeviceImage(image)
+                out[i] = DeviceImage(image, self._owner)
                 on_gpu += 1
         bad: dict[int, str] = {}
         if on_cpu:
@@ -562,14 +608,18 @@ class GpuImages:
             self._spare, self._spare_bytes = [], 0
         for buffers in slots:
             buffers.close()
-        self.__dict__.pop("_decoder", None)
         kernel, self._kernel = self._kernel, None
         if kernel is not None:
             kernel.close()
+        # The decoder and its stream go with the last image still held (`_DecodeResources`).
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.synchronize()
+        owner = self.__dict__.pop("_owner", None)
+        self.__dict__.pop("_decoder", None)
+        if owner is None and stream is not None:  # failed in __init__ before the owner
             stream.close()
+        del owner
 
 
 def _probe_jpeg() -> bytes:

@@ -14,6 +14,8 @@ import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
+from workers.sched import helper_nice, lower_this_process
+
 
 def _ready() -> None:
     """A warm-up task: the process exists, with this module's imports done."""
@@ -34,7 +36,10 @@ class HelperProcesses:
         with self._lock:
             if self._pool is None:
                 context = multiprocessing.get_context("forkserver")
-                self._pool = ProcessPoolExecutor(self.processes, mp_context=context)
+                # Below the actor's threads that feed the GPU (`workers.sched`).
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context,
+                                                 initializer=lower_this_process,
+                                                 initargs=(helper_nice(),))
             return self._pool
 
     def start(self) -> None:

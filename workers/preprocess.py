@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from workers.convert import check_feed, column_to_tensor
 from workers.errors import DataError, SpecError
 from workers.functions import is_function_target, load_function
+from workers.sched import helper_nice, lower_this_thread
 from workers.tensors import TensorMeta
 from workers.text import TOKEN_COUNTS, TokenizerFile
 
@@ -608,8 +609,11 @@ class Preprocessor:
         #: Token inputs whose width follows the rows (text of any length), and the value each
         #: is padded with; their feeds come with the rows' token counts (`text.TOKEN_COUNTS`).
         self.token_pads: dict[str, int] = {}
-        self._pool: Executor | None = (ThreadPoolExecutor(self.threads, thread_name_prefix="prep")
-                                       if self.expands and self.threads > 1 else None)
+        # Below the threads that feed the GPU (`workers.sched`): decoding takes what they leave.
+        self._pool: Executor | None = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="prep",
+                               initializer=lower_this_thread, initargs=(helper_nice(),))
+            if self.expands and self.threads > 1 else None)
         # Tokenizing and the formats Pillow decodes (not JPEG) go to helper processes: both
         # hold the GIL for most of their work (`workers.helpers`).
         helped = self._pool is not None and uses_helpers(self.specs)

@@ -24,6 +24,9 @@ from workers.gputime import BusyTime, busy_seconds
 from workers.rowgroups import Piece, ReadPool
 from workers.types import StageTimes, WorkerConfig
 
+#: Batches' outputs queued for the writing thread before the submitting thread waits for one.
+WRITES_AHEAD = 4
+
 
 class DeviceFill(Protocol):
     """Writes some inputs of a batch straight into a slot's device buffers (`workers.gpuimages`).
@@ -257,10 +260,12 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
     clock = pool.clock
 
     with ThreadPoolExecutor(1, thread_name_prefix="write") as behind:
-        pending: Future[None] | None = None
+        # Batches handed to the writing thread, oldest first: this thread waits on the oldest
+        # only when `WRITES_AHEAD` are queued, so a slow write (a part's row group flushing)
+        # does not hold up the next submission while the GPU drains.
+        pending: deque[Future[None]] = deque()
 
         def collect() -> None:
-            nonlocal pending
             slot, kept, rows, submitted_at = in_flight.popleft()
             try:
                 t0 = time.perf_counter()
@@ -279,9 +284,9 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
                 outputs = {name: np.array(view[:rows]) for name, view in views.items()}
             finally:
                 pool.release(slot)
-            if pending is not None:
-                pending.result()
-            pending = behind.submit(write_outputs, kept, outputs, rows)
+            while len(pending) >= WRITES_AHEAD or (pending and pending[0].done()):
+                pending.popleft().result()
+            pending.append(behind.submit(write_outputs, kept, outputs, rows))
 
         def take() -> DeviceSlot:
             while True:
@@ -355,8 +360,8 @@ def run_slots(pool: SlotPool, batches: Iterator[list[Piece]],
             submitted_all()
             while in_flight:
                 collect()
-            if pending is not None:
-                pending.result()
+            while pending:
+                pending.popleft().result()
             # Copying into pinned memory counts as conversion; added once the producer, which
             # adds its own conversion time, has finished.
             times.convert += fill

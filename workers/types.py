@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workers.backends.base import BackendConfig
+from workers.sched import HELPER_NICE, SWITCH_INTERVAL_MS
 
 if TYPE_CHECKING:
     from workers.postprocess import PostSpec
@@ -115,6 +116,10 @@ class WorkerConfig:
     #: per row of `batch_size`), and rows sorted by length together (None: see `batching`).
     max_batch_tokens: int | None = None
     sort_window: int | None = None
+    #: The actor's GIL switch interval, and how much lower (nice) its decoding and tokenizing
+    #: threads and processes run (`workers.sched`).
+    switch_interval_ms: float = SWITCH_INTERVAL_MS
+    helper_nice: int = HELPER_NICE
 
     def __post_init__(self) -> None:
         if self.slots < 1:
