@@ -15,6 +15,7 @@ from typing import Any, TextIO, cast
 import pyarrow as pa
 import ray
 
+from jobs.image_sample import at_size_images
 from jobs.lease import OutputLock
 from jobs.limits import limited_by
 from jobs.output import (
@@ -592,6 +593,13 @@ def _run_locked(spec: JobSpec, job: PreparedJob, out: OutputDir, lock: OutputLoc
         pool_config = _pool_config(spec, todo, resources, batch_size)
         in_flight = pool_config.shards_in_flight
         config = worker_config(spec, job, backend, resources)
+        if resources.gpus:
+            at_size = at_size_images(config, todo)
+            config = replace(config, at_size_images=at_size)
+            for name in at_size:
+                print(f"images for input '{name}': JPEGs at the model's size in the sample, "
+                      "decoded on the CPU where actors have 8+ threads (--image-decode gpu "
+                      "decodes them on the GPU)", file=stream, flush=True)
         model_ref: Any
         mark = time.monotonic()
         if backend == "tensorrt":

@@ -31,6 +31,11 @@ DEFAULT_BATCH_SIZE = 256
 #: more: all-MiniLM-L6-v2 on one core, reviews sorted by length, 187 rows/s in batches of 16,
 #: 167 of 32, 148 of 64; a whole 250-row shard as one batch (256, the GPU default), 41.
 CPU_TEXT_BATCH_SIZE = 16
+#: Rows per text batch on GPUs unless --batch-size says otherwise. A MiniLM-sized encoder on
+#: short rows is bound by the engine's launch on the host (ONNX Runtime's ~2.7 ms per batch of
+#: 256 rows x ~33 tokens, about what the GPU computes for it): larger batches launch less per
+#: row (bench/results/session26).
+GPU_TEXT_BATCH_SIZE = 1024
 
 
 def _freeze(value: Any) -> Any:
@@ -186,7 +191,9 @@ class JobSpec:
         """Rows per batch: `batch_size`, else the default for where the job runs and what."""
         if self.batch_size is not None:
             return self.batch_size
-        return CPU_TEXT_BATCH_SIZE if text and not gpus else DEFAULT_BATCH_SIZE
+        if text:
+            return GPU_TEXT_BATCH_SIZE if gpus else CPU_TEXT_BATCH_SIZE
+        return DEFAULT_BATCH_SIZE
 
     def build_config(self, text: tuple[tuple[tuple[int, int, int], ...],
                                        tuple[tuple[int, int, int], ...]] | None = None,
@@ -291,8 +298,9 @@ def build_parser(prog: str = "python -m jobs.run", description: str | None = Non
     p.add_argument("--keep", action="append", metavar="COLUMN",
                    help="copy COLUMN into the output unchanged (repeatable)")
     p.add_argument("--batch-size", type=int, metavar="N",
-                   help=f"rows per batch (default {DEFAULT_BATCH_SIZE}; text on CPU engines "
-                   f"{CPU_TEXT_BATCH_SIZE}); text batches are also cut to --max-batch-tokens")
+                   help=f"rows per batch (default {DEFAULT_BATCH_SIZE}; text {GPU_TEXT_BATCH_SIZE} "
+                   f"on GPUs, {CPU_TEXT_BATCH_SIZE} on CPU engines); text batches are also cut "
+                   "to --max-batch-tokens")
     p.add_argument("--workers", type=int, metavar="N",
                    help="actors (default: one per GPU, or one per CPU on a CPU-only cluster)")
     p.add_argument("--rows-per-shard", type=int, metavar="N",

@@ -174,7 +174,8 @@ class ShardWorker:
                 self.warmup_seconds = slots.warm_up()
                 self.images, self.image_decode = open_gpu_images(
                     self.config.preprocess, {m.name: m for m in self.backend.inputs}, True,
-                    self.config.backend_config.device_id, self.config.preprocess_threads)
+                    self.config.backend_config.device_id, self.config.preprocess_threads,
+                    self.config.at_size_images)
             except BaseException:
                 slots.close()
                 raise

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 
 from workers.errors import BackendError, MissingDependencyError
 from workers.images import (
+    FAST_THREADS,
     ImageDecoder,
     check_pixels,
     crop_origin,
@@ -663,17 +664,30 @@ def fit_targets(specs: Sequence[Any], metas: Mapping[str, Any]) -> dict[str, Fit
 
 
 def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool,
-                    device_id: int = 0, threads: int = 1) -> tuple[GpuImages | None, str]:
+                    device_id: int = 0, threads: int = 1, at_size: Collection[str] = ()
+                    ) -> tuple[GpuImages | None, str]:
     """The actor's GPU image decoding for `specs`, or None; and how its images decode, in words.
 
     `on_gpu`: the actor's backend runs on a GPU (slots). `decode: auto` takes the GPU where
     nvImageCodec imports and decodes a test image there, else the CPU (the words say why);
-    `decode: gpu` raises instead.
+    `decode: gpu` raises instead. `at_size`: inputs whose sampled rows are JPEGs at the model's
+    size (`WorkerConfig.at_size_images`); with `decode: auto` and `threads` of at least
+    `FAST_THREADS` (and libjpeg-turbo), they decode on the CPU, and nvImageCodec is not opened
+    for them: beside the engine it decoded a sixth of its speed alone, and through the GPU
+    path the CPU's rows ran at 0.56 of the engine against 0.94 on the CPU path
+    (bench/results/session26).
     """
     from workers.preprocess import ImagePrep
 
-    wanted = [s for s in specs if isinstance(s, ImagePrep) and s.decode != "cpu"]
+    images_in = [s for s in specs if isinstance(s, ImagePrep) and s.decode != "cpu"]
+    fast = threads >= FAST_THREADS and import_simplejpeg() is not None
+    on_cpu = [s for s in images_in if fast and s.decode == "auto" and s.mode == "RGB"
+              and s.input in at_size]
+    wanted = [s for s in images_in if s not in on_cpu]
     if not wanted:
+        if on_cpu and on_gpu:
+            return None, (f"cpu (JPEGs stored at the model's size: libjpeg-turbo on {threads} "
+                          "threads; --image-decode gpu decodes them on the GPU)")
         return None, "cpu"
     required = any(s.decode == "gpu" for s in wanted)
     if not on_gpu:
@@ -683,7 +697,7 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
         return None, "cpu (the actor has no GPU)"
     images: GpuImages | None = None
     try:
-        targets = fit_targets(specs, metas)
+        targets = fit_targets([s for s in specs if s not in on_cpu], metas)
         if not targets:
             return None, "cpu (no image input the GPU kernel writes)"
         images = GpuImages(targets, device_id, threads)

@@ -177,6 +177,30 @@ def _load_pillow(data: bytes, mode: str, size: tuple[int, int], resize: int, dra
     return _as_pixels(_fit(converted, width, height, size, resize))
 
 
+def jpegs_at_size(values: Sequence[bytes | None], resize: int) -> bool:
+    """True when `values` hold at least one image and every one is a JPEG whose shorter side is
+    already `resize` (nothing to resize: `ImageDecoder.fast_at_size` decodes such rows)."""
+    simplejpeg = import_simplejpeg()
+    seen = 0
+    for data in values:
+        if data is None:
+            continue
+        if not is_jpeg(data):
+            return False
+        try:
+            if simplejpeg is not None:
+                height, width = simplejpeg.decode_jpeg_header(data)[:2]
+            else:
+                with import_pil().open(io.BytesIO(data)) as image:
+                    width, height = image.size
+        except Exception:  # a header neither reads: not known to be at size
+            return False
+        if resized_size(int(width), int(height), resize) != (int(width), int(height)):
+            return False
+        seen += 1
+    return seen > 0
+
+
 def is_jpeg(data: bytes) -> bool:
     """True when `data` starts like a JPEG (the SOI marker)."""
     return data[:3] == b"\xff\xd8\xff"

@@ -120,6 +120,9 @@ class WorkerConfig:
     #: threads and processes run (`workers.sched`).
     switch_interval_ms: float = SWITCH_INTERVAL_MS
     helper_nice: int = HELPER_NICE
+    #: Image inputs (`--image-decode auto`) whose sampled rows are JPEGs at the model's size:
+    #: GPU actors with CPUs enough decode them on the CPU (`workers.gpuimages.open_gpu_images`).
+    at_size_images: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.slots < 1:

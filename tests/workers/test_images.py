@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.workers.test_preprocess import encode, meta, metas, pil_pixels, resolved_image
-from workers.errors import DataError
+from workers.errors import BackendError, DataError
 from workers.gpuimages import fit_reference, fit_row
 from workers.helpers import HelperProcesses
 from workers.images import (
@@ -233,3 +233,61 @@ def test_the_image_directory_row_is_named_when_the_shard_fails() -> None:
             pytest.raises(DataError, match=r"row 0 of the shard \('file:///images/a.png'\): "
                                            r"cannot decode image"):
         prep(table)
+
+
+@needs_turbo
+def test_a_sample_is_at_size_only_when_every_image_is_a_jpeg_at_the_models_size() -> None:
+    from workers.images import jpegs_at_size
+
+    at, wide, tall = jpeg(24, 24, 0), jpeg(32, 24, 1), jpeg(24, 40, 2)
+    assert jpegs_at_size([at, None, wide, tall], 24)  # the shorter side is 24 in each
+    assert not jpegs_at_size([at, jpeg(48, 36, 3)], 24)  # one to resize
+    assert not jpegs_at_size([at, encode(Image.fromarray(photo(24, 24, 4)), "PNG")], 24)
+    assert not jpegs_at_size([at, b"\xff\xd8\xff not a jpeg"], 24)
+    assert not jpegs_at_size([None, None], 24) and not jpegs_at_size([], 24)
+
+
+@needs_turbo
+def test_at_size_inputs_skip_gpu_decoding_only_with_auto_and_threads_enough() -> None:
+    from workers.gpuimages import open_gpu_images
+    from workers.images import FAST_THREADS
+
+    model = metas(meta("x", np.uint8, None, 24, 24, 3))
+    auto = [resolved_image(model, decode="auto")]
+    images, how = open_gpu_images(auto, model, True, 0, FAST_THREADS, at_size={"x"})
+    assert images is None and how.startswith("cpu (JPEGs stored at the model's size")
+    assert "--image-decode gpu" in how
+    # Too few threads, or not sampled at size: nvImageCodec is tried (here it is unavailable
+    # or there is no GPU, so the words say why, not "at the model's size").
+    for threads, at_size in ((FAST_THREADS - 1, {"x"}), (FAST_THREADS, set())):
+        images, how = open_gpu_images(auto, model, True, 0, threads, at_size=at_size)
+        if images is not None:
+            images.close()
+        assert "model's size" not in how
+    # decode gpu never leaves the GPU; on a CPU actor auto is the CPU anyway.
+    gpu = [resolved_image(model, decode="gpu")]
+    with pytest.raises(BackendError, match="--image-decode gpu needs a GPU actor"):
+        open_gpu_images(gpu, model, False, 0, FAST_THREADS, at_size={"x"})
+    assert open_gpu_images(auto, model, False, 0, FAST_THREADS, at_size={"x"}) == (None, "cpu")
+
+
+def test_the_driver_samples_the_first_row_group_of_the_image_column(tmp_path: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from jobs.image_sample import at_size_images
+    from jobs.shards import InputFile, cut_shards, list_input, read_footers
+    from workers.types import WorkerConfig
+
+    model = metas(meta("x", np.uint8, None, 24, 24, 3))
+    config = WorkerConfig(backend="onnxruntime", backend_config=None,  # type: ignore[arg-type]
+                          output_url=str(tmp_path / "out"), bindings=(),
+                          preprocess=(resolved_image(model, decode="auto"),))
+    for name, size in (("at", 24), ("larger", 48)):
+        folder = tmp_path / name
+        folder.mkdir()
+        pq.write_table(pa.table({"jpeg": [jpeg(size, size, i) for i in range(6)],
+                                 "uid": list(range(6))}), folder / "a.parquet", row_group_size=3)
+        fs, listing = list_input(str(folder))
+        files = [f for f in read_footers(fs, listing) if isinstance(f, InputFile)]
+        found = at_size_images(config, cut_shards(files, 3))
+        assert found == (("x",) if name == "at" else ())
