@@ -9,7 +9,7 @@
 #   at most GPU_TESTS seconds, into gpu_tests.log. PARTS (default "text,inputs"): which
 #   benchmarks run; INPUTS_ARGS: more arguments for bench.gpu_inputs (--layouts, --variant,
 #   --contention, ...) and TEXT_ARGS for bench.text (--variant), each parsed as shell words
-#   (quotes group: --variant "BATCH_HELPER_NICE=0 --readers 8"); TEXT_TIMEOUT (default 330).
+#   (quotes group: --variant "TRT_BATCH_RUNNER_HELPER_NICE=0 --readers 8"); TEXT_TIMEOUT (default 330).
 set -uo pipefail
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_window_out}

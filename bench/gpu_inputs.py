@@ -39,7 +39,7 @@ For each layout:
 with the decoder's stream at high priority (the job's) and at the default, and the engine's rows/s
 meanwhile: how the two share the GPU. `--variant FLAGS` runs each job again with FLAGS (repeat
 it for more variants; leading `NAME=VALUE` words set the job's environment, e.g.
-`--variant "BATCH_HELPER_NICE=0 --readers 8"`).
+`--variant "TRT_BATCH_RUNNER_HELPER_NICE=0 --readers 8"`).
 
 Targets (issue 12): (c) >= 0.85 x min((a), (b)) per layout; job >= 3x (d) for JPEG. A table is
 printed last; a log, JSON and the table go to `--out`.

@@ -14,9 +14,10 @@ drains:
   at a lower priority (a higher nice value: Linux sets it per thread), so it takes the CPUs
   the feeding threads leave and never delays them.
 
-Both can be set for a job through the driver's environment (`BATCH_SWITCH_INTERVAL_MS`,
-`BATCH_HELPER_NICE`; 5 and 0 give Python's and the kernel's defaults); the driver reads them
-(`from_env`) into the actors' `WorkerConfig`, and each actor applies them (`configure`).
+Both can be set for a job through the driver's environment
+(`TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS`, `TRT_BATCH_RUNNER_HELPER_NICE`; 5 and 0 give Python's
+and the kernel's defaults); the driver reads them (`from_env`) into the actors'
+`WorkerConfig`, and each actor applies them (`configure`).
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ def _env_number(name: str, default: float, low: float, high: float) -> float:
 
 def from_env() -> tuple[float, int]:
     """(switch interval in ms, nice increment) for a job's actors, from the driver's environment
-    (`BATCH_SWITCH_INTERVAL_MS`, `BATCH_HELPER_NICE`), else the defaults; a bad value is a
-    `SpecError` that names the variable."""
-    return (_env_number("BATCH_SWITCH_INTERVAL_MS", SWITCH_INTERVAL_MS, 0.05, 100.0),
-            int(_env_number("BATCH_HELPER_NICE", HELPER_NICE, 0, 19)))
+    (`TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS`, `TRT_BATCH_RUNNER_HELPER_NICE`), else the
+    defaults; a bad value is a `SpecError` that names the variable."""
+    return (_env_number("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", SWITCH_INTERVAL_MS, 0.05, 100.0),
+            int(_env_number("TRT_BATCH_RUNNER_HELPER_NICE", HELPER_NICE, 0, 19)))
 
 
 _nice = HELPER_NICE

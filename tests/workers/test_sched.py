@@ -28,21 +28,20 @@ def restore() -> Iterator[None]:
 
 
 def test_defaults_without_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("BATCH_SWITCH_INTERVAL_MS", raising=False)
-    monkeypatch.delenv("BATCH_HELPER_NICE", raising=False)
+    monkeypatch.delenv("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", raising=False)
+    monkeypatch.delenv("TRT_BATCH_RUNNER_HELPER_NICE", raising=False)
     assert sched.from_env() == (sched.SWITCH_INTERVAL_MS, sched.HELPER_NICE)
 
 
 def test_the_variables_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCH_SWITCH_INTERVAL_MS", "5")
-    monkeypatch.setenv("BATCH_HELPER_NICE", "0")
+    monkeypatch.setenv("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", "5")
+    monkeypatch.setenv("TRT_BATCH_RUNNER_HELPER_NICE", "0")
     assert sched.from_env() == (5.0, 0)
 
 
-@pytest.mark.parametrize(("name", "value"), [("BATCH_SWITCH_INTERVAL_MS", "fast"),
-                                             ("BATCH_SWITCH_INTERVAL_MS", "0"),
-                                             ("BATCH_HELPER_NICE", "20"),
-                                             ("BATCH_HELPER_NICE", "-1")])
+@pytest.mark.parametrize(("name", "value"), [
+    ("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", "fast"), ("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", "0"),
+    ("TRT_BATCH_RUNNER_HELPER_NICE", "20"), ("TRT_BATCH_RUNNER_HELPER_NICE", "-1")])
 def test_a_bad_value_names_the_variable_and_the_range(monkeypatch: pytest.MonkeyPatch,
                                                       name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
