@@ -126,9 +126,11 @@ def token_stats(tokenizer_text: str, texts: list[str]) -> dict[str, float]:
 # --- (a) the engine alone ---------------------------------------------------------------------
 
 
-def job_batches(tokenizer_text: str, texts: list[str], max_length: int) -> list[dict[str, Any]]:
+def job_batches(tokenizer_text: str, texts: list[str], max_length: int, rows: int = 0
+                ) -> list[dict[str, Any]]:
     """The job's own batches of these rows, at its default budget: sorted windows, each batch
     at its own width."""
+    from jobs.spec import GPU_TEXT_BATCH_SIZE
     from workers.batching import (
         MIN_WINDOW,
         TOKENS_PER_ROW,
@@ -138,7 +140,7 @@ def job_batches(tokenizer_text: str, texts: list[str], max_length: int) -> list[
     )
     from workers.text import TOKEN_COUNTS, TextEncoder
 
-    rows = 256  # the job's default --batch-size
+    rows = rows or GPU_TEXT_BATCH_SIZE  # the job's default --batch-size for text on GPUs
     budget = TokenBudget(rows=rows, tokens=TOKENS_PER_ROW * rows,
                          window=max(MIN_WINDOW, WINDOW_BATCHES * rows), max_length=max_length,
                          inputs=("input_ids", "attention_mask", "token_type_ids"))
@@ -436,6 +438,9 @@ def gpu(args: argparse.Namespace) -> None:
     results["a_engine"] = engine_alone(model_bytes, batches, args.engine_seconds)
     log(f"(a) engine alone, job batches {results['batches']}: "
         f"{results['a_engine']['rows_per_s']:,.0f} rows/s")
+    results["a_engine_256"] = engine_alone(model_bytes, job_batches(text, base, max_length, 256),
+                                           args.engine_seconds / 2)
+    log(f"(a) engine alone, batches of 256 rows: {results['a_engine_256']['rows_per_s']:,.0f}")
     results["a_engine_padded_128"] = engine_alone(model_bytes, padded_batches(batches[:200], 128),
                                                   args.engine_seconds / 2)
     log(f"(a) engine alone, padded to 128: {results['a_engine_padded_128']['rows_per_s']:,.0f}")
@@ -487,6 +492,8 @@ def write_gpu_table(results: dict[str, Any], log: RunLog) -> None:
     d = results.get("d_ray_data", {})
     lines = ["| run | rows/s |", "|---|---:|",
              f"| (a) engine alone, the job's batches | {a:,.0f} |",
+             f"| (a) engine alone, batches of at most 256 rows | "
+             f"{results.get('a_engine_256', {}).get('rows_per_s', 0):,.0f} |",
              f"| (a) engine alone, padded to 128 | "
              f"{results.get('a_engine_padded_128', {}).get('rows_per_s', 0):,.0f} |",
              f"| (b) tokenization alone, {results.get('cpus')} threads | "
