@@ -12,7 +12,7 @@ from typing import Any
 
 from workers.images import jpegs_at_size
 from workers.preprocess import ImagePrep
-from workers.reader import ShardFile
+from workers.reader import sample_column
 from workers.types import Shard, WorkerConfig
 
 #: Files sampled, and images looked at in each (from its first row group).
@@ -22,19 +22,8 @@ SAMPLE_ROWS = 64
 
 def sample_images(shards: list[Shard], column: str, storage: dict[str, Any]) -> list[bytes | None]:
     """Up to `SAMPLE_ROWS` values of `column` from the first row group of a few files."""
-    seen: set[str] = set()
-    values: list[bytes | None] = []
-    for shard in shards:
-        if shard.url in seen or shard.files or len(seen) >= SAMPLE_FILES:
-            continue
-        seen.add(shard.url)
-        file = ShardFile(shard, storage)
-        try:
-            table = file.read_row_group(shard.row_groups[0], [column])
-        finally:
-            file.close()
-        values.extend(table.column(column).slice(0, SAMPLE_ROWS).to_pylist())
-    return values
+    return [value for array in sample_column(shards, column, storage, SAMPLE_FILES, SAMPLE_ROWS)
+            for value in array.to_pylist()]
 
 
 def at_size_images(config: WorkerConfig, shards: list[Shard]) -> tuple[str, ...]:

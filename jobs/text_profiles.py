@@ -14,7 +14,7 @@ import numpy as np
 
 from workers.batching import token_budget
 from workers.preprocess import TextPrep
-from workers.reader import ShardFile
+from workers.reader import sample_column
 from workers.tensors import TensorMeta
 from workers.text import TextEncoder
 from workers.types import Shard, WorkerConfig
@@ -28,19 +28,9 @@ def sample_lengths(shards: list[Shard], spec: TextPrep, storage: dict[str, Any])
     """Token counts of up to `SAMPLE_ROWS` rows from the first row group of a few files."""
     encoder = TextEncoder(spec.tokenizer_json, f"'{spec.tokenizer}'",
                           spec.max_length or 512, spec.truncation)
-    seen: set[str] = set()
-    lengths = []
-    for shard in shards:
-        if shard.url in seen or shard.files or len(seen) >= SAMPLE_FILES:
-            continue
-        seen.add(shard.url)
-        file = ShardFile(shard, storage)
-        try:
-            table = file.read_row_group(shard.row_groups[0], [spec.column])
-        finally:
-            file.close()
-        texts = table.column(spec.column).slice(0, SAMPLE_ROWS).fill_null("").to_pylist()
-        lengths.append(encoder.encode_ragged(texts).lengths)
+    lengths = [encoder.encode_ragged(texts.fill_null("").to_pylist()).lengths
+               for texts in sample_column(shards, spec.column, storage, SAMPLE_FILES,
+                                          SAMPLE_ROWS)]
     return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
 
 

@@ -8,7 +8,7 @@ remembers what the storage raised, and only that counts as a storage failure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pyarrow as pa
@@ -302,3 +302,22 @@ def read_batches(shard: Shard, columns: list[str], batch_size: int,
             carry = table.slice(offset) if offset < table.num_rows else None
         if carry is not None:
             yield carry.combine_chunks()
+
+
+def sample_column(shards: Sequence[Shard], column: str, storage: dict[str, Any], files: int,
+                  rows: int) -> list[pa.Array]:
+    """The first `rows` values of `column` in the first row group of up to `files` Parquet
+    files of `shards` (one array each): what the driver samples of its input."""
+    seen: set[str] = set()
+    arrays = []
+    for shard in shards:
+        if shard.url in seen or shard.files or len(seen) >= files:
+            continue
+        seen.add(shard.url)
+        file = ShardFile(shard, storage)
+        try:
+            table = file.read_row_group(shard.row_groups[0], [column])
+        finally:
+            file.close()
+        arrays.append(table.column(column).slice(0, rows).combine_chunks())
+    return arrays
