@@ -43,6 +43,7 @@ from workers.images import (
     import_simplejpeg,
     is_jpeg,
     jpeg_complete,
+    jpeg_size,
     resized_size,
 )
 
@@ -370,22 +371,6 @@ class _SlotBuffers:
             self._own.pop().close()
 
 
-def _turbo_header() -> Any | None:
-    """simplejpeg's `decode_jpeg_header`, or None without simplejpeg."""
-    simplejpeg = import_simplejpeg()
-    return None if simplejpeg is None else simplejpeg.decode_jpeg_header
-
-
-def _at_size(header: Any, data: bytes, resize: int) -> bool:
-    """True for a JPEG whose shorter side is already `resize` (False where its header does not
-    parse: nvImageCodec and then the CPU path decide about it)."""
-    try:
-        height, width = (int(v) for v in header(data)[:2])
-    except Exception:  # simplejpeg raises ValueError for a header it cannot read
-        return False
-    return resized_size(width, height, resize) == (width, height)
-
-
 class GpuImages:
     """nvImageCodec decoding and the fit kernel for a GPU actor's image inputs; close it when done.
 
@@ -452,7 +437,6 @@ class GpuImages:
         # threads enough (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
         # CPU faster than the engine runs, and nvImageCodec would take GPU time from the engine.
         cpu_at_size = target.cpu_at_size and cpu.fast_at_size
-        header = _turbo_header() if cpu_at_size else None
         for i, data in enumerate(values):
             if data is None or not is_jpeg(data):
                 # The GPU decoders installed (nvJPEG, its hardware engine) take JPEG only: a PNG
@@ -462,19 +446,16 @@ class GpuImages:
             if not jpeg_complete(data):
                 on_cpu.append(i)  # truncated: nvJPEG may decode what it has; the CPU refuses
                 continue
-            if header is not None and _at_size(header, data, target.resize):
-                # libjpeg-turbo's header parse (microseconds, as much as a row's decode costs
-                # the converting thread) rather than nvImageCodec's, for rows it never sees.
+            # libjpeg-turbo's header parse (fast_at_size has it), not nvImageCodec's, for rows
+            # nvImageCodec never sees.
+            if cpu_at_size and (size := jpeg_size(data)) is not None and \
+                    resized_size(*size, target.resize) == size:
                 on_cpu.append(i)
                 continue
             try:
                 stream = self._nv.CodeStream(data)
-                width, height = int(stream.width), int(stream.height)
-                check_pixels(width, height, target.max_pixels)
+                check_pixels(int(stream.width), int(stream.height), target.max_pixels)
             except Exception:  # not an image it parses, or too large: the CPU path says which
-                on_cpu.append(i)
-                continue
-            if cpu_at_size and resized_size(width, height, target.resize) == (width, height):
                 on_cpu.append(i)
                 continue
             streams.append(stream)
