@@ -73,6 +73,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.measure import NodeCpu, TreeMonitor
 from bench.runlog import RunLog
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -493,10 +494,12 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         [REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
     log(f"(c) {label}: {' '.join(command[1:])}")
     t_start = time.time()
-    with open(log_path, "w") as stderr:
+    monitor = TreeMonitor(interval=1.0, tree_every=1).start()
+    with open(log_path, "w") as stderr, NodeCpu() as node:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=stderr, stderr=stderr,
                               check=False).returncode
     t_end = time.time()
+    usage = monitor.stop()
     text = log_path.read_text()
     manifest = json.loads((out / "_manifest.json").read_text()) if (out / "_manifest.json").exists() \
         else {}
@@ -526,6 +529,9 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         "resources": {k: workers[0].get(k) for k in ("readers", "preprocess_threads")}
         if workers else {},
         "stages": stages, "limited_by": manifest.get("limited_by"),
+        # Host-bound (near 1.0) or waiting (well below, with the GPU idle too)?
+        "node_cpu_busy": node.busy(first, last), "cpus": os.cpu_count(),
+        "cpu_seconds_by_process": usage.cpu_by_title,
         # Where the fixed costs went, by the driver's phases, and each worker's warm-up batch.
         "timings": manifest.get("timings"),
         "warmup_seconds": [w.get("warmup_seconds") for w in workers],
@@ -537,7 +543,9 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after "
         f"(phases {result['timings']}, warm-up {result['warmup_seconds']}); GPU "
         f"busy {result['gpu_busy_fraction']}; image decode {result['image_decode']}; stages "
-        f"{json.dumps(stages)}; {result['limited_by'] or 'no limited-by line'}")
+        f"{json.dumps(stages)}; {result['limited_by'] or 'no limited-by line'}; node CPUs "
+        f"busy {result['node_cpu_busy']} of {result['cpus']} during the shards; CPU seconds "
+        f"by process {json.dumps(result['cpu_seconds_by_process'])}")
     for line in result["summary"]:
         log(f"    {line}")
     return result

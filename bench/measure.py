@@ -46,6 +46,8 @@ def _title(proc: psutil.Process) -> str:
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return ""
     first = cmdline[0] if cmdline else ""
+    if any("multiprocessing" in arg for arg in cmdline[1:3]):
+        return "helper processes"  # an actor's forkserver and its pool (workers.helpers)
     if first.startswith("ray::"):
         return first.split(" ")[0].split(".")[0]
     return os.path.basename(first) if len(cmdline) < 2 or "python" not in first \
@@ -226,3 +228,57 @@ def _is_local(fs: object) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    """(busy, total) CPU jiffies of the whole node since boot, from /proc/stat (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user and nice
+    return total - idle, total
+
+
+class NodeCpu:
+    """How busy the node's CPUs were over a span of wall-clock time, sampled every `interval`.
+
+    Where a job's phase is host-bound, its node runs near 100%: the fix is less CPU work a row.
+    Well below, with the GPU idle too, the pipeline's threads wait on each other instead.
+    `busy(t0, t1)` takes epoch seconds (the manifest's `started_at`/`committed_at`).
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, float, float]] = []  # (epoch, busy, total)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="node-cpu")
+
+    def _take(self) -> None:
+        stat = _proc_stat()
+        if stat is not None:
+            self.samples.append((time.time(), *stat))
+
+    def _run(self) -> None:
+        self._take()
+        while not self._stop.wait(self.interval):
+            self._take()
+
+    def __enter__(self) -> NodeCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._take()
+
+    def busy(self, t0: float, t1: float) -> float | None:
+        """The fraction of all the node's CPU time that was busy between `t0` and `t1`."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return None
+        (_, b0, n0), (_, b1, n1) = inside[0], inside[-1]
+        return round((b1 - b0) / (n1 - n0), 3) if n1 > n0 else None

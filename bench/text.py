@@ -47,6 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.measure import NodeCpu, TreeMonitor
+from bench.pyspy_top import RecordLater
 from bench.runlog import RunLog
 from examples.reviews import _ASPECTS, _BAD, _EXTRAS, _GOOD, _OPENERS, _PRODUCTS
 
@@ -304,11 +306,13 @@ def run_process(argv: list[str], log: RunLog, timeout: float, env: dict[str, str
 
 
 def run_job(model: Path, data: Path, out: Path, tokenizer: Path, log: RunLog, timeout: float,
-            variant: str = "") -> dict[str, Any]:
+            variant: str = "", profile_at: float | None = None,
+            profile_seconds: float = 10.0) -> dict[str, Any]:
     """`python -m jobs.enrich` at default flags, as a user runs it; the manifest's timings.
 
     `variant`: more job flags, after leading NAME=VALUE words for its environment
-    (`bench.gpu_inputs.split_variant`)."""
+    (`bench.gpu_inputs.split_variant`). `profile_at`: seconds after its start, py-spy records
+    every thread of its actors for `profile_seconds` (`bench.pyspy_top`), into the result."""
     from bench.gpu_inputs import split_variant
 
     env, flags = split_variant(variant)
@@ -316,8 +320,19 @@ def run_job(model: Path, data: Path, out: Path, tokenizer: Path, log: RunLog, ti
     argv = [sys.executable, "-m", "jobs.enrich", "--model", str(model), "--input", str(data),
             "--output", str(out), "--text-column", "text", "--tokenizer", str(tokenizer),
             "--keep", "id", "--no-progress", *flags]
-    wall, code, _ = run_process(argv, log, timeout, env)
+    monitor = TreeMonitor(interval=1.0, tree_every=1).start()
+    spy = RecordLater(profile_at, profile_seconds, out.parent / "pyspy")
+    with NodeCpu() as node:
+        wall, code, _ = run_process(argv, log, timeout, env)
+    usage = monitor.stop()
+    threads = spy.result()
+    if threads:
+        log(f"  threads of the actors, from {profile_at:.0f} s for {profile_seconds:.0f} s "
+            f"(py-spy, idle included):\n{threads}")
     manifest = json.loads((out / "_manifest.json").read_text()) if code == 0 else {}
+    shards = [s for s in manifest.get("shards", []) if s.get("status") == "committed"]
+    busy = node.busy(min(float(s["started_at"]) for s in shards),
+                     max(float(s["committed_at"]) for s in shards)) if shards else None
     timings = manifest.get("timings", {})
     rows = int(manifest.get("rows", 0))
     workers = manifest.get("workers", [])
@@ -326,7 +341,10 @@ def run_job(model: Path, data: Path, out: Path, tokenizer: Path, log: RunLog, ti
             "process_rows_per_s": rows / wall if code == 0 else 0.0,
             "gpu_busy_fraction": [w.get("gpu_busy_fraction") for w in workers],
             "slots": [w.get("slots") for w in workers],
-            "worker_seconds": [w.get("seconds") for w in workers]}
+            "worker_seconds": [w.get("seconds") for w in workers],
+            # Host-bound (near 1.0) or waiting (well below, with the GPU idle too)?
+            "node_cpu_busy": busy, "cpus": os.cpu_count(),
+            "cpu_seconds_by_process": usage.cpu_by_title, "threads": threads}
 
 
 RAY_DATA = '''
@@ -468,7 +486,8 @@ def gpu(args: argparse.Namespace) -> None:
     long_rows = write_copies(long, base, copies, ROW_GROUP)
     shutil.rmtree(short, ignore_errors=True)
     log(f"(c) {long_rows:,} rows in {copies} files")
-    results["c_long"] = run_job(model, long, work / "out-long", tokenizer, log, args.long_timeout)
+    results["c_long"] = run_job(model, long, work / "out-long", tokenizer, log, args.long_timeout,
+                                profile_at=args.profile_at, profile_seconds=args.profile_seconds)
     log(f"(c) job: {results['c_long']}")
     save()
     results["c_variants"] = []
@@ -517,6 +536,11 @@ def write_gpu_table(results: dict[str, Any], log: RunLog) -> None:
                      f"{cs['wall']:.1f}s vs {d['wall']:.1f}s = {d['wall'] / cs['wall']:.2f}x "
                      "(target 3x)")
     lines.append(f"fixed costs of (c): {c.get('timings')}")
+    for name, run in (("(c)", c), *((f"(c') {v['flags']}", v)
+                                    for v in results.get("c_variants", []))):
+        lines.append(f"{name}: GPU busy {run.get('gpu_busy_fraction')}, node CPUs busy "
+                     f"{run.get('node_cpu_busy')} of {run.get('cpus')} during its shards; CPU "
+                     f"seconds by process {run.get('cpu_seconds_by_process')}")
     table = "\n".join(lines)
     log.path(".md").write_text(table + "\n")
     log("\n" + table)
@@ -654,6 +678,10 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                         help="GPU: also run (c) with these job flags (leading NAME=VALUE words: "
                              "its environment), on the same rows; repeat for more")
+    parser.add_argument("--profile-at", type=float, default=None, metavar="SECONDS",
+                        help="GPU: py-spy records every thread of the long job's actors this "
+                             "many seconds after the job starts (bench.pyspy_top)")
+    parser.add_argument("--profile-seconds", type=float, default=10.0)
     parser.add_argument("--cpu-rows", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dry-run", action="store_true",

@@ -87,3 +87,32 @@ def test_text_host_bench_measures_every_stage_against_its_baseline(tmp_path: Pat
     graph_model = job["graph"][1]
     assert [len(m.shape) for m in describe_onnx(graph_model).outputs] == [2]
     assert pq.read_table(tmp_path / "out").num_rows == 600
+
+
+def test_pyspy_top_shares_each_threads_samples_by_leaf_and_our_nearest_frame() -> None:
+    from bench.pyspy_top import RecordLater, summarize
+
+    raw = "\n".join([
+        "thread (11): feed;Thread.run (threading.py:982);submit (/r/workers/slots.py:10);"
+        "Condition.wait (threading.py:331) 30",
+        "thread (11): feed;Thread.run (threading.py:982);submit (/r/workers/slots.py:12);"
+        "run_with_iobinding (onnxruntime/session.py:5) 10",
+        "thread (12): MainThread;<module> (x.py:1) 5",
+        "garbage line",
+    ])
+    text = summarize(raw)
+    assert text.splitlines()[0] == "feed (11): 40 samples"
+    assert "75.0%  Condition.wait <- submit (slots.py)" in text
+    assert "25.0%  run_with_iobinding <- submit (slots.py)" in text
+    assert "MainThread (12): 5 samples" in text
+    assert RecordLater(None, 1.0, Path("/nonexistent")).result() == ""
+
+
+def test_node_cpu_busy_is_the_busy_share_between_two_times() -> None:
+    from bench.measure import NodeCpu
+
+    node = NodeCpu()
+    node.samples = [(100.0, 10.0, 100.0), (101.0, 40.0, 200.0), (102.0, 140.0, 300.0)]
+    assert node.busy(100.0, 102.0) == 0.65
+    assert node.busy(101.0, 102.0) == 1.0
+    assert node.busy(105.0, 106.0) is None

@@ -291,3 +291,20 @@ def test_the_driver_samples_the_first_row_group_of_the_image_column(tmp_path: An
         files = [f for f in read_footers(fs, listing) if isinstance(f, InputFile)]
         found = at_size_images(config, cut_shards(files, 3))
         assert found == (("x",) if name == "at" else ())
+
+
+def test_jpeg_complete_takes_the_end_marker_fast_path_only_where_the_full_check_agrees() -> None:
+    from workers.images import jpeg_complete
+
+    def full_check(data: bytes) -> bool:
+        return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+
+    whole = jpeg(64, 48, 3)
+    cases = {"whole": whole, "trailing bytes": whole + b"\x00\x00junk",
+             "cut in its scan": whole[:len(whole) // 2], "cut before its EOI": whole[:-2],
+             "headers only": whole[:whole.index(b"\xff\xda")] + b"\xff\xd9", "empty": b""}
+    for name, data in cases.items():
+        assert jpeg_complete(data) == full_check(data), name
+    assert jpeg_complete(whole) and jpeg_complete(cases["trailing bytes"])
+    assert not jpeg_complete(cases["cut in its scan"])
+    assert not jpeg_complete(cases["headers only"])
