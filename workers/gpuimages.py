@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from workers.images import (
     ImageDecoder,
     check_pixels,
     crop_origin,
+    dct_factor,
     import_simplejpeg,
     is_jpeg,
     jpeg_complete,
@@ -152,8 +153,11 @@ FIT(fit_f64, double)
 
 #: Threads per block of the fit kernel (one per output pixel).
 BLOCK = 256
-#: Device memory of decoded images kept for the decoder to reuse (the rest are freed).
+#: Device memory of decoded images kept for the decoder to reuse (the rest are freed), and
+#: pinned host memory kept for the CPU's decodes (`HostArenas`).
 SPARE_BYTES = 1 << 30
+#: How a `GpuImages` decodes (its `decoder`).
+DECODERS = ("nvimgcodec", "turbo")
 
 
 def fit_row(width: int, height: int, size: tuple[int, int], resize: int
@@ -228,6 +232,8 @@ class FitTarget:
     #: `decode: auto`: JPEGs at the model's size may decode on the CPU (`GpuImages.decode`);
     #: `decode: gpu` asks for the GPU, and gets it.
     cpu_at_size: bool = False
+    #: A JPEG larger than needed decodes at a reduced DCT scale (the preprocessor's `draft`).
+    draft: bool = True
 
     @property
     def channels(self) -> int:
@@ -277,6 +283,160 @@ class DeviceImage:
         if channels != 3 or face["typestr"] != "|u1":
             raise BackendError(f"nvImageCodec returned {face['typestr']} with {channels} "
                                "channels for an RGB decode; expected uint8 RGB")
+
+
+class HostImage:
+    """One JPEG decoded by libjpeg-turbo on a CPU thread, HWC uint8 RGB, in a pinned `arena`
+    at `offset`: the fit kernel resizes it on the GPU after one copy. `width` x `height` is the
+    decode (a power-of-two DCT scale of the original); `original` the stored image's size."""
+
+    __slots__ = ("arena", "height", "offset", "original", "width")
+
+    def __init__(self, arena: Any, offset: int, height: int, width: int,
+                 original: tuple[int, int]) -> None:
+        self.arena, self.offset, self.height, self.width = arena, offset, height, width
+        self.original = original
+
+    @property
+    def nbytes(self) -> int:
+        return self.height * self.width * 3
+
+    def pixels(self) -> np.ndarray:
+        """The decoded pixels (a view of the arena)."""
+        return self.arena.view(np.uint8, (self.arena.nbytes,))[
+            self.offset:self.offset + self.nbytes].reshape(self.height, self.width, 3)
+
+
+class _Arena:
+    """A pinned buffer lent by `HostArenas`; it goes back when the last image in it is gone."""
+
+    def __init__(self, buffer: Any, pool: HostArenas) -> None:
+        self.buffer, self.pool = buffer, pool
+        self.ptr, self.nbytes = int(buffer.ptr), int(buffer.nbytes)
+
+    def view(self, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return self.buffer.view(dtype, shape)
+
+    def __del__(self) -> None:
+        buffer, self.buffer = self.buffer, None
+        if buffer is not None:
+            self.pool.give(buffer)
+
+
+class HostArenas:
+    """Pinned host memory for the images one `GpuImages.decode` call decodes on the CPU:
+    libjpeg-turbo writes into it, and the slot's stream copies from it to the device with no
+    copy in between. Spent buffers are kept (up to `SPARE_BYTES`) for the next calls: pinning
+    memory is slow. `allocate(nbytes)` makes a buffer (`workers.cuda.PinnedBuffer` on a GPU)."""
+
+    #: Buffers are made in steps of this many bytes, so batches of nearly one size share them.
+    STEP = 8 << 20
+
+    def __init__(self, allocate: Callable[[int], Any] | None = None) -> None:
+        if allocate is None:
+            from workers import cuda
+
+            allocate = cuda.PinnedBuffer
+        self._allocate = allocate
+        self._lock = threading.RLock()  # `give` may run from a collection inside `take`
+        self._free: list[Any] = []
+        self._closed = False
+
+    def take(self, nbytes: int) -> _Arena:
+        with self._lock:
+            fits = [b for b in self._free if b.nbytes >= nbytes]
+            buffer = min(fits, key=lambda b: b.nbytes) if fits else None
+            if buffer is not None:
+                self._free.remove(buffer)
+        if buffer is None:
+            buffer = self._allocate(max(self.STEP, -(-nbytes // self.STEP) * self.STEP))
+        return _Arena(buffer, self)
+
+    def give(self, buffer: Any) -> None:
+        with self._lock:
+            if not self._closed and sum(b.nbytes for b in self._free) + buffer.nbytes \
+                    <= SPARE_BYTES:
+                self._free.append(buffer)
+                return
+        with contextlib.suppress(Exception):  # interpreter exit: CUDA may be gone
+            buffer.close()
+
+    def close(self) -> None:
+        """Free the spare buffers; those still lent are freed when they come back."""
+        with self._lock:
+            self._closed, free, self._free = True, self._free, []
+        for buffer in free:
+            buffer.close()
+
+
+def turbo_decode(values: Sequence[bytes | None], target: FitTarget, cpu: ImageDecoder,
+                 arenas: HostArenas) -> tuple[dict[int, HostImage], list[int]]:
+    """The rows libjpeg-turbo decodes for the fit kernel, on `cpu`'s threads, and the rest.
+
+    A complete RGB or gray JPEG within the pixel cap decodes at the largest power-of-two DCT
+    scale that keeps it at least its resized size (`dct_factor`; whole with `draft` off) into
+    one pinned arena for the call. Every other row (null, not a JPEG, truncated, CMYK, too
+    large, failing to decode) is returned for the CPU path, which gives its pixels or its error
+    exactly as without the GPU. Each row holds the GIL for a few microseconds: the threads
+    scale with the CPUs (Pillow's resize and copies, on the CPU path, do not).
+    """
+    simplejpeg = import_simplejpeg()
+    if simplejpeg is None:
+        return {}, list(range(len(values)))
+    planned: list[tuple[int, bytes, int, int, int, tuple[int, int]]] = []
+    on_cpu: list[int] = []
+    offset = 0
+    for i, data in enumerate(values):
+        if data is None or not is_jpeg(data) or not jpeg_complete(data):
+            on_cpu.append(i)
+            continue
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            check_pixels(width, height, target.max_pixels)
+        except Exception:  # not a JPEG libjpeg parses, or too large: the CPU path says which
+            on_cpu.append(i)
+            continue
+        if colorspace in ("CMYK", "YCCK"):
+            on_cpu.append(i)  # Pillow converts those
+            continue
+        factor = dct_factor(width, height, target.resize) if target.draft else 1
+        h, w = -(-height // factor), -(-width // factor)
+        planned.append((i, data, offset, h, w, (width, height)))
+        offset += h * w * 3
+    if not planned:
+        return {}, on_cpu
+    arena = arenas.take(offset)
+    flat = arena.view(np.uint8, (arena.nbytes,))
+
+    def decode(chunk: Sequence[tuple[int, bytes, int, int, int, tuple[int, int]]]
+               ) -> list[tuple[int, HostImage | None]]:
+        done: list[tuple[int, HostImage | None]] = []
+        for i, data, at, h, w, original in chunk:
+            scaled = (h, w) != original[::-1]
+            try:
+                got = simplejpeg.decode_jpeg(data, "RGB", min_height=h if scaled else 0,
+                                             min_width=w if scaled else 0,
+                                             buffer=flat[at:at + h * w * 3], strict=False)
+                ok = tuple(got.shape) == (h, w, 3)
+            except Exception:  # corrupt inside: the CPU path gives the reason
+                ok = False
+            done.append((i, HostImage(arena, at, h, w, original) if ok else None))
+        return done
+
+    threads = cpu.threads if cpu.pool is not None else 1
+    step = -(-len(planned) // max(1, threads))
+    chunks = [planned[lo:lo + step] for lo in range(0, len(planned), step)]
+    results = [decode(chunks[0])] if len(chunks) == 1 or cpu.pool is None else \
+        [f.result() for f in [cpu.pool.submit(decode, c) for c in chunks]]
+    decoded: dict[int, HostImage] = {}
+    for chunk_done in results:
+        for i, image in chunk_done:
+            if image is None:
+                on_cpu.append(i)
+            else:
+                decoded[i] = image
+    on_cpu.sort()
+    return decoded, on_cpu
 
 
 class _Kernel:
@@ -357,9 +517,25 @@ class _SlotBuffers:
             raise
         self.records = self.rows_host.view(ROW, (max_rows,))
         self.pixels = self.pixels_host.view(np.uint8, (max_rows, height, width, target.channels))
-        #: The device images of the slot's last batch: alive until the slot is filled again
-        #: (by then that batch was collected, so the kernel that read them is done).
-        self.holding: list[DeviceImage] = []
+        #: The images of the slot's last batch: alive until the slot is filled again (by then
+        #: that batch was collected, so the copies and the kernel that read them are done).
+        self.holding: list[DeviceImage | HostImage] = []
+        #: Device memory for the batch's CPU-decoded images (`_Staging`), grown as needed.
+        self.decoded: Any = None
+
+    def decoded_device(self, nbytes: int) -> int:
+        """A device pointer to at least `nbytes` for the batch's CPU-decoded images."""
+        from workers import cuda
+
+        if self.decoded is None or self.decoded.nbytes < nbytes:
+            # The slot's last batch was collected: nothing reads the old buffer any more.
+            if self.decoded is not None:
+                self._own.remove(self.decoded)
+                self.decoded.close()
+                self.decoded = None
+            self.decoded = self._keep(cuda.DeviceBuffer(-(-nbytes // HostArenas.STEP)
+                                                        * HostArenas.STEP))
+        return int(self.decoded.ptr)
 
     def _keep(self, resource: Any) -> Any:
         self._own.append(resource)
@@ -371,6 +547,36 @@ class _SlotBuffers:
             self._own.pop().close()
 
 
+class _Staging:
+    """Where one batch's CPU-decoded images go on the device: back to back in the slot's
+    buffer, copied from their pinned arenas in as few copies as the rows allow (the rows of one
+    decode call sit back to back in one arena)."""
+
+    def __init__(self, buffers: _SlotBuffers, nbytes: int) -> None:
+        self.base = buffers.decoded_device(nbytes) if nbytes else 0
+        self.used = 0
+        #: Copies to make: [source pointer, device offset, bytes].
+        self.runs: list[list[int]] = []
+
+    def place(self, image: HostImage) -> int:
+        """The device pointer `image` will be at once `copy` has run."""
+        source = image.arena.ptr + image.offset
+        last = self.runs[-1] if self.runs else None
+        if last is not None and last[0] + last[2] == source and last[1] + last[2] == self.used:
+            last[2] += image.nbytes
+        else:
+            self.runs.append([source, self.used, image.nbytes])
+        at = self.base + self.used
+        self.used += image.nbytes
+        return at
+
+    def copy(self, stream: int) -> None:
+        from workers import cuda
+
+        for source, offset, nbytes in self.runs:
+            cuda.copy_htod_async(self.base + offset, source, nbytes, stream)
+
+
 class GpuImages:
     """nvImageCodec decoding and the fit kernel for a GPU actor's image inputs; close it when done.
 
@@ -378,15 +584,20 @@ class GpuImages:
     (`stats`). One per actor: the decoder, its stream and the kernel outlive shards.
     """
 
-    def __init__(self, targets: Mapping[str, FitTarget], device_id: int = 0, threads: int = 1
-                 ) -> None:
+    def __init__(self, targets: Mapping[str, FitTarget], device_id: int = 0, threads: int = 1,
+                 decoder: str = "nvimgcodec") -> None:
         from workers import cuda
 
-        nvimgcodec = import_nvimgcodec()
+        if decoder not in DECODERS:
+            raise ValueError(f"GpuImages decoder must be one of {DECODERS}, got {decoder!r}")
+        #: "nvimgcodec": the GPU decodes (nvImageCodec); "turbo": libjpeg-turbo on the actor's
+        #: CPU threads into pinned memory (`turbo_decode`), the GPU only resizes and lays out.
+        self.decoder = decoder
+        nvimgcodec = import_nvimgcodec() if decoder == "nvimgcodec" else None
         self.targets = dict(targets)
         self.inputs = frozenset(self.targets)
         self.device_id = device_id
-        self._nv = nvimgcodec
+        self._nv: Any = nvimgcodec
         self._lock = threading.Lock()
         self._slots: dict[tuple[int, str], _SlotBuffers] = {}
         #: nvImageCodec images of batches that are done, for the next decodes to reuse.
@@ -396,7 +607,17 @@ class GpuImages:
         self.cpu_rows = 0
         self._stream: Any = None
         self._kernel: _Kernel | None = None
+        self._owner: _DecodeResources | None = None
+        self._arenas: HostArenas | None = None
         cuda.set_device(device_id)
+        if nvimgcodec is None:
+            try:
+                self._arenas = HostArenas()
+                self._kernel = _Kernel(device_id)
+            except BaseException:
+                self.close()
+                raise
+            return
         try:
             # High priority: a batch's decode kernels start ahead of the engine's blocks
             # queued on the slots' streams rather than after them. (Beside a ResNet-50 it still
@@ -416,8 +637,7 @@ class GpuImages:
                 apply_exif_orientation=False,  # as Pillow's and libjpeg's decodes
                 color_spec=nvimgcodec.ColorSpec.SRGB, allow_any_depth=False,
                 sample_format=nvimgcodec.SampleFormat.I_RGB)
-            self._owner: _DecodeResources | None = _DecodeResources(self._decoder,
-                                                                    self._stream)
+            self._owner = _DecodeResources(self._decoder, self._stream)
             self._kernel = _Kernel(device_id)
         except BaseException:
             self.close()
@@ -432,6 +652,11 @@ class GpuImages:
         """
         target = self.targets[name]
         out = np.empty(len(values), dtype=object)
+        if self._arenas is not None:
+            decoded, on_cpu = turbo_decode(values, target, cpu, self._arenas)
+            for i, host in decoded.items():
+                out[i] = host
+            return out, self._on_cpu(out, values, on_cpu, cpu, len(decoded))
         streams, rows, on_cpu = [], [], []
         # With decode auto, JPEGs already at the model's size decode on the CPU when it has
         # threads enough (`ImageDecoder.fast_at_size`): nothing is resized, libjpeg-turbo decodes them on every
@@ -468,11 +693,17 @@ class GpuImages:
             else:
                 out[i] = DeviceImage(image, self._owner)
                 on_gpu += 1
+        return out, self._on_cpu(out, values, sorted(on_cpu), cpu, on_gpu)
+
+    def _on_cpu(self, out: np.ndarray, values: Sequence[bytes | None], on_cpu: list[int],
+                cpu: ImageDecoder, on_gpu: int) -> dict[int, str]:
+        """The CPU path's pixels for rows `on_cpu` (sorted) into `out`; the bad rows' reasons.
+
+        The CPU decoder's threads (and processes) give raw uint8 pixels at the crop's size, and
+        the kernel normalizes them with the other rows. `on_gpu`: the rows decoded for the
+        kernel to resize (counted as `gpu_rows`)."""
         bad: dict[int, str] = {}
         if on_cpu:
-            on_cpu.sort()
-            # The CPU decoder's threads (and processes), raw uint8 pixels at the crop's size:
-            # the kernel normalizes them with the GPU-decoded rows.
             pixels, failed = cpu.decode([values[i] for i in on_cpu])
             for k, i in enumerate(on_cpu):
                 if k in failed:
@@ -482,7 +713,7 @@ class GpuImages:
         with self._lock:
             self.gpu_rows += on_gpu
             self.cpu_rows += len(on_cpu) - len(bad)
-        return out, bad
+        return bad
 
     # the GPU loop --------------------------------------------------------------------------------
     def fill(self, slot: Any, name: str, parts: Sequence[np.ndarray], rows: int) -> None:
@@ -493,7 +724,9 @@ class GpuImages:
         target = self.targets[name]
         buffers = self._buffers(slot, name, target)
         records, fallback = buffers.records, 0
-        holding: list[DeviceImage] = []
+        holding: list[DeviceImage | HostImage] = []
+        staged = _Staging(buffers, sum(item.nbytes for part in parts for item in part
+                                       if isinstance(item, HostImage)))
         row = 0
         height, width = target.size
         for part in parts:
@@ -503,6 +736,14 @@ class GpuImages:
                     new_h, new_w, top, left = fit_row(item.width, item.height, target.size,
                                                       target.resize)
                     record["src"], record["pitch"], record["src_c"] = item.ptr, item.pitch, 3
+                    record["src_h"], record["src_w"] = item.height, item.width
+                    holding.append(item)
+                elif isinstance(item, HostImage):
+                    # Resized from its reduced decode to the original's resized size, as the
+                    # CPU path resizes its DCT-scaled decodes.
+                    new_h, new_w, top, left = fit_row(*item.original, target.size, target.resize)
+                    record["src"] = staged.place(item)
+                    record["pitch"], record["src_c"] = item.width * 3, 3
                     record["src_h"], record["src_w"] = item.height, item.width
                     holding.append(item)
                 else:  # CPU-decoded pixels, already at the crop's size: copied, not resized
@@ -519,9 +760,10 @@ class GpuImages:
             raise BackendError(f"image input '{name}' got {row} rows for a batch of {rows}")
         # This slot's last batch was collected: its images go back for the decoder to reuse.
         spent, buffers.holding = buffers.holding, holding
-        self._give_back([d.image for d in spent])
+        self._give_back([d.image for d in spent if isinstance(d, DeviceImage)])
         cuda.set_device(self.device_id)  # this thread's current context: the kernel's
         stream = slot.stream.handle
+        staged.copy(stream)
         cuda.copy_htod_async(buffers.rows_device.ptr, buffers.rows_host.ptr,
                              rows * ROW.itemsize, stream)
         if fallback:
@@ -565,7 +807,9 @@ class GpuImages:
                 self._spare_bytes += size
 
     def probe(self) -> None:
-        """Raise BackendError unless a small JPEG decodes on this GPU."""
+        """Raise BackendError unless a small JPEG decodes on this GPU (nvImageCodec's)."""
+        if self._arenas is not None:
+            return  # libjpeg-turbo decodes; the kernel compiled and loaded in __init__
         images = self._decoder.decode([self._nv.CodeStream(_probe_jpeg())], params=self._params,
                                       cuda_stream=self._stream.handle)
         self._stream.synchronize()
@@ -581,7 +825,8 @@ class GpuImages:
             return buffers
 
     def stats(self) -> dict[str, Any]:
-        return {"decode": "gpu", "gpu_rows": self.gpu_rows, "cpu_rows": self.cpu_rows}
+        return {"decode": "gpu" if self._arenas is None else "libjpeg-turbo, resized on the gpu",
+                "gpu_rows": self.gpu_rows, "cpu_rows": self.cpu_rows}
 
     def close(self) -> None:
         """Free the slots' buffers, the kernel module and the decode stream (after its work)."""
@@ -593,6 +838,9 @@ class GpuImages:
         kernel, self._kernel = self._kernel, None
         if kernel is not None:
             kernel.close()
+        arenas, self._arenas = self._arenas, None
+        if arenas is not None:
+            arenas.close()
         # The decoder and its stream go with the last image still held (`_DecodeResources`).
         stream, self._stream = self._stream, None
         if stream is not None:
@@ -640,7 +888,7 @@ def fit_targets(specs: Sequence[Any], metas: Mapping[str, Any]) -> dict[str, Fit
             input=spec.input, mode=spec.mode, size=spec.size, resize=spec.resize,
             mean=tuple(spec.mean or ()), std=tuple(spec.std or ()), layout=spec.layout,
             dtype=np.dtype(meta.dtype), max_pixels=spec.max_pixels,
-            cpu_at_size=spec.decode == "auto")
+            cpu_at_size=spec.decode == "auto", draft=spec.draft)
     return targets
 
 
@@ -649,10 +897,12 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
                     ) -> tuple[GpuImages | None, str]:
     """The actor's GPU image decoding for `specs`, or None; and how its images decode, in words.
 
-    `on_gpu`: the actor's backend runs on a GPU (slots). `decode: auto` takes the GPU where
-    nvImageCodec imports and decodes a test image there, else the CPU (the words say why);
-    `decode: gpu` raises instead. `at_size`: inputs whose sampled rows are JPEGs at the model's
-    size (`WorkerConfig.at_size_images`); with `decode: auto` and `threads` of at least
+    `on_gpu`: the actor's backend runs on a GPU (slots). `decode: auto` on `threads` of at
+    least `FAST_THREADS` with libjpeg-turbo: JPEGs decode on those threads into pinned memory
+    and the fit kernel resizes them (`turbo_decode`); on fewer threads it takes nvImageCodec
+    where it imports and decodes a test image, else the CPU (the words say why). `decode: gpu`
+    takes nvImageCodec, and raises where it cannot. `at_size`: inputs whose sampled rows are
+    JPEGs at the model's size (`WorkerConfig.at_size_images`); with `decode: auto` and `threads` of at least
     `FAST_THREADS` (and libjpeg-turbo), they decode on the CPU, and nvImageCodec is not opened
     for them: beside the engine it decoded a sixth of its speed alone, and through the GPU
     path the CPU's rows ran at 0.56 of the engine against 0.94 on the CPU path
@@ -671,6 +921,10 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
                           "threads; --image-decode gpu decodes them on the GPU)")
         return None, "cpu"
     required = any(s.decode == "gpu" for s in wanted)
+    # decode auto on threads enough: libjpeg-turbo decodes on the CPU, the GPU resizes.
+    # Beside a ResNet-50, nvImageCodec decoded a sixth of its speed alone (the two share the
+    # GPU), and Pillow's resize on the CPU threads queues on the GIL (bench.decode_scaling).
+    decoder = "nvimgcodec" if required or not fast else "turbo"
     if not on_gpu:
         if required:
             raise BackendError("--image-decode gpu needs a GPU actor, and this one runs its model "
@@ -681,7 +935,7 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
         targets = fit_targets([s for s in specs if s not in on_cpu], metas)
         if not targets:
             return None, "cpu (no image input the GPU kernel writes)"
-        images = GpuImages(targets, device_id, threads)
+        images = GpuImages(targets, device_id, threads, decoder)
         images.probe()
     except Exception as exc:
         if images is not None:
@@ -689,4 +943,7 @@ def open_gpu_images(specs: Sequence[Any], metas: Mapping[str, Any], on_gpu: bool
         if required:
             raise
         return None, f"cpu (GPU decoding unavailable: {exc})"
+    if decoder == "turbo":
+        return images, (f"cpu+gpu (libjpeg-turbo on {threads} threads, resized on the GPU; "
+                        "--image-decode gpu decodes on the GPU)")
     return images, "gpu"

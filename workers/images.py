@@ -99,6 +99,20 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
+def dct_factor(width: int, height: int, resize: int) -> int:
+    """The largest of 8, 4, 2 that libjpeg can shrink a `width` x `height` JPEG by while it
+    stays at least its resized size (DCT scaling); 1 when none does.
+
+    Only powers of two: libjpeg-turbo's other scales (5/8, 3/4, ...) have no SIMD code and
+    decoded a 500x375 photo slower than the whole image (1.10 against 0.92 ms here).
+    """
+    new_w, new_h = resized_size(width, height, resize)
+    for factor in (8, 4, 2):
+        if -(-width // factor) >= new_w and -(-height // factor) >= new_h:
+            return factor
+    return 1
+
+
 def crop_origin(new_w: int, new_h: int, size: tuple[int, int]) -> tuple[int, int]:
     """(left, top) of the center crop `size` (h, w) in an image resized to `new_w` x `new_h`."""
     height, width = size

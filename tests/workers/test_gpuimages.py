@@ -74,15 +74,19 @@ def resolve(meta: TensorMeta, **kwargs: Any) -> ImagePrep:
                                                        "test")
 
 
-def gpu_pixels(spec: ImagePrep, meta: TensorMeta, values: list[bytes | None], batch: int = 256
-               ) -> tuple[np.ndarray, dict[int, str], dict[str, int]]:
-    """The GPU path's model input for `values`: decode, fit kernel, downloaded."""
+def gpu_pixels(spec: ImagePrep, meta: TensorMeta, values: list[bytes | None], batch: int = 256,
+               threads: int = 4) -> tuple[np.ndarray, dict[int, str], dict[str, int]]:
+    """The GPU path's model input for `values`: decode, fit kernel, downloaded. With decode
+    auto and `FAST_THREADS` threads the CPU decodes (libjpeg-turbo) and the kernel resizes."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from workers.gpuimages import open_gpu_images
 
-    images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, 4)
+    images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, threads)
     assert images is not None, how
+    pool = ThreadPoolExecutor(threads)
     cpu = ImageDecoder(spec.mode or "RGB", spec.size or (0, 0), spec.resize or 0, spec.draft,
-                       max_pixels=spec.max_pixels)
+                       pool=pool, threads=threads, max_pixels=spec.max_pixels)
     slot = DeviceBatch(meta, batch)
     out, bad = [], {}
     try:
@@ -99,6 +103,7 @@ def gpu_pixels(spec: ImagePrep, meta: TensorMeta, values: list[bytes | None], ba
             out.append(slot.download(len(good)))
         return np.concatenate(out), bad, {"gpu": images.gpu_rows, "cpu": images.cpu_rows}
     finally:
+        pool.shutdown()
         slot.close()
         images.close()
 
@@ -153,15 +158,15 @@ def test_gpu_decode_matches_the_cpu_decode_and_the_labels(digits: dict[str, Any]
     assert results[False]["same_top1"] >= 0.995 and results[True]["same_top1"] >= 0.99
 
 
-def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
-    """With decode auto and `FAST_THREADS` CPU threads, JPEGs stored at the model's size decode
-    on the CPU (libjpeg-turbo, nothing to resize) and larger ones on the GPU, in one batch, rows
-    in order; decode gpu decodes them all on the GPU."""
+def test_decode_auto_on_threads_enough_decodes_on_the_cpu_for_the_kernel() -> None:
+    """With decode auto and `FAST_THREADS` CPU threads every JPEG decodes with libjpeg-turbo
+    into pinned memory (HostImage) and nvImageCodec is not opened; on fewer threads, or with
+    decode gpu, nvImageCodec decodes them (DeviceImage). Rows stay in order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
-    from workers.gpuimages import open_gpu_images
+    from workers.gpuimages import DeviceImage, HostImage, open_gpu_images
     from workers.images import FAST_THREADS
 
     rng = np.random.default_rng(5)
@@ -173,22 +178,53 @@ def test_jpegs_at_the_models_size_decode_on_a_cpu_with_threads_enough() -> None:
         return buffer.getvalue()
 
     values = [jpeg(32, 32) if i % 2 else jpeg(64, 48) for i in range(12)]
-    for decode, on_cpu in (("auto", 6), ("gpu", 0)):
+    for decode, threads, kind in (("auto", FAST_THREADS, HostImage), ("auto", 4, DeviceImage),
+                                  ("gpu", FAST_THREADS, DeviceImage)):
         images, how = open_gpu_images([resolve(meta, decode=decode)], {meta.name: meta}, True, 0,
-                                      FAST_THREADS)
+                                      threads)
         assert images is not None, how
+        assert how.startswith("cpu+gpu") == (kind is HostImage), how
         try:
-            with ThreadPoolExecutor(FAST_THREADS) as pool:
-                cpu = ImageDecoder("RGB", (32, 32), 32, pool=pool, threads=FAST_THREADS)
+            with ThreadPoolExecutor(threads) as pool:
+                cpu = ImageDecoder("RGB", (32, 32), 32, pool=pool, threads=threads)
                 part, bad = images.decode(meta.name, values, cpu)
-            assert not bad and (images.gpu_rows, images.cpu_rows) == (12 - on_cpu, on_cpu)
-            for i, item in enumerate(part):
-                # CPU pixels where the CPU decoded; DeviceImage where the GPU did.
-                assert isinstance(item, np.ndarray) == (on_cpu > 0 and i % 2 == 1)
-                if isinstance(item, np.ndarray):
-                    np.testing.assert_array_equal(item, cpu.load(values[i]))
+            assert not bad and (images.gpu_rows, images.cpu_rows) == (12, 0)
+            assert all(isinstance(item, kind) for item in part)
+            if kind is HostImage:
+                for i, item in enumerate(part):
+                    assert item.original == ((32, 32) if i % 2 else (64, 48))
         finally:
             images.close()
+
+
+def check_turbo_path(meta: TensorMeta, values: list[bytes | None], kwargs: dict[str, Any],
+                     shape: tuple[int, ...]) -> None:
+    """decode auto on `FAST_THREADS` threads: libjpeg-turbo's decode (at its DCT scale) through
+    the kernel gives `fit_reference` of that decode, within a level."""
+    import simplejpeg
+
+    from workers.gpuimages import fit_reference, fit_row
+    from workers.images import FAST_THREADS, dct_factor
+
+    spec = resolve(meta, decode="auto", **kwargs)
+    got, bad, rows = gpu_pixels(spec, meta, values, threads=FAST_THREADS)
+    assert not bad and rows["gpu"] == len(values) and got.shape == shape
+    assert spec.size is not None and spec.resize is not None
+    for i, data in enumerate(values):
+        assert data is not None
+        h, w = simplejpeg.decode_jpeg_header(data)[:2]
+        factor = dct_factor(w, h, spec.resize)
+        source = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // factor) if factor > 1
+                                        else 0, min_width=-(-w // factor) if factor > 1 else 0)
+        want = fit_reference(source, *fit_row(w, h, spec.size, spec.resize), spec.size,
+                             1 if spec.mode == "L" else 3).astype(np.float64)
+        if meta.dtype.kind == "f":
+            want = (want / 255 - 0.4) / 0.3
+            have = got[i].transpose(1, 2, 0).astype(np.float64)
+            assert np.abs(have - want).max() <= 1 / 255 / 0.3 + 2e-3
+        else:
+            assert np.abs(got[i].astype(np.float64) - want).max() <= 1
+    print(f"libjpeg-turbo + kernel: {len(values)} rows within a level of fit_reference")
 
 
 def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:
@@ -210,6 +246,7 @@ def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:
         spec = resolve(meta, decode="gpu", **kwargs)
         got, bad, rows = gpu_pixels(spec, meta, values)
         assert not bad and rows["gpu"] == len(values)
+        check_turbo_path(meta, values, kwargs, got.shape)
         decoder = nv.Decoder(device_id=0)
         params = nv.DecodeParams(apply_exif_orientation=False, color_spec=nv.ColorSpec.SRGB,
                                  sample_format=nv.SampleFormat.I_RGB)
@@ -234,6 +271,7 @@ def test_gpu_decode_through_the_slot_pipeline_keeps_rows_and_bad_images(
     from workers.backends.base import BackendConfig
     from workers.backends.onnxruntime import OnnxRuntimeBackend, cuda_provider_available
     from workers.gpuimages import open_gpu_images
+    from workers.images import FAST_THREADS
     from workers.pipeline import process_shard
     from workers.postprocess import ArgmaxPost
     from workers.slots import SlotPool
@@ -257,16 +295,17 @@ def test_gpu_decode_through_the_slot_pipeline_keeps_rows_and_bad_images(
     parts = {}
     with OnnxRuntimeBackend(model, BackendConfig(device="cuda")) as backend:
         metas = {m.name: m for m in backend.inputs}
-        for decode in ("cpu", "gpu"):
+        for decode in ("cpu", "gpu", "auto"):
             spec = resolve(metas["pixels"], mean=MEAN, std=STD, on_error="skip", draft=False,
-                           decode=decode)
+                           decode="auto" if decode == "auto" else decode)
+            threads = FAST_THREADS if decode == "auto" else 4
             config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(),
                                   output_url=str(tmp_path / decode), bindings=(), keep=("uid",),
                                   batch_size=64, preprocess=(spec,),
                                   postprocess=(ArgmaxPost(output="logits"),),
-                                  preprocess_threads=4)
-            images, how = open_gpu_images(config.preprocess, metas, True, 0, 4)
-            assert how == ("gpu" if decode == "gpu" else "cpu")
+                                  preprocess_threads=threads)
+            images, how = open_gpu_images(config.preprocess, metas, True, 0, threads)
+            assert how.split(" ")[0] == {"cpu": "cpu", "gpu": "gpu", "auto": "cpu+gpu"}[decode]
             try:
                 with SlotPool(backend, 3, 64) as pool:
                     result = process_shard(shard, config, backend, slots=pool, images=images)
@@ -276,10 +315,14 @@ def test_gpu_decode_through_the_slot_pipeline_keeps_rows_and_bad_images(
             assert result.rows_failed == 3
             assert [f["key"]["uid"] for f in result.row_failures] == [13, 200, 401]
             parts[decode] = (result, pq.read_table(result.part_url))
-    (cpu, cpu_table), (gpu, gpu_table) = parts["cpu"], parts["gpu"]
-    assert [f["reason"] for f in cpu.row_failures] == [f["reason"] for f in gpu.row_failures]
-    np.testing.assert_array_equal(cpu_table.column("uid").to_numpy(),
-                                  gpu_table.column("uid").to_numpy())
-    same = float(np.mean(cpu_table.column("label").to_numpy() == gpu_table.column("label").to_numpy()))
-    print(f"slot pipeline, GPU vs CPU decode: same labels {same:.4f} of {gpu.rows} rows")
-    assert same >= 0.99
+    cpu, cpu_table = parts["cpu"]
+    for decode in ("gpu", "auto"):
+        gpu, gpu_table = parts[decode]
+        assert [f["reason"] for f in cpu.row_failures] == [f["reason"] for f in gpu.row_failures]
+        np.testing.assert_array_equal(cpu_table.column("uid").to_numpy(),
+                                      gpu_table.column("uid").to_numpy())
+        same = float(np.mean(cpu_table.column("label").to_numpy()
+                             == gpu_table.column("label").to_numpy()))
+        print(f"slot pipeline, decode {decode} vs CPU decode: same labels {same:.4f} of "
+              f"{gpu.rows} rows")
+        assert same >= 0.99

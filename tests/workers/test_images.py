@@ -308,3 +308,104 @@ def test_jpeg_complete_takes_the_end_marker_fast_path_only_where_the_full_check_
     assert jpeg_complete(whole) and jpeg_complete(cases["trailing bytes"])
     assert not jpeg_complete(cases["cut in its scan"])
     assert not jpeg_complete(cases["headers only"])
+
+
+def test_dct_factor_takes_only_powers_of_two_that_keep_the_resized_size() -> None:
+    from workers.images import dct_factor
+
+    assert dct_factor(500, 375, 224) == 1  # 1/2 would be 250x188, below 298x224
+    assert dct_factor(640, 480, 224) == 2
+    assert dct_factor(1920, 1080, 224) == 4
+    assert dct_factor(4000, 3000, 224) == 8
+    assert dct_factor(224, 224, 224) == 1
+    assert dct_factor(447, 447, 224) == 2 and dct_factor(445, 445, 224) == 1  # ceil(w / 2)
+
+
+class HostMemory:
+    """numpy memory standing in for pinned memory (`HostArenas(allocate=...)`) on the CPU."""
+
+    made = 0
+
+    def __init__(self, nbytes: int) -> None:
+        HostMemory.made += 1
+        self.array = np.zeros(nbytes, np.uint8)
+        self.nbytes, self.ptr, self.closed = nbytes, int(self.array.ctypes.data), False
+
+    def view(self, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return self.array.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@needs_turbo
+@pytest.mark.parametrize("draft", [True, False])
+def test_turbo_decode_for_the_gpu_kernel_gives_the_cpu_paths_pixels(draft: bool) -> None:
+    """The rows GPU actors decode with libjpeg-turbo (pinned memory, resized by the fit kernel):
+    each JPEG at its power-of-two DCT scale; the kernel's arithmetic (`fit_reference`) on it
+    stays within a few levels of the CPU path's pixels; every other row goes to the CPU path."""
+    import gc
+    from concurrent.futures import ThreadPoolExecutor
+
+    import simplejpeg
+
+    from workers.gpuimages import FitTarget, HostArenas, turbo_decode
+    from workers.images import _fit, dct_factor
+
+    cmyk = encode(Image.fromarray(photo(300, 200, 9)).convert("CMYK"), "JPEG")
+    sizes = [(500, 375), (224, 224), (640, 480), (1920, 1080), (301, 257)]
+    values: list[bytes | None] = [jpeg(w, h, seed) for seed, (w, h) in enumerate(sizes)]
+    whole = values[0]
+    assert whole is not None
+    values += [None, encode(Image.fromarray(photo(64, 64, 7)), "PNG"), whole[:len(whole) // 2],
+               b"\xff\xd8\xff not a jpeg", cmyk]
+    target = FitTarget(input="x", mode="RGB", size=(224, 224), resize=224, mean=(), std=(),
+                       layout="NHWC", dtype=np.dtype(np.uint8), max_pixels=None, draft=draft)
+    arenas = HostArenas(allocate=HostMemory)
+    with ThreadPoolExecutor(4) as pool:
+        cpu = ImageDecoder("RGB", (224, 224), 224, draft, pool=pool, threads=4)
+        decoded, on_cpu = turbo_decode(values, target, cpu, arenas)
+        assert sorted(decoded) == list(range(len(sizes)))
+        assert on_cpu == list(range(len(sizes), len(values)))
+        for i, (w, h) in enumerate(sizes):
+            image, data = decoded[i], values[i]
+            assert data is not None
+            factor = dct_factor(w, h, 224) if draft else 1
+            assert image.original == (w, h)
+            assert (image.height, image.width) == (-(-h // factor), -(-w // factor))
+            want = simplejpeg.decode_jpeg(data, "RGB", min_height=image.height,
+                                          min_width=image.width)
+            np.testing.assert_array_equal(image.pixels(), want)
+            # The kernel's arithmetic on this decode is Pillow's resize and crop of it, as the
+            # CPU path resizes its own decodes (which may be at other scales: 5/8, 3/4, ...).
+            kernel = fit_reference(image.pixels(), *fit_row(w, h, (224, 224), 224), (224, 224), 3)
+            pillow = np.asarray(_fit(Image.fromarray(image.pixels()), w, h, (224, 224), 224))
+            assert np.abs(kernel.astype(np.int64) - pillow).max() <= 1
+            if not draft:  # then both decode whole
+                np.testing.assert_array_equal(pillow, cpu.load(data))
+    # All rows of one call share one arena, which goes back for the next call once they go.
+    assert len({id(image.arena) for image in decoded.values()}) == 1
+    made = HostMemory.made
+    del decoded, image
+    gc.collect()
+    turbo_decode(values[:2], target, ImageDecoder("RGB", (224, 224), 224, draft), arenas)
+    assert HostMemory.made == made
+    arenas.close()
+
+
+def test_a_batchs_cpu_decoded_images_are_copied_in_as_few_runs_as_their_arenas_allow() -> None:
+    from workers.gpuimages import HostArenas, HostImage, _Staging
+
+    class Buffers:
+        def decoded_device(self, nbytes: int) -> int:
+            assert nbytes == 5 * 12
+            return 1_000_000
+
+    arenas = HostArenas(allocate=HostMemory)
+    first, second = arenas.take(64), arenas.take(64)
+    images = [HostImage(first, 0, 2, 2, (4, 4)), HostImage(first, 12, 2, 2, (4, 4)),
+              HostImage(second, 0, 2, 2, (4, 4)), HostImage(first, 36, 2, 2, (4, 4)),
+              HostImage(first, 48, 2, 2, (4, 4))]
+    staged = _Staging(Buffers(), sum(i.nbytes for i in images))  # type: ignore[arg-type]
+    assert [staged.place(i) for i in images] == [1_000_000 + 12 * k for k in range(5)]
+    assert staged.runs == [[first.ptr, 0, 24], [second.ptr, 24, 12], [first.ptr + 36, 36, 24]]
