@@ -2,7 +2,8 @@
 
 With `--image-decode auto`, a GPU actor decodes such a column on its CPUs (libjpeg-turbo, with
 nothing to resize, outpaces the engine on 8 or more threads) and leaves the GPU to the engine;
-other images go to nvImageCodec (`workers.gpuimages.open_gpu_images`). The driver reads the
+other JPEGs decode on its CPU threads for the GPU's resize kernel, or with nvImageCodec
+(`workers.gpuimages.open_gpu_images`). The driver reads the
 first row group of a few files, the image column only, to tell.
 """
 

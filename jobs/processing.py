@@ -124,8 +124,9 @@ def add_processing_flags(p: argparse.ArgumentParser) -> None:
     pre.add_argument("--image-decode", choices=IMAGE_DECODES,
                      help="where images decode: gpu (nvImageCodec on the actor's GPU, straight "
                      "into the batch; pip install '.[gpu]'), cpu (libjpeg-turbo for JPEG, "
-                     "Pillow for the rest, on the actor's CPUs), or auto (default: gpu where "
-                     "nvImageCodec imports and decodes on the actor's GPU)")
+                     "Pillow for the rest, on the actor's CPUs), or auto (default: on GPU actors "
+                     "with 8+ threads, libjpeg-turbo on their CPUs, resized on the GPU; else "
+                     "gpu where nvImageCodec imports and decodes on the actor's GPU)")
     pre.add_argument("--max-image-pixels", type=int, metavar="N",
                      help="an image of more pixels is a bad row, never decoded (default: "
                      "(32 x --resize)^2, at most Pillow's MAX_IMAGE_PIXELS)")

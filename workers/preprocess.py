@@ -35,7 +35,7 @@ NULL_POLICIES = ("fail", "fill")
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_MODES = ("RGB", "L")
 BAD_IMAGE_POLICIES = ("fail", "skip")
-#: Where images decode: `cpu`, `gpu` (nvImageCodec, GPU actors), or `auto` (gpu where it works).
+#: Where images decode: `cpu`, `gpu` (nvImageCodec, GPU actors), or `auto` (docs/jobs.md).
 IMAGE_DECODES = ("auto", "cpu", "gpu")
 PADDINGS = ("longest", "max_length")
 DEFAULT_MAX_LENGTH = 512  # BERT's position table; a model with a fixed length uses its own
