@@ -197,13 +197,29 @@ def test_decode_auto_on_threads_enough_decodes_on_the_cpu_for_the_kernel() -> No
             images.close()
 
 
+def assert_within_a_level(meta: TensorMeta, spec: ImagePrep, source: np.ndarray, w: int,
+                          h: int, got: np.ndarray) -> None:
+    """`got` (one row the kernel wrote) is `fit_reference` of `source`, decoded from a `w` x `h`
+    JPEG, within a level (normalized with mean 0.4, std 0.3 for float inputs)."""
+    from workers.gpuimages import fit_reference, fit_row
+
+    assert spec.size is not None and spec.resize is not None
+    want = fit_reference(source, *fit_row(w, h, spec.size, spec.resize), spec.size,
+                         1 if spec.mode == "L" else 3).astype(np.float64)
+    if meta.dtype.kind == "f":
+        want = (want / 255 - 0.4) / 0.3
+        have = got.transpose(1, 2, 0).astype(np.float64)
+        assert np.abs(have - want).max() <= 1 / 255 / 0.3 + 2e-3
+    else:
+        assert np.abs(got.astype(np.float64) - want).max() <= 1
+
+
 def check_turbo_path(meta: TensorMeta, values: list[bytes | None], kwargs: dict[str, Any],
                      shape: tuple[int, ...]) -> None:
     """decode auto on `FAST_THREADS` threads: libjpeg-turbo's decode (at its DCT scale) through
     the kernel gives `fit_reference` of that decode, within a level."""
     import simplejpeg
 
-    from workers.gpuimages import fit_reference, fit_row
     from workers.images import FAST_THREADS, dct_factor
 
     spec = resolve(meta, decode="auto", **kwargs)
@@ -216,21 +232,14 @@ def check_turbo_path(meta: TensorMeta, values: list[bytes | None], kwargs: dict[
         factor = dct_factor(w, h, spec.resize)
         source = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-h // factor) if factor > 1
                                         else 0, min_width=-(-w // factor) if factor > 1 else 0)
-        want = fit_reference(source, *fit_row(w, h, spec.size, spec.resize), spec.size,
-                             1 if spec.mode == "L" else 3).astype(np.float64)
-        if meta.dtype.kind == "f":
-            want = (want / 255 - 0.4) / 0.3
-            have = got[i].transpose(1, 2, 0).astype(np.float64)
-            assert np.abs(have - want).max() <= 1 / 255 / 0.3 + 2e-3
-        else:
-            assert np.abs(got[i].astype(np.float64) - want).max() <= 1
+        assert_within_a_level(meta, spec, source, w, h, got[i])
     print(f"libjpeg-turbo + kernel: {len(values)} rows within a level of fit_reference")
 
 
 def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:
     from PIL import Image
 
-    from workers.gpuimages import fit_reference, fit_row, import_nvimgcodec
+    from workers.gpuimages import import_nvimgcodec
 
     nv = import_nvimgcodec()
     rng = np.random.default_rng(5)
@@ -255,14 +264,7 @@ def test_the_kernel_computes_its_reference_on_the_decoded_images() -> None:
             source = np.asarray(image.cpu())
             h, w = source.shape[:2]
             assert spec.size is not None and spec.resize is not None
-            want = fit_reference(source, *fit_row(w, h, spec.size, spec.resize), spec.size,
-                                 1 if spec.mode == "L" else 3).astype(np.float64)
-            if meta.dtype.kind == "f":
-                want = (want / 255 - 0.4) / 0.3
-                have = got[i].transpose(1, 2, 0).astype(np.float64)
-                assert np.abs(have - want).max() <= 1 / 255 / 0.3 + 2e-3
-            else:
-                assert np.abs(got[i].astype(np.float64) - want).max() <= 1
+            assert_within_a_level(meta, spec, source, w, h, got[i])
 
 
 def test_gpu_decode_through_the_slot_pipeline_keeps_rows_and_bad_images(
