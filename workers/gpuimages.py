@@ -423,13 +423,8 @@ def turbo_decode(values: Sequence[bytes | None], target: FitTarget, cpu: ImageDe
             done.append((i, HostImage(arena, at, h, w, original) if ok else None))
         return done
 
-    threads = cpu.threads if cpu.pool is not None else 1
-    step = -(-len(planned) // max(1, threads))
-    chunks = [planned[lo:lo + step] for lo in range(0, len(planned), step)]
-    results = [decode(chunks[0])] if len(chunks) == 1 or cpu.pool is None else \
-        [f.result() for f in [cpu.pool.submit(decode, c) for c in chunks]]
     decoded: dict[int, HostImage] = {}
-    for chunk_done in results:
+    for chunk_done in cpu.spread(decode, planned):
         for i, image in chunk_done:
             if image is None:
                 on_cpu.append(i)
@@ -562,7 +557,8 @@ class _Staging:
         """The device pointer `image` will be at once `copy` has run."""
         source = image.arena.ptr + image.offset
         last = self.runs[-1] if self.runs else None
-        if last is not None and last[0] + last[2] == source and last[1] + last[2] == self.used:
+        # Runs are back to back on the device: one goes on while its source does.
+        if last is not None and last[0] + last[2] == source:
             last[2] += image.nbytes
         else:
             self.runs.append([source, self.used, image.nbytes])

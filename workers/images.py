@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import posixpath
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from workers.types import Shard
 
 if TYPE_CHECKING:
     from workers.helpers import HelperProcesses
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 #: The columns an image-directory input presents, as if it were a table.
@@ -352,6 +355,16 @@ class ImageDecoder:
         """One image's uint8 pixels; raises as `load_image` does."""
         return load_image(data, self.mode, self.size, self.resize, self.draft, self.max_pixels)
 
+    def spread(self, work: Callable[[Sequence[T]], R], items: Sequence[T]) -> list[R]:
+        """`work` of `items` split into one chunk a thread (in order), run on the pool, or
+        here when there is no pool, one thread or fewer than two items."""
+        if self.pool is None or self.threads == 1 or len(items) < 2:
+            return [work(items)]
+        step = -(-len(items) // self.threads)
+        futures = [self.pool.submit(work, items[lo:lo + step])
+                   for lo in range(0, len(items), step)]
+        return [future.result() for future in futures]
+
     def _decode_rows(self, values: Sequence[bytes | None], out: np.ndarray,
                      rows: Sequence[int]) -> dict[int, str]:
         bad: dict[int, str] = {}
@@ -398,14 +411,8 @@ class ImageDecoder:
                 far.append((chunk, self.processes.pool().submit(
                     _decode_pillow_rows, data, self.mode, self.size, self.resize, self.draft,
                     self.max_pixels)))
-        if self.pool is None or self.threads == 1 or len(threaded) < 2:
-            bad.update(self._decode_rows(values, out, threaded))
-        else:
-            step = -(-len(threaded) // self.threads)
-            futures = [self.pool.submit(self._decode_rows, values, out, threaded[lo:lo + step])
-                       for lo in range(0, len(threaded), step)]
-            for future in futures:
-                bad.update(future.result())
+        for failed in self.spread(lambda rows: self._decode_rows(values, out, rows), threaded):
+            bad.update(failed)
         for chunk, pending in far:
             for i, result in zip(chunk, pending.result(), strict=True):
                 if isinstance(result, str):
