@@ -21,10 +21,11 @@ needs (reads come from the page cache):
 For each layout:
 - (a) the engine alone: ONNX Runtime's CUDA provider on two slots, inputs already on the GPU,
   batches back to back (medians of `--repeats`);
-- (b) the host ceiling, with all CPUs and no GPU work: JPEGs decoded by the actor's CPU
-  decoder (`workers.images`, threads), and by the GPU decoder alone (nvImageCodec and the fit
-  kernel into a device buffer, no model); tensor columns read and converted by the actor's
-  reader (`RowGroupReader`, one thread per CPU), and, to show Arrow's own limit, read whole
+- (b) the host ceiling, with all CPUs and no model: JPEGs decoded by the actor's CPU
+  decoder (`workers.images`, threads), by the GPU decoder alone (nvImageCodec and the fit
+  kernel into a device buffer), and for photos by decode auto's path alone (libjpeg-turbo on
+  the CPU threads into pinned memory, then the fit kernel); tensor columns read and converted
+  by the actor's reader (`RowGroupReader`, one thread per CPU), and, to show Arrow's own limit, read whole
   row group at a time (the reader before `workers.reader.read_group`) and on one thread;
 - (c) the whole job at default flags as a new process (`python -m jobs.relabel` for JPEGs,
   `python -m jobs.run` for tensors), on enough rows that its working phase takes about
@@ -332,8 +333,12 @@ class BenchSlot:
 
 def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, threads: int,
                        repeats: int, log: RunLog, label: str, beside: bytes | None = None,
-                       high_priority: bool = True) -> dict[str, Any]:
+                       high_priority: bool = True, decode: str = "gpu") -> dict[str, Any]:
     """Rows/s of nvImageCodec and the fit kernel alone, into a device buffer (no model).
+
+    `decode`: "gpu", nvImageCodec; "auto", what the job's default takes on these `threads`
+    (libjpeg-turbo on the CPU threads into pinned memory, then the fit kernel: the host
+    ceiling of decode auto for JPEGs larger than the model's size).
 
     `beside`: a model that runs back to back on the same GPU meanwhile (as the job's engine
     does), on default-priority streams; the decoder's stream has high priority (the job's) or,
@@ -344,9 +349,11 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
     from workers.images import ImageDecoder
 
     table = jpeg_rows(paths, 4096)
-    spec = image_spec(size, "gpu", meta)
+    spec = image_spec(size, decode, meta)
     images, how = open_gpu_images([spec], {meta.name: meta}, True, 0, threads)
     assert images is not None, how
+    what_decodes = ("nvImageCodec" if images.decoder == "nvimgcodec"
+                    else f"libjpeg-turbo on {threads} threads") + " + fit kernel"
     if not high_priority:
         images._stream.close()
         images._stream = cuda.Stream()
@@ -396,7 +403,7 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
             result["engine_rows_per_s"] = statistics.median(engine_rates)
             what = (f"beside the engine ({result['engine_rows_per_s']:.0f} rows/s meanwhile), "
                     f"decode stream priority {'high' if high_priority else 'default'}")
-        log(f"(b) {label}: GPU decode {what} (nvImageCodec + fit kernel): "
+        log(f"(b) {label}: {what_decodes} {what}: "
             f"{result['rows_per_s']:.0f} rows/s (runs {[round(x) for x in rates]}; rows decoded "
             f"on the GPU {images.gpu_rows}, on the CPU {images.cpu_rows})")
         return result
@@ -784,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
                     ceiling["gpu_decode"] = step(f"(b) {layout} gpu", gpu_decode_ceiling, path,
                                                  meta, size, args.batch, cpus, args.repeats, log,
                                                  layout)
+                    if layout == "jpeg_photo":  # decode auto's path for JPEGs above the size
+                        ceiling["turbo_decode"] = step(
+                            f"(b) {layout} turbo", gpu_decode_ceiling, path, meta, size,
+                            args.batch, cpus, args.repeats, log, layout, decode="auto")
                     if args.contention:  # how decode and engine share the GPU, by priority
                         for high in (True, False):
                             ceiling[f"gpu_decode_beside_{'high' if high else 'default'}"] = step(
@@ -807,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = "float32" if layout == "float32_binary" else "uint8"
             rates = [v.get("rows_per_s") for v in
                      [entry["engine"], *(entry["ceiling"].get(k) or {} for k in
-                                         ("cpu_decode", "gpu_decode", "read"))]
+                                         ("cpu_decode", "gpu_decode", "turbo_decode",
+                                          "read"))]
                      if isinstance(v, dict) and v.get("rows_per_s")]
             # What the job can reach: the engine, or the best ceiling below it.
             engine = entry["engine"].get("rows_per_s") or 1000.0
