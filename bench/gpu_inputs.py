@@ -25,8 +25,8 @@ For each layout:
   decoder (`workers.images`, threads), by the GPU decoder alone (nvImageCodec and the fit
   kernel into a device buffer), and for photos by decode auto's path alone (libjpeg-turbo on
   the CPU threads into pinned memory, then the fit kernel); tensor columns read and converted
-  by the actor's reader (`RowGroupReader`, one thread per CPU), and, to show Arrow's own limit, read whole
-  row group at a time (the reader before `workers.reader.read_group`) and on one thread;
+  by the actor's reader (`RowGroupReader`, one thread per CPU), and, to show Arrow's own limit,
+  read whole row group at a time (the reader before `workers.reader.read_group`) and on one thread;
 - (c) the whole job at default flags as a new process (`python -m jobs.relabel` for JPEGs,
   `python -m jobs.run` for tensors), on enough rows that its working phase takes about
   `--seconds`: rows/s from the first shard's start to the last commit (the manifest's shard
