@@ -64,7 +64,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +357,11 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
     if not high_priority:
         images._stream.close()
         images._stream = cuda.Stream()
-    cpu = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, max_pixels=spec.max_pixels)
+    # The actor's decoder has the preprocessing threads (decode auto's libjpeg-turbo rows run
+    # on them; session 28's ceiling ran them on one thread: 567 rows/s for photos).
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="prep") if threads > 1 else None
+    cpu = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, pool, threads,
+                       max_pixels=spec.max_pixels)
     row_bytes = int(np.prod([d for d in meta.row_shape if d is not None])) * meta.dtype.itemsize
     slots = [BenchSlot(meta.name, batch, row_bytes) for _ in range(2)]
     engine_rows, stop, engine = [0], threading.Event(), None
@@ -414,6 +418,8 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
         for slot in slots:
             slot.close()
         images.close()
+        if pool is not None:
+            pool.shutdown()
 
 
 def read_ceiling(paths: list[Path], meta: Any, threads: int, repeats: int, log: RunLog,
@@ -495,18 +501,29 @@ def job_command(layout: str, model: Path, data: Path, out: Path, cpu: bool,
 
 
 def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
-                    label: str, extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The job as a new process: its wall time, rows/s between first shard and last commit, fixed costs."""
+                    label: str, extra_env: dict[str, str] | None = None,
+                    profile: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The job as a new process: its wall time, rows/s between first shard and last commit, fixed
+    costs. `profile` (at, seconds): py-spy records every thread of its actors for `seconds`,
+    `at` seconds after the start (`bench.pyspy_top`), into the log and the result."""
+    from bench.pyspy_top import RecordLater
+
     env = {**os.environ, **(extra_env or {}), "PYTHONPATH": os.pathsep.join(
         [REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])}
     log(f"(c) {label}: {' '.join(command[1:])}")
     t_start = time.time()
     monitor = TreeMonitor(interval=1.0, tree_every=1).start()
+    spy = RecordLater(profile[0] if profile else None, profile[1] if profile else 0.0,
+                      out.parent / f"pyspy-{label.split()[0]}")
     with open(log_path, "w") as stderr, NodeCpu() as node:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=stderr, stderr=stderr,
                               check=False).returncode
     t_end = time.time()
     usage = monitor.stop()
+    threads = spy.result()
+    if threads:
+        log(f"(c) {label}: threads of the actors, from {profile[0] if profile else 0:.0f} s "
+            f"for {profile[1] if profile else 0:.0f} s (py-spy, idle included):\n{threads}")
     text = log_path.read_text()
     manifest = json.loads((out / "_manifest.json").read_text()) if (out / "_manifest.json").exists() \
         else {}
@@ -542,6 +559,7 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         # Where the fixed costs went, by the driver's phases, and each worker's warm-up batch.
         "timings": manifest.get("timings"),
         "warmup_seconds": [w.get("warmup_seconds") for w in workers],
+        "threads": threads,
         "summary": [line for line in text.splitlines()
                     if line.startswith(("job:", "workers:", "done:", "limited by:"))],
     })
@@ -654,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the GPU decode beside the engine, at each stream priority")
     p.add_argument("--ray-data", default="jpeg224", help="layouts with a Ray Data run (d)")
     p.add_argument("--ray-data-rows", type=int, default=32768)
+    p.add_argument("--profile-at", type=float, default=None, metavar="SECONDS",
+                   help="py-spy records the actors' threads of each layout's default job (c), "
+                        "this many seconds after its first shard is expected to start")
+    p.add_argument("--profile-seconds", type=float, default=8.0)
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (a smoke run)")
     p.add_argument("--ray-data-run", nargs=6, help=argparse.SUPPRESS)
     return p
@@ -838,7 +860,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             entry["job"] = step(f"(c) {layout}", run_job_process,
                                 job_command(layout, models[kind], data, out, args.cpu, []), out,
-                                work / f"job-{layout}.log", log, layout)
+                                work / f"job-{layout}.log", log, layout, None,
+                                (fixed + args.profile_at, args.profile_seconds)
+                                if args.profile_at is not None else None)
             shutil.rmtree(out, ignore_errors=True)
             entry["job_variants"] = []
             for k, (text, env, flags) in enumerate(variants):

@@ -479,7 +479,8 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
         preprocess_threads=resources.preprocess_threads,
         max_row_group_bytes=spec.max_row_group_bytes,
         max_batch_tokens=spec.max_batch_tokens, sort_window=spec.sort_window,
-        switch_interval_ms=switch_interval_ms, helper_nice=nice)
+        switch_interval_ms=switch_interval_ms, helper_nice=nice,
+        image_tables=sched.image_tables_from_env())
 
 
 def probe_paths(spec: JobSpec) -> None:

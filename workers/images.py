@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -268,7 +269,13 @@ def bad_image_reason(exc: Exception) -> str:
     """What a bad row's record says about the exception its decode raised."""
     if isinstance(exc, ImageLimitError):
         return str(exc)
-    return f"cannot decode image ({exc.__class__.__name__}: {exc})"
+    # Pillow names the buffer it read from (`<_io.BytesIO object at 0x7f...>`): an address that
+    # differs from run to run says nothing about the row.
+    text = _OBJECT_REPR.sub("", str(exc))
+    return f"cannot decode image ({exc.__class__.__name__}: {text})"
+
+
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 def _decode_pillow_rows(values: Sequence[bytes], mode: str, size: tuple[int, int], resize: int,

@@ -592,11 +592,13 @@ class Preprocessor:
 
     def __init__(self, specs: Sequence[PrepSpec], metas: Mapping[str, TensorMeta],
                  threads: int = 1, images: GpuImages | None = None,
-                 processes: HelperProcesses | None = None) -> None:
+                 processes: HelperProcesses | None = None, image_tables: int = 1) -> None:
         """`images`: the actor's GPU image decoding; inputs it decodes become device fills.
         `processes`: helper processes its owner keeps (an actor's, for all its shards), which
         tokenize text and decode the images Pillow decodes when `threads` > 1; without them,
         this preprocessor starts its own at first use and closes them.
+        `image_tables`: tables of images its owner may decode at once on the CPU threads
+        (`concurrency`; `workers.sched.IMAGE_TABLES` in an actor).
         """
         from workers.helpers import HelperProcesses
 
@@ -621,13 +623,20 @@ class Preprocessor:
         self._processes = (processes or HelperProcesses(self.threads)) if helped else None
         self._token_files: list[TokenizerFile] = []
         self._steps: list[Step] = [self._build(spec) for spec in self.specs]
-        #: Tables its owner may prepare at once (`workers.sources.ShardInputs`): text on helper
-        #: processes, when every step is safe to run on several threads (no images: GPU
-        #: decoding keeps one decoder; no user functions: they may not be thread-safe).
-        self.concurrency = CONCURRENT_TABLES if (
-            self._processes is not None and tokenizes(self.specs)
-            and all(isinstance(s, TextPrep | TensorPrep | FeaturesPrep) for s in self.specs)
-        ) else 1
+        #: Tables its owner may prepare at once (`workers.sources.ShardInputs`), when every step
+        #: is safe to run on several threads: text on helper processes, and images the CPU
+        #: threads decode (not nvImageCodec's, which keeps one decoder; no user functions: they
+        #: may not be thread-safe).
+        self.concurrency = 1
+        if self._processes is not None and tokenizes(self.specs) and all(
+                isinstance(s, TextPrep | TensorPrep | FeaturesPrep) for s in self.specs):
+            self.concurrency = CONCURRENT_TABLES
+        elif self._pool is not None and (images is None or images.decoder == "turbo") and all(
+                isinstance(s, ImagePrep | TensorPrep | FeaturesPrep) for s in self.specs):
+            # Images the CPU threads decode (libjpeg-turbo, Pillow), whole or for the GPU to
+            # resize: one table at a time, the threads idle at every table's end while its
+            # slowest chunk finishes and while the next is sliced and handed out.
+            self.concurrency = max(1, image_tables)
 
     def _build(self, spec: PrepSpec) -> Step:
         if isinstance(spec, TensorPrep):

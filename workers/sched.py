@@ -17,7 +17,9 @@ drains:
 Both can be set for a job through the driver's environment
 (`TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS`, `TRT_BATCH_RUNNER_HELPER_NICE`; 5 and 0 give Python's
 and the kernel's defaults); the driver reads them (`from_env`) into the actors'
-`WorkerConfig`, and each actor applies them (`configure`).
+`WorkerConfig`, and each actor applies them (`configure`). So can the batches of images the
+decoding threads work on at once (`TRT_BATCH_RUNNER_IMAGE_TABLES`, `image_tables_from_env`;
+1 decodes one batch at a time, as before session 29).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from workers.errors import SpecError
 SWITCH_INTERVAL_MS = 1.0
 #: How much lower the decoding and tokenizing threads and processes run (nice increment).
 HELPER_NICE = 5
+#: Batches of images the CPU threads decode at once (`workers.preprocess.Preprocessor`): the
+#: next batch's rows keep every thread busy while the last one's slowest chunk finishes.
+IMAGE_TABLES = 2
 
 
 def _env_number(name: str, default: float, low: float, high: float) -> float:
@@ -55,6 +60,12 @@ def from_env() -> tuple[float, int]:
     defaults; a bad value is a `SpecError` that names the variable."""
     return (_env_number("TRT_BATCH_RUNNER_SWITCH_INTERVAL_MS", SWITCH_INTERVAL_MS, 0.05, 100.0),
             int(_env_number("TRT_BATCH_RUNNER_HELPER_NICE", HELPER_NICE, 0, 19)))
+
+
+def image_tables_from_env() -> int:
+    """Batches of images an actor decodes at once (`TRT_BATCH_RUNNER_IMAGE_TABLES`, else
+    `IMAGE_TABLES`); a bad value is a `SpecError` that names the variable."""
+    return int(_env_number("TRT_BATCH_RUNNER_IMAGE_TABLES", IMAGE_TABLES, 1, 8))
 
 
 _nice = HELPER_NICE

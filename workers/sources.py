@@ -72,7 +72,7 @@ class ShardInputs:
         self.times = times
         self.prep = Preprocessor(config.preprocess or tensor_preps(config.bindings),
                                  {meta.name: meta for meta in metas}, config.preprocess_threads,
-                                 images, processes)
+                                 images, processes, config.image_tables)
         #: The first `MAX_ROW_FAILURES` failed rows, and the count of all of them.
         self.failures: list[dict[str, Any]] = []
         self.rows_failed = 0

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workers.backends.base import BackendConfig
-from workers.sched import HELPER_NICE, SWITCH_INTERVAL_MS
+from workers.sched import HELPER_NICE, IMAGE_TABLES, SWITCH_INTERVAL_MS
 
 if TYPE_CHECKING:
     from workers.postprocess import PostSpec
@@ -120,6 +120,8 @@ class WorkerConfig:
     #: threads and processes run (`workers.sched`).
     switch_interval_ms: float = SWITCH_INTERVAL_MS
     helper_nice: int = HELPER_NICE
+    #: Batches of images the decoding threads work on at once (`workers.sched.IMAGE_TABLES`).
+    image_tables: int = IMAGE_TABLES
     #: Image inputs (`--image-decode auto`) whose sampled rows are JPEGs at the model's size:
     #: GPU actors with CPUs enough decode them on the CPU (`workers.gpuimages.open_gpu_images`).
     at_size_images: tuple[str, ...] = ()

@@ -829,6 +829,82 @@ def test_text_tables_tokenized_at_once_give_the_pieces_of_one_at_a_time(
         list(range(600))
 
 
+def test_images_decoded_two_batches_at_once_give_the_pieces_and_failures_of_one_at_a_time(
+        tmp_path: Path) -> None:
+    """CPU-decoded images are prepared `image_tables` batches at once: the pieces, their order,
+    the bad rows left out and their records match one batch at a time."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from tests.workers.test_preprocess import encode, meta, resolved_image
+    from workers.pipeline import _as_piece
+    from workers.rowgroups import RowGroupReader
+    from workers.sched import IMAGE_TABLES
+    from workers.sources import ShardInputs
+
+    rng = np.random.default_rng(5)
+    images = [encode(Image.fromarray(rng.integers(0, 256, (20 + i % 7, 24, 3), np.uint8)),
+                     "JPEG" if i % 3 else "PNG") for i in range(90)]
+    images[31] = b"not an image"
+    images[64] = images[64][:40]  # truncated
+    path = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"uid": np.arange(90), "jpeg": pa.array(images, pa.binary())}), path,
+                   row_group_size=30)
+    pixels = meta("pixels", np.float32, None, 3, 16, 16)
+    spec = resolved_image({"pixels": pixels}, on_error="skip")
+    runs = {}
+    for tables in (1, IMAGE_TABLES):
+        config = WorkerConfig(backend="onnxruntime", backend_config=BackendConfig(device="cpu"),
+                              output_url=str(tmp_path / "out"), bindings=(), keep=("uid",),
+                              batch_size=8, preprocess=(spec,), preprocess_threads=3,
+                              image_tables=tables)
+        inputs = ShardInputs(whole_file_shard(str(path)), config, [pixels], (), StageTimes())
+        try:
+            assert inputs.prep.concurrency == tables
+            with RowGroupReader(inputs.shard, config.columns, _as_piece, 2) as reader:
+                pieces = list(inputs.row_group_pieces(reader))
+        finally:
+            inputs.close()
+        runs[tables] = pieces, inputs.failures, inputs.rows_failed
+    (serial, failed_a, count_a), (concurrent, failed_b, count_b) = runs[1], runs[IMAGE_TABLES]
+    assert IMAGE_TABLES > 1
+    assert count_a == count_b == 2 and failed_a == failed_b
+    assert [f["key"]["uid"] for f in failed_b] == [31, 64]
+    # Pillow's message without the address of its buffer, which would differ run to run.
+    assert failed_b[0]["reason"] == ("cannot decode image (UnidentifiedImageError: cannot "
+                                     "identify image file)")
+    assert len(serial) == len(concurrent) == 12  # 30-row groups, 8-row steps
+    for (feeds_a, kept_a), (feeds_b, kept_b) in zip(serial, concurrent, strict=True):
+        assert kept_a.equals(kept_b)
+        np.testing.assert_array_equal(feeds_a["pixels"], feeds_b["pixels"])
+    assert np.concatenate([k.column("uid").to_numpy() for _, k in concurrent]).tolist() == \
+        [u for u in range(90) if u not in (31, 64)]
+
+
+def test_images_on_nvimagecodec_or_one_thread_are_prepared_one_batch_at_a_time() -> None:
+    from tests.workers.test_preprocess import meta, resolved_image
+    from workers.preprocess import FunctionPrep, Preprocessor
+
+    pixels = meta("pixels", np.float32, None, 3, 16, 16)
+    spec = resolved_image({"pixels": pixels})
+    with Preprocessor([spec], {"pixels": pixels}, threads=1, image_tables=2) as prep:
+        assert prep.concurrency == 1  # no decoding threads: nothing to overlap
+
+    class OneDecoder:  # what Preprocessor reads of a GpuImages on nvImageCodec
+        decoder = "nvimgcodec"
+        inputs = frozenset({"pixels"})
+
+    with Preprocessor([spec], {"pixels": pixels}, threads=2, images=OneDecoder(),  # type: ignore[arg-type]
+                      image_tables=2) as prep:
+        assert prep.concurrency == 1  # nvImageCodec keeps one decoder
+    extra = meta("extra", np.float32, None, 2)
+    function = FunctionPrep(function="tests.user_functions:as_dict", columns=("c", "d"),
+                            inputs=("extra",))
+    with Preprocessor([spec, function], {"pixels": pixels, "extra": extra}, threads=2,
+                      image_tables=2) as prep:
+        assert prep.concurrency == 1  # user functions may not be thread-safe
+
+
 def test_only_text_with_helper_processes_is_prepared_several_tables_at_once(
         text_job: tuple[str, bytes], tmp_path: Path) -> None:
     from workers.preprocess import CONCURRENT_TABLES, Preprocessor, TensorPrep

@@ -670,6 +670,10 @@ class CpuFill:
     compute from their host buffers). So the object-array feeds, their batching, bad rows and the
     slots' device-fill hook run in CI."""
 
+    #: Decodes on the CPU threads, as decode auto's libjpeg-turbo path does: so its batches are
+    #: decoded `image_tables` at a time (`Preprocessor.concurrency`).
+    decoder = "turbo"
+
     def __init__(self, specs: Any, model: dict[str, TensorMeta]) -> None:
         from workers.gpuimages import fit_targets
 

@@ -49,6 +49,18 @@ def test_a_bad_value_names_the_variable_and_the_range(monkeypatch: pytest.Monkey
         sched.from_env()
 
 
+def test_image_tables_default_and_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRT_BATCH_RUNNER_IMAGE_TABLES", raising=False)
+    assert sched.image_tables_from_env() == sched.IMAGE_TABLES == 2
+    monkeypatch.setenv("TRT_BATCH_RUNNER_IMAGE_TABLES", "1")
+    assert sched.image_tables_from_env() == 1
+    for bad in ("0", "9", "two"):
+        monkeypatch.setenv("TRT_BATCH_RUNNER_IMAGE_TABLES", bad)
+        with pytest.raises(SpecError, match=rf"TRT_BATCH_RUNNER_IMAGE_TABLES='{bad}' is not a "
+                                            r"number from 1 to 8; unset it for the default \(2\)"):
+            sched.image_tables_from_env()
+
+
 def test_configure_sets_the_switch_interval(restore: None) -> None:
     sched.configure(0.5, 3)
     assert sys.getswitchinterval() == pytest.approx(0.0005)
