@@ -550,6 +550,7 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         "gpu_busy_fraction": [w.get("gpu_busy_fraction") for w in workers],
         "image_decode": [w.get("image_decode") for w in workers],
         "image_rows": [w.get("image_rows") for w in workers],
+        "image_pinned": [w.get("image_pinned") for w in workers],
         "resources": {k: workers[0].get(k) for k in ("readers", "preprocess_threads")}
         if workers else {},
         "stages": stages, "limited_by": manifest.get("limited_by"),
@@ -567,7 +568,8 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
         f"{result['phase_seconds']:.1f} s (first shard to last commit); fixed costs "
         f"{result['start_seconds']:.1f} s before, {result['finish_seconds']:.1f} s after "
         f"(phases {result['timings']}, warm-up {result['warmup_seconds']}); GPU "
-        f"busy {result['gpu_busy_fraction']}; image decode {result['image_decode']}; stages "
+        f"busy {result['gpu_busy_fraction']}; image decode {result['image_decode']}; pinned "
+        f"arenas {result['image_pinned']}; stages "
         f"{json.dumps(stages)}; {result['limited_by'] or 'no limited-by line'}; node CPUs "
         f"busy {result['node_cpu_busy']} of {result['cpus']} during the shards; CPU seconds "
         f"by process {json.dumps(result['cpu_seconds_by_process'])}")

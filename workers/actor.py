@@ -149,7 +149,10 @@ class ShardWorker:
             "preprocess_threads": self.config.preprocess_threads,
             "image_decode": self.image_decode,
             **({"image_rows": {"gpu": self.images.gpu_rows, "cpu": self.images.cpu_rows}}
-               if self.images is not None else {})}
+               if self.images is not None else {}),
+            # Decode auto's libjpeg-turbo path: how often it pinned host memory, and for how long.
+            **({"image_pinned": pinned} if self.images is not None
+               and (pinned := self.images.stats().get("pinned")) else {})}
         if self.slots is None:
             return stats  # the CPU path: no slots, no GPU to be busy
         busy = self.slots.busy.seconds

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -341,6 +342,14 @@ class HostArenas:
         self._lock = threading.RLock()  # `give` may run from a collection inside `take`
         self._free: list[Any] = []
         self._closed = False
+        #: Buffers pinned and freed so far, the seconds pinning took, and the bytes lent out
+        #: now and at most: a job whose batches in flight outgrow the spares pins again and
+        #: again (`stats`, in the worker's manifest entry).
+        self.allocated = 0
+        self.freed = 0
+        self.allocate_seconds = 0.0
+        self.lent_bytes = 0
+        self.peak_lent_bytes = 0
 
     def take(self, nbytes: int) -> _Arena:
         with self._lock:
@@ -349,17 +358,33 @@ class HostArenas:
             if buffer is not None:
                 self._free.remove(buffer)
         if buffer is None:
+            t0 = time.perf_counter()
             buffer = self._allocate(max(self.STEP, -(-nbytes // self.STEP) * self.STEP))
+            with self._lock:
+                self.allocated += 1
+                self.allocate_seconds += time.perf_counter() - t0
+        with self._lock:
+            self.lent_bytes += int(buffer.nbytes)
+            self.peak_lent_bytes = max(self.peak_lent_bytes, self.lent_bytes)
         return _Arena(buffer, self)
 
     def give(self, buffer: Any) -> None:
         with self._lock:
+            self.lent_bytes -= int(buffer.nbytes)
             if not self._closed and sum(b.nbytes for b in self._free) + buffer.nbytes \
                     <= SPARE_BYTES:
                 self._free.append(buffer)
                 return
+            self.freed += 1
         with contextlib.suppress(Exception):  # interpreter exit: CUDA may be gone
             buffer.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Pinning so far: buffers made and freed, seconds it took, the most bytes lent at once."""
+        with self._lock:
+            return {"allocated": self.allocated, "freed": self.freed,
+                    "allocate_seconds": round(self.allocate_seconds, 3),
+                    "peak_lent_bytes": self.peak_lent_bytes}
 
     def close(self) -> None:
         """Free the spare buffers; those still lent are freed when they come back."""
@@ -822,7 +847,8 @@ class GpuImages:
 
     def stats(self) -> dict[str, Any]:
         return {"decode": "gpu" if self._arenas is None else "libjpeg-turbo, resized on the gpu",
-                "gpu_rows": self.gpu_rows, "cpu_rows": self.cpu_rows}
+                "gpu_rows": self.gpu_rows, "cpu_rows": self.cpu_rows,
+                **({"pinned": self._arenas.stats()} if self._arenas is not None else {})}
 
     def close(self) -> None:
         """Free the slots' buffers, the kernel module and the decode stream (after its work)."""

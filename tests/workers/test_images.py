@@ -409,3 +409,26 @@ def test_a_batchs_cpu_decoded_images_are_copied_in_as_few_runs_as_their_arenas_a
     staged = _Staging(Buffers(), sum(i.nbytes for i in images))  # type: ignore[arg-type]
     assert [staged.place(i) for i in images] == [1_000_000 + 12 * k for k in range(5)]
     assert staged.runs == [[first.ptr, 0, 24], [second.ptr, 24, 12], [first.ptr + 36, 36, 24]]
+
+
+def test_host_arenas_count_what_they_pin_free_and_lend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counts in a worker's `image_pinned` stats: a buffer reused is not pinned again; one
+    coming back past the spares' cap is freed; the most lent at once is kept."""
+    import gc
+
+    import workers.gpuimages as gpuimages
+    from workers.gpuimages import HostArenas
+
+    step = HostArenas.STEP
+    monkeypatch.setattr(gpuimages, "SPARE_BYTES", step)  # one spare buffer of STEP bytes
+    arenas = HostArenas(allocate=HostMemory)
+    first, second = arenas.take(100), arenas.take(step + 1)  # STEP and 2 x STEP bytes
+    assert arenas.stats() == {"allocated": 2, "freed": 0, "allocate_seconds": pytest.approx(
+        arenas.allocate_seconds, abs=1e-3), "peak_lent_bytes": 3 * step}
+    del first, second  # the first is kept as the spare; the second is past the cap: freed
+    gc.collect()
+    assert arenas.lent_bytes == 0 and arenas.freed == 1
+    again = arenas.take(10)  # the spare, not a new buffer
+    assert arenas.stats()["allocated"] == 2 and arenas.stats()["peak_lent_bytes"] == 3 * step
+    del again
+    arenas.close()
