@@ -469,7 +469,10 @@ def worker_config(spec: JobSpec, job: PreparedJob, backend: str,
                                      storage_options=spec.storage_options,
                                      plugins_in_plan=(backend == "tensorrt"
                                                       and spec.version_compatible
-                                                      and bool(spec.plugins))),
+                                                      and bool(spec.plugins)),
+                                     # The graph the actors get (job.model_bytes), described
+                                     # and checked here once.
+                                     model_io=(job.model.inputs, job.model.outputs)),
         output_url=spec.output, bindings=job.bindings, keep=job.keep,
         batch_size=batch_rows(spec, job, resources), storage_options=spec.storage_options,
         slots=spec.slots, readers=resources.readers,

@@ -920,3 +920,37 @@ def test_only_text_with_helper_processes_is_prepared_several_tables_at_once(
         assert prep.concurrency == 1
     with Preprocessor([TensorPrep(column="ids", input="input_ids")], metas, threads=2) as prep:
         assert prep.concurrency == 1  # no text: converted as it is read
+
+
+def test_an_actor_given_the_drivers_description_neither_parses_the_model_nor_imports_onnx(
+        tmp_path: Path) -> None:
+    """The driver describes and checks the model once (`BackendConfig.model_io`): an actor's
+    backend then loads without `describe_onnx`, so it never imports `onnx` (0.3-1.5 s)."""
+    import subprocess
+    import sys
+
+    model = two_input_model()
+    script = f"""
+import sys
+from pathlib import Path
+import numpy as np
+from workers.backends.onnxruntime import OnnxRuntimeBackend
+from workers.backends.base import BackendConfig
+from workers.tensors import TensorMeta
+io = ((TensorMeta("image", np.dtype(np.float32), (None, 3, 4, 4)),
+       TensorMeta("meta", np.dtype(np.float32), (None, 8))),
+      (TensorMeta("logits", np.dtype(np.float32), (None, 5)),
+       TensorMeta("score", np.dtype(np.float32), (None, 1))))
+model = Path({str(tmp_path / "m.onnx")!r}).read_bytes()
+with OnnxRuntimeBackend(model, BackendConfig(device="cpu", model_io=io)) as backend:
+    out = backend.infer({{"image": np.zeros((2, 3, 4, 4), np.float32),
+                          "meta": np.zeros((2, 8), np.float32)}})
+    assert [m.name for m in backend.outputs] == ["logits", "score"], backend.outputs
+    assert out["logits"].shape == (2, 5) and out["score"].shape == (2, 1), out
+assert "onnx" not in sys.modules, "the backend imported onnx"
+print("ok")
+"""
+    (tmp_path / "m.onnx").write_bytes(model)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

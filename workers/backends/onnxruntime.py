@@ -106,9 +106,14 @@ class OnnxRuntimeBackend(Backend):
         return ["CPUExecutionProvider"]
 
     def _load(self) -> tuple[tuple[TensorMeta, ...], tuple[TensorMeta, ...]]:
-        # Metadata comes from the graph itself so every backend reports the same dtypes and shapes.
-        info = describe_onnx(self._model)
-        refuse_without_directory(self._model, "model", self.external_data)
+        # Metadata comes from the graph itself so every backend reports the same dtypes and shapes:
+        # the driver's description of it, or this backend's own.
+        if self.config.model_io is not None:
+            inputs, outputs = self.config.model_io
+        else:
+            info = describe_onnx(self._model)
+            inputs, outputs = info.inputs, info.outputs
+            refuse_without_directory(self._model, "model", self.external_data)
         providers = self._providers()
         # --plugins: custom-op libraries, fetched once per backend (workers/plugins.py).
         self._plugin_dir = tempfile.TemporaryDirectory(prefix="ort-custom-ops-")
@@ -117,18 +122,17 @@ class OnnxRuntimeBackend(Backend):
         on_cuda = providers[0] != "CPUExecutionProvider"
         self._session_model = self._precision_model("cuda" if on_cuda else "cpu")
         self.session = self._new_session(providers)
-        self._output_names = [meta.name for meta in info.outputs]
+        self._output_names = [meta.name for meta in outputs]
         self.providers = list(self.session.get_providers())
         self.device = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
-        return info.inputs, info.outputs
+        return tuple(inputs), tuple(outputs)
 
     def _precision_model(self, device: str) -> bytes:
         """The model bytes the sessions load: the model itself, or its fp16/bf16 conversion."""
-        from workers.onnx_precision import convert_float, model_types
-
         precision = self.config.precision
         if precision == "fp32":
             return self._model
+        from workers.onnx_precision import convert_float, model_types  # imports onnx
         types = model_types(self._model)
         check_precision(precision, device, types)
         if precision in ("fp16", "bf16") and not types.computes_in(precision):
