@@ -19,7 +19,7 @@ Both can be set for a job through the driver's environment
 and the kernel's defaults); the driver reads them (`from_env`) into the actors'
 `WorkerConfig`, and each actor applies them (`configure`). So can the batches of images the
 decoding threads work on at once (`TRT_BATCH_RUNNER_IMAGE_TABLES`, `image_tables_from_env`;
-1 decodes one batch at a time, as before session 29).
+1 decodes one batch at a time).
 """
 
 from __future__ import annotations
