@@ -357,8 +357,8 @@ def gpu_decode_ceiling(paths: list[Path], meta: Any, size: int, batch: int, thre
     if not high_priority:
         images._stream.close()
         images._stream = cuda.Stream()
-    # The actor's decoder has the preprocessing threads (decode auto's libjpeg-turbo rows run
-    # on them; session 28's ceiling ran them on one thread: 567 rows/s for photos).
+    # The actor's decoder has the preprocessing threads: decode auto's libjpeg-turbo rows run
+    # on them (without, this ceiling ran them on one thread: 567 rows/s for photos).
     pool = ThreadPoolExecutor(threads, thread_name_prefix="prep") if threads > 1 else None
     cpu = ImageDecoder(spec.mode, spec.size, spec.resize, spec.draft, pool, threads,
                        max_pixels=spec.max_pixels)
@@ -513,8 +513,8 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
     log(f"(c) {label}: {' '.join(command[1:])}")
     t_start = time.time()
     monitor = TreeMonitor(interval=1.0, tree_every=1).start()
-    spy = RecordLater(profile[0] if profile else None, profile[1] if profile else 0.0,
-                      out.parent / f"pyspy-{label.split()[0]}")
+    at, seconds = profile or (None, 0.0)
+    spy = RecordLater(at, seconds, out.parent / f"pyspy-{label.split()[0]}")
     with open(log_path, "w") as stderr, NodeCpu() as node:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=stderr, stderr=stderr,
                               check=False).returncode
@@ -522,8 +522,8 @@ def run_job_process(command: list[str], out: Path, log_path: Path, log: RunLog,
     usage = monitor.stop()
     threads = spy.result()
     if threads:
-        log(f"(c) {label}: threads of the actors, from {profile[0] if profile else 0:.0f} s "
-            f"for {profile[1] if profile else 0:.0f} s (py-spy, idle included):\n{threads}")
+        log(f"(c) {label}: threads of the actors, from {at:.0f} s for {seconds:.0f} s (py-spy, "
+            f"idle included):\n{threads}")
     text = log_path.read_text()
     manifest = json.loads((out / "_manifest.json").read_text()) if (out / "_manifest.json").exists() \
         else {}
