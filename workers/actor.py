@@ -148,11 +148,7 @@ class ShardWorker:
             "readers": self.config.readers if self.slots else 1,
             "preprocess_threads": self.config.preprocess_threads,
             "image_decode": self.image_decode,
-            **({"image_rows": {"gpu": self.images.gpu_rows, "cpu": self.images.cpu_rows}}
-               if self.images is not None else {}),
-            # Decode auto's libjpeg-turbo path: how often it pinned host memory, and for how long.
-            **({"image_pinned": pinned} if self.images is not None
-               and (pinned := self.images.stats().get("pinned")) else {})}
+            **(self._image_stats() if self.images is not None else {})}
         if self.slots is None:
             return stats  # the CPU path: no slots, no GPU to be busy
         busy = self.slots.busy.seconds
@@ -163,6 +159,14 @@ class ShardWorker:
                 "gpu_busy_seconds": round(busy, 3),
                 "gpu_busy_fraction": round(busy / self.working_seconds, 4)
                 if self.working_seconds > 0 else 0.0}
+
+    def _image_stats(self) -> dict[str, Any]:
+        """The rows each side decoded, and (decode auto's libjpeg-turbo path) how often and for
+        how long it pinned host memory."""
+        assert self.images is not None
+        images = self.images.stats()
+        return {"image_rows": {"gpu": images["gpu_rows"], "cpu": images["cpu_rows"]},
+                **({"image_pinned": images["pinned"]} if "pinned" in images else {})}
 
     def _load(self) -> None:
         """Load the backend and, on a GPU, open the slots, warm them up and open GPU image

@@ -357,13 +357,15 @@ class HostArenas:
             buffer = min(fits, key=lambda b: b.nbytes) if fits else None
             if buffer is not None:
                 self._free.remove(buffer)
-        if buffer is None:
+        pinned = 0.0
+        if buffer is None:  # pinned outside the lock: it takes long, and `give` needs the lock
             t0 = time.perf_counter()
             buffer = self._allocate(max(self.STEP, -(-nbytes // self.STEP) * self.STEP))
-            with self._lock:
-                self.allocated += 1
-                self.allocate_seconds += time.perf_counter() - t0
+            pinned = time.perf_counter() - t0
         with self._lock:
+            if pinned:
+                self.allocated += 1
+                self.allocate_seconds += pinned
             self.lent_bytes += int(buffer.nbytes)
             self.peak_lent_bytes = max(self.peak_lent_bytes, self.lent_bytes)
         return _Arena(buffer, self)
