@@ -345,3 +345,41 @@ def test_every_store_the_job_names_is_probed_first(flag: str, tmp_path: Path,
     assert str(info.value).startswith(f"--{flag} '{url}' cannot be reached (")
     assert str(info.value).endswith("nothing was started; check the store's endpoint and the "
                                     "network, then rerun")
+
+
+STOP_RAY = """
+import json
+from ray._private import ray_constants, worker
+import ray
+from jobs.driver import init_ray, stop_ray
+init_ray()
+processes = {kind: [info.process for info in infos]
+             for kind, infos in worker._global_node.all_processes.items()}
+monitor_at_gcs_stop = []  # the monitor's exit code when Ray goes to stop the GCS
+kill = type(worker._global_node)._kill_process_type
+def spy(node, kind, *args, **kwargs):
+    if kind == ray_constants.PROCESS_TYPE_GCS_SERVER:
+        monitor_at_gcs_stop.extend(
+            p.poll() for p in processes.get(ray_constants.PROCESS_TYPE_MONITOR, []))
+    return kill(node, kind, *args, **kwargs)
+type(worker._global_node)._kill_process_type = spy
+stop_ray()
+print(json.dumps({"initialized": ray.is_initialized(),
+                  "monitor": ray_constants.PROCESS_TYPE_MONITOR in processes,
+                  "monitor_at_gcs_stop": monitor_at_gcs_stop,
+                  "codes": {kind: [p.poll() for p in ps] for kind, ps in processes.items()}}))
+"""
+
+
+def test_stop_ray_kills_the_monitor_first_and_stops_every_process_it_started() -> None:
+    # Ray's own order stops the GCS first; the monitor then hangs reporting to it for the 1 s
+    # Ray waits before SIGKILL. stop_ray kills it first; every other process still exits.
+    done = subprocess.run([sys.executable, "-c", STOP_RAY], env=cli_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["initialized"] is False
+    assert got["monitor"], "a local Ray starts an autoscaler monitor; this test needs one"
+    assert got["monitor_at_gcs_stop"] == [-signal.SIGKILL]  # gone before the GCS
+    assert got["codes"]["monitor"] == [-signal.SIGKILL]
+    assert all(code is not None for codes in got["codes"].values() for code in codes), got
