@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from jobs.spec import build_parser, spec_from_args
 from workers.errors import RunnerError
@@ -17,7 +19,7 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
     """Run a job from flags; returns the exit code (2 for a bad spec, 1 for failed shards)."""
     import ray
 
-    from jobs.driver import run_job
+    from jobs.driver import run_job, stop_ray
 
     install_log_redaction()
     # A Ray this call starts (the embedded default) it also stops: Ray's own exit hook would
@@ -35,5 +37,16 @@ def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | No
         return 130
     finally:
         if owned and ray.is_initialized():
-            ray.shutdown()
+            stop_ray()
     return report.exit_code
+
+
+def exit_program(code: int) -> NoReturn:
+    """End `python -m jobs.<entrypoint>` with `code`, its job done and its Ray stopped, without
+    the interpreter's teardown: finalizing Ray's modules alone takes 0.2-0.35 s and writes
+    nothing (measured on the 2-core VM). Output is flushed first; only for `__main__`."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

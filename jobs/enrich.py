@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
+from jobs.cli import exit_program
 from jobs.presets import ENRICH
 
 if __name__ == "__main__":
-    sys.exit(ENRICH.main())
+    exit_program(ENRICH.main())

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from jobs.cli import main
+from jobs.cli import exit_program, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_program(main())

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
+from jobs.cli import exit_program
 from jobs.presets import SCORE
 
 if __name__ == "__main__":
-    sys.exit(SCORE.main())
+    exit_program(SCORE.main())
