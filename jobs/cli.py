@@ -49,4 +49,3 @@ def exit_program(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-

@@ -391,14 +391,14 @@ def stop_ray() -> None:
     from ray._private import ray_constants
     from ray._private import worker as ray_worker
 
-    node = getattr(ray_worker, "_global_node", None)
-    infos = getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, [])
-    for info in infos if node is not None and node.head else ():
-        process = getattr(info, "process", None)
-        if process is not None and process.poll() is None:
-            process.kill()
+    node = ray_worker._global_node  # None once shut down; not the head when connected
+    monitors: list[Any] = (node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, [])
+                           if node is not None and node.head else [])
+    for info in monitors:
+        if info.process.poll() is None:
+            info.process.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=1.0)  # what Ray would wait (reaped, not a zombie)
+                info.process.wait(timeout=1.0)  # what Ray would wait (reaped, not a zombie)
     ray.shutdown()
 
 
